@@ -1,0 +1,80 @@
+"""Benchmark harness: same-process timings of rocket and its peers, written as JSON results.
+
+On CUDA, times are medians of `triton.testing.do_bench` (CUDA events, warm-up, L2 flush); on the
+CPU, medians of wall-clock repeats. Each `record` row holds one shape with rocket and its peers.
+"""
+from __future__ import annotations
+
+import json
+import platform
+import statistics
+import subprocess
+import time
+from datetime import datetime, timezone
+from pathlib import Path
+
+import torch
+
+RESULTS = Path(__file__).parent / "results"
+
+
+def median_ms(fn, device: torch.device | str, warmup: int = 3, reps: int = 10) -> float:
+    """Median time of fn() in milliseconds on `device`."""
+    if torch.device(device).type == "cuda":
+        import triton.testing
+        return float(triton.testing.do_bench(fn, warmup=25, rep=100, return_mode="median"))
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(reps):
+        t = time.perf_counter()
+        fn()
+        times.append((time.perf_counter() - t) * 1e3)
+    return statistics.median(times)
+
+
+def device_name(device) -> str:
+    device = torch.device(device)
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    return f"cpu ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)"
+
+
+def git_commit() -> str:
+    try:
+        out = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
+                             cwd=Path(__file__).parent, check=True)
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], capture_output=True,
+                               text=True, cwd=Path(__file__).parent).stdout.strip()
+        return out.stdout.strip() + ("-dirty" if dirty else "")
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+
+
+class Recorder:
+    """Collects rows of one suite and writes bench/results/<suite>-<device>-<date>.json."""
+
+    def __init__(self, suite: str):
+        self.suite = suite
+        self.rows: list[dict] = []
+        self.device = None
+
+    def record(self, device, shape: dict, medians_ms: dict[str, float], baseline: str | None = None, **extra):
+        self.device = device_name(device)
+        row = {"shape": shape, "median_ms": medians_ms, **extra}
+        if baseline is not None:
+            row["ratio_to_" + baseline] = {k: v / medians_ms[baseline] for k, v in medians_ms.items()}
+        self.rows.append(row)
+        return row
+
+    def write(self, directory: Path = RESULTS) -> Path | None:
+        if not self.rows:
+            return None
+        directory.mkdir(parents=True, exist_ok=True)
+        now = datetime.now(timezone.utc)
+        kind = "gpu" if "cpu" not in (self.device or "cpu") else "cpu"
+        path = directory / f"{self.suite}-{kind}-{now:%Y%m%d-%H%M%S}.json"
+        payload = {"suite": self.suite, "device": self.device, "date": now.isoformat(timespec="seconds"),
+                   "commit": git_commit(), "torch": torch.__version__, "rows": self.rows}
+        path.write_text(json.dumps(payload, indent=2) + "\n")
+        return path

@@ -1,0 +1,40 @@
+"""rocket: K-shot data → task expert, by reusing open LoRA adapters and open instruction data.
+
+The public API is imported lazily so that `import rocket` stays cheap and a stage's optional
+dependencies (faiss, deepspeed, sentence-transformers) are needed only by that stage.
+"""
+from importlib import import_module
+
+__version__ = "0.1.0"
+
+_API = {
+    "LoraBank": "rocket.bank",
+    "LoraAdapter": "rocket.bank",
+    "LoraMoELinear": "rocket.moe",
+    "inject_lora_moe": "rocket.moe",
+    "load_moe": "rocket.train",
+    "score_adapters": "rocket.scoring",
+    "Scores": "rocket.scoring",
+    "select_experts": "rocket.selection",
+    "Selection": "rocket.selection",
+    "group_similarity": "rocket.selection",
+    "embed_texts": "rocket.embed",
+    "select_data": "rocket.dedup",
+    "dedup": "rocket.dedup",
+    "train": "rocket.train",
+    "load_examples": "rocket.data",
+}
+
+__all__ = sorted(_API)
+
+
+def __getattr__(name):
+    if name in _API:
+        value = getattr(import_module(_API[name]), name)
+        globals()[name] = value
+        return value
+    raise AttributeError(f"module 'rocket' has no attribute {name!r}")
+
+
+def __dir__():
+    return sorted(list(globals()) + __all__)

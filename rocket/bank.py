@@ -1,0 +1,289 @@
+"""LoRA bank: load and validate peft adapters, stack them per module into padded tensors."""
+from __future__ import annotations
+
+import json
+import math
+import pickle
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from rocket.errors import RocketError
+
+_KEY = re.compile(r"^(?:base_model\.model\.)?(?P<module>.+)\.lora_(?P<ab>[AB])(?:\.[^.]+)?\.weight$")
+
+
+class BankError(RocketError):
+    """An adapter that cannot be used; the message names the adapter, file or module."""
+
+
+@dataclass
+class LoraAdapter:
+    """One peft LoRA adapter: per-module A [r, d_in], B [d_out, r] and scaling (alpha/r or alpha/√r)."""
+    name: str
+    path: Path
+    r: int
+    alpha: float
+    use_rslora: bool
+    weights: dict[str, tuple[torch.Tensor, torch.Tensor]]
+    scalings: dict[str, float]
+    config: dict = field(default_factory=dict, repr=False)
+
+    @property
+    def modules(self) -> list[str]:
+        return sorted(self.weights)
+
+    @property
+    def scaling(self) -> float:
+        return _scaling(self.alpha, self.r, self.use_rslora)
+
+    def rank(self, module: str) -> int:
+        return self.weights[module][0].shape[0]
+
+
+def _scaling(alpha: float, r: int, rslora: bool) -> float:
+    return alpha / math.sqrt(r) if rslora else alpha / r
+
+
+def _pattern_value(pattern: dict, module: str, default):
+    """peft's rank_pattern/alpha_pattern lookup: a key matches the module name or its suffix."""
+    for key, value in (pattern or {}).items():
+        if re.fullmatch(rf"(.*\.)?{key}", module):
+            return value
+    return default
+
+
+def _load_state(file: Path) -> dict[str, torch.Tensor]:
+    if file.suffix == ".safetensors":
+        from safetensors.torch import load_file
+        try:
+            return load_file(str(file))
+        except Exception as e:  # safetensors raises several types for a corrupt header
+            raise BankError(f"{file}: unreadable safetensors ({e})") from None
+    try:
+        state = torch.load(str(file), map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise BankError(f"{file}: refused: this pickle needs code execution, which rocket never allows "
+                        f"(torch.load weights_only=True: {first})") from None
+    except Exception as e:
+        raise BankError(f"{file}: unreadable adapter weights ({type(e).__name__}: {e})") from None
+    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise BankError(f"{file}: expected a dict of tensors")
+    return state
+
+
+def _weights_file(adapter_dir: Path) -> Path:
+    for name in ("adapter_model.safetensors", "adapter_model.bin"):
+        if (adapter_dir / name).is_file():
+            return adapter_dir / name
+    raise BankError(f"{adapter_dir}: no adapter_model.safetensors or adapter_model.bin")
+
+
+def load_adapter(path: str | Path, name: str | None = None) -> LoraAdapter:
+    """Load one peft LoRA adapter from its directory (or its adapter_model.* file)."""
+    path = Path(path)
+    adapter_dir, file = (path.parent, path) if path.is_file() else (path, None)
+    if not adapter_dir.is_dir():
+        raise BankError(f"{path}: no such adapter directory")
+    cfg_file = adapter_dir / "adapter_config.json"
+    if not cfg_file.is_file():
+        raise BankError(f"{adapter_dir}: missing adapter_config.json")
+    try:
+        cfg = json.loads(cfg_file.read_text())
+    except json.JSONDecodeError as e:
+        raise BankError(f"{cfg_file}:{e.lineno}: malformed JSON ({e.msg})") from None
+    name = name or adapter_dir.name
+    if cfg.get("peft_type", "LORA") != "LORA":
+        raise BankError(f"adapter '{name}': peft_type {cfg.get('peft_type')!r} is not LORA")
+    if cfg.get("use_dora"):
+        raise BankError(f"adapter '{name}': DoRA adapters are not supported")
+    for key in ("r", "lora_alpha"):
+        if not isinstance(cfg.get(key), (int, float)) or cfg[key] <= 0:
+            raise BankError(f"{cfg_file}: field '{key}' must be a positive number")
+    r, alpha, rslora = int(cfg["r"]), float(cfg["lora_alpha"]), bool(cfg.get("use_rslora", False))
+    state = _load_state(file or _weights_file(adapter_dir))
+    halves: dict[str, dict[str, torch.Tensor]] = {}
+    for key, tensor in state.items():
+        m = _KEY.match(key)
+        if m is None:
+            if "lora_embedding" in key or "lora_magnitude" in key:
+                raise BankError(f"adapter '{name}': unsupported LoRA weight {key!r}")
+            continue  # modules_to_save and other non-LoRA tensors are not part of ΔW
+        halves.setdefault(m["module"], {})[m["ab"]] = tensor
+    if not halves:
+        raise BankError(f"adapter '{name}': no lora_A/lora_B weights in its file")
+    weights, scalings = {}, {}
+    for module, ab in sorted(halves.items()):
+        if set(ab) != {"A", "B"}:
+            raise BankError(f"adapter '{name}': module '{module}' lacks lora_{'B' if 'A' in ab else 'A'}")
+        A, B = ab["A"], ab["B"]
+        if A.dim() != 2 or B.dim() != 2 or A.shape[0] != B.shape[1]:
+            raise BankError(f"adapter '{name}': module '{module}' has lora_A {list(A.shape)} and "
+                            f"lora_B {list(B.shape)}, which do not compose")
+        mod_r = A.shape[0]
+        mod_alpha = float(_pattern_value(cfg.get("alpha_pattern"), module, alpha))
+        weights[module] = (A, B)
+        scalings[module] = _scaling(mod_alpha, mod_r, rslora)
+    return LoraAdapter(name, adapter_dir, r, alpha, rslora, weights, scalings, cfg)
+
+
+def _manifest_entries(manifest: Path) -> list[Path]:
+    entries = []
+    for lineno, line in enumerate(manifest.read_text().splitlines(), start=1):
+        line = line.strip()
+        if not line or line.startswith("#"):
+            continue
+        p = Path(line)
+        p = p if p.is_absolute() else manifest.parent / p
+        if not p.exists():
+            raise BankError(f"{manifest}:{lineno}: {line} does not exist")
+        entries.append(p)
+    if not entries:
+        raise BankError(f"{manifest}: no adapter paths")
+    return entries
+
+
+@dataclass
+class StackedModule:
+    """One module's adapters stacked for kernels: ranks zero-padded to the largest."""
+    A: torch.Tensor          # [N, r_max, d_in]
+    B: torch.Tensor          # [N, d_out, r_max]
+    scaling: torch.Tensor    # [N] float32, 0 where an adapter does not cover the module
+    present: torch.Tensor    # [N] bool
+
+
+class LoraBank:
+    """A set of LoRA adapters. `LoraBank.load(dir | manifest.txt)`."""
+
+    def __init__(self, adapters: list[LoraAdapter]):
+        if not adapters:
+            raise BankError("empty LoRA bank")
+        seen = {}
+        for a in adapters:  # names must be unique: they key scores and reports
+            if a.name in seen:
+                seen[a.name] += 1
+                a.name = f"{a.name}#{seen[a.name]}"
+            else:
+                seen[a.name] = 1
+        self.adapters = adapters
+
+    @classmethod
+    def load(cls, path: str | Path, progress: bool = False) -> "LoraBank":
+        path = Path(path)
+        if path.is_file() and path.suffix == ".txt":
+            entries = _manifest_entries(path)
+        elif path.is_dir() and (path / "adapter_config.json").is_file():
+            entries = [path]
+        elif path.is_dir():
+            entries = sorted(p for p in path.iterdir() if (p / "adapter_config.json").is_file())
+            if not entries:
+                raise BankError(f"{path}: no adapter directories (with adapter_config.json) inside")
+        else:
+            raise BankError(f"{path}: expected a directory of peft adapters or a manifest .txt")
+        if progress:
+            from tqdm.auto import tqdm
+            entries = tqdm(entries, desc="loading adapters", unit="adapter")
+        return cls([load_adapter(p) for p in entries])
+
+    # ---- views
+    def __len__(self) -> int:
+        return len(self.adapters)
+
+    def __getitem__(self, key: int | str) -> LoraAdapter:
+        if isinstance(key, str):
+            return self.adapters[self.index(key)]
+        return self.adapters[key]
+
+    def index(self, name: str) -> int:
+        for i, a in enumerate(self.adapters):
+            if a.name == name:
+                return i
+        raise KeyError(f"adapter {name!r} is not in the bank")
+
+    def subset(self, indices) -> "LoraBank":
+        return LoraBank([self.adapters[i] for i in indices])
+
+    @property
+    def names(self) -> list[str]:
+        return [a.name for a in self.adapters]
+
+    @property
+    def ranks(self) -> list[int]:
+        return [a.r for a in self.adapters]
+
+    @property
+    def modules(self) -> list[str]:
+        return sorted(set().union(*(a.weights for a in self.adapters)))
+
+    def coverage(self) -> dict[str, list[str]]:
+        """Adapter name → modules it covers."""
+        return {a.name: a.modules for a in self.adapters}
+
+    def summary(self) -> list[dict]:
+        return [{"name": a.name, "path": str(a.path), "r": a.r, "alpha": a.alpha, "rslora": a.use_rslora,
+                 "scaling": a.scaling, "modules": len(a.weights)} for a in self.adapters]
+
+    def delta_cos(self) -> torch.Tensor:
+        from rocket.selection import group_similarity
+        return group_similarity(self)
+
+    # ---- kernels
+    def stack(self, module: str, indices=None, dtype=None, device=None) -> StackedModule:
+        """Stack `module` of the chosen adapters: A [N, r_max, d_in], B [N, d_out, r_max], zero-padded;
+        adapters that do not cover the module get zeros and scaling 0."""
+        chosen = [self.adapters[i] for i in (range(len(self)) if indices is None else indices)]
+        having = [a for a in chosen if module in a.weights]
+        if not having:
+            raise BankError(f"no chosen adapter covers module '{module}'")
+        d_out, d_in = having[0].weights[module][1].shape[0], having[0].weights[module][0].shape[1]
+        for a in having:
+            A, B = a.weights[module]
+            if A.shape[1] != d_in or B.shape[0] != d_out:
+                raise BankError(f"adapter '{a.name}': module '{module}' is {A.shape[1]}→{B.shape[0]}, "
+                                f"other adapters have {d_in}→{d_out}")
+        r_max = max(a.rank(module) for a in having)
+        dtype = dtype or having[0].weights[module][0].dtype
+        A_s = torch.zeros(len(chosen), r_max, d_in, dtype=dtype)
+        B_s = torch.zeros(len(chosen), d_out, r_max, dtype=dtype)
+        scaling = torch.zeros(len(chosen), dtype=torch.float32)
+        present = torch.zeros(len(chosen), dtype=torch.bool)
+        for n, a in enumerate(chosen):
+            if module in a.weights:
+                A, B = a.weights[module]
+                A_s[n, : A.shape[0]] = A
+                B_s[n, :, : B.shape[1]] = B
+                scaling[n] = a.scalings[module]
+                present[n] = True
+        if device is not None:
+            A_s, B_s, scaling, present = (t.to(device) for t in (A_s, B_s, scaling, present))
+        return StackedModule(A_s, B_s, scaling, present)
+
+    def validate(self, model: nn.Module) -> None:
+        """Check every adapter module against the base model: it must exist as a linear layer with
+        matching in/out features. Errors name the adapter and the module."""
+        layers = dict(model.named_modules())
+        for a in self.adapters:
+            for module, (A, B) in a.weights.items():
+                layer = layers.get(module)
+                if layer is None:
+                    raise BankError(f"adapter '{a.name}': module '{module}' is not in the base model")
+                shape = _linear_shape(layer)
+                if shape is None:
+                    raise BankError(f"adapter '{a.name}': module '{module}' is a {type(layer).__name__}, "
+                                    "not a linear layer")
+                if shape != (A.shape[1], B.shape[0]):
+                    raise BankError(f"adapter '{a.name}': module '{module}' is {A.shape[1]}→{B.shape[0]} "
+                                    f"but the base model's layer is {shape[0]}→{shape[1]}")
+
+
+def _linear_shape(layer: nn.Module):
+    """(in_features, out_features) of a linear layer, nn.Linear or HF's Conv1D; None otherwise."""
+    if isinstance(layer, nn.Linear):
+        return layer.in_features, layer.out_features
+    if type(layer).__name__ == "Conv1D" and hasattr(layer, "weight"):
+        return tuple(layer.weight.shape)
+    return None

@@ -1,0 +1,78 @@
+"""Shared fixtures: a tiny random-init Llama with a locally trained tokenizer, random peft adapters
+of mixed ranks/alphas/targets, and the `gpu` marker (skipped without CUDA)."""
+import copy
+import os
+from pathlib import Path
+
+import torch
+
+# Without a GPU the Triton kernels run in the interpreter (small shapes); set before any @triton.jit.
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import pytest  # noqa: E402
+
+from rocket.data import load_examples  # noqa: E402
+from rocket.tiny import LLAMA_TARGETS, build_llama, build_tokenizer, make_random_adapter  # noqa: E402
+
+DATA = Path(__file__).parent / "data"
+INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+# name, rank, alpha, target modules, rsLoRA: mixed on purpose
+BANK_SPEC = [
+    ("qv_r4", 4, 8, ("q_proj", "v_proj"), False),
+    ("all_r8", 8, 16, LLAMA_TARGETS, False),
+    ("attn_r2_rs", 2, 4, ("q_proj", "k_proj", "v_proj", "o_proj"), True),
+    ("mlp_r16", 16, 8, ("gate_proj", "up_proj", "down_proj"), False),
+]
+
+
+def pytest_collection_modifyitems(config, items):
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="needs a CUDA device")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip)
+
+
+@pytest.fixture(scope="session")
+def kshot_examples():
+    return load_examples(DATA / "arc-c_10shot.jsonl")
+
+
+@pytest.fixture(scope="session")
+def tiny_tokenizer(kshot_examples):
+    texts = [e["instruction"] + " " + e["output"] for e in kshot_examples]
+    return build_tokenizer(texts * 4 + ["The quick brown fox jumps over the lazy dog. 0123456789"], 384)
+
+
+@pytest.fixture(scope="session")
+def _tiny_llama(tiny_tokenizer):
+    return build_llama(tiny_tokenizer, seed=1234)
+
+
+@pytest.fixture
+def tiny_llama(_tiny_llama):
+    """A fresh copy per test, so a test may modify or wrap it freely."""
+    return copy.deepcopy(_tiny_llama)
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(_tiny_llama, tiny_tokenizer, tmp_path_factory):
+    """The tiny Llama and its tokenizer saved as an HF model directory (for CLI tests)."""
+    path = tmp_path_factory.mktemp("tiny_llama")
+    _tiny_llama.save_pretrained(path)
+    tiny_tokenizer.save_pretrained(path)
+    return path
+
+
+@pytest.fixture(scope="session")
+def lora_bank_dir(_tiny_llama, tmp_path_factory):
+    """A directory of peft adapters of mixed ranks, alphas, target modules and rsLoRA."""
+    root = tmp_path_factory.mktemp("bank")
+    for seed, (name, r, alpha, targets, rslora) in enumerate(BANK_SPEC):
+        make_random_adapter(_tiny_llama, root / name, r=r, alpha=alpha, target_modules=targets,
+                            use_rslora=rslora, seed=100 + seed)
+    return root
+
