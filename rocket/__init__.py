@@ -19,7 +19,7 @@ _API = {
     "Selection": "rocket.selection",
     "group_similarity": "rocket.selection",
     "embed_texts": "rocket.embed",
-    "select_data": "rocket.dedup",
+    "select_data": "rocket.augment",
     "dedup": "rocket.dedup",
     "train": "rocket.train",
     "load_examples": "rocket.data",
