@@ -6,6 +6,7 @@ CPU, medians of wall-clock repeats. Each `record` row holds one shape with rocke
 from __future__ import annotations
 
 import json
+import os
 import platform
 import statistics
 import subprocess
@@ -15,7 +16,9 @@ from pathlib import Path
 
 import torch
 
-RESULTS = Path(__file__).parent / "results"
+# ROCKET_BENCH_RESULTS redirects the JSON (e.g. to $OUT on the device machine); ROCKET_COMMIT names the
+# commit where the tree travels without its .git.
+RESULTS = Path(os.environ.get("ROCKET_BENCH_RESULTS", Path(__file__).parent / "results"))
 
 
 def median_ms(fn, device: torch.device | str, warmup: int = 3, reps: int = 10) -> float:
@@ -41,6 +44,8 @@ def device_name(device) -> str:
 
 
 def git_commit() -> str:
+    if os.environ.get("ROCKET_COMMIT"):
+        return os.environ["ROCKET_COMMIT"]
     try:
         out = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
                              cwd=Path(__file__).parent, check=True)
