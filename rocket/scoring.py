@@ -3,12 +3,21 @@ from __future__ import annotations
 
 import json
 import math
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
+from torch import nn
+from tqdm.auto import tqdm
 
+from rocket.bank import LoraBank, StackedModule
+from rocket.data import IGNORE_INDEX, DataError, Tokenized, tokenize_example
 from rocket.errors import RocketError
+from rocket.kernels import reference as R
+from rocket.kernels import use_triton
+from rocket.kernels.linear_ce import linear_cross_entropy_per_example
+from rocket.kernels.multi_lora import multi_lora_add_, segment_tiles
 
 
 @dataclass
@@ -68,3 +77,332 @@ class Scores:
             raise RocketError(f"{path}: field 'loss' has non-finite values")
         return cls(list(obj["adapters"]), torch.tensor(loss, dtype=torch.float64), obj.get("accuracy"),
                    obj.get("meta", {}))
+
+
+# --------------------------------------------------------------------------- multi-adapter layers
+class AdapterRows:
+    """Which adapter each row of the current batch runs under (shared by all wrapped layers).
+
+    Rows of one adapter must be contiguous (callers sort them), so every layer finds its adapter
+    segments in a tile table built once per batch and token count, not once per layer."""
+
+    def __init__(self, device):
+        self.device = torch.device(device)
+        self.rows: list[int] | None = None
+        self._tiles: dict[int, torch.Tensor] = {}
+        self._ids: dict[int, torch.Tensor] = {}
+
+    def set(self, rows: list[int]) -> None:
+        self.rows = list(rows)
+        self._tiles.clear()
+        self._ids.clear()
+
+    def tokens_per_row(self, n_tokens: int) -> int:
+        if not self.rows or n_tokens % len(self.rows):
+            raise RocketError(f"multi-adapter batch: {n_tokens} tokens do not split into "
+                              f"{len(self.rows or [])} adapter rows")
+        return n_tokens // len(self.rows)
+
+    def tiles(self, n_tokens: int) -> torch.Tensor:
+        per_row = self.tokens_per_row(n_tokens)
+        if per_row not in self._tiles:
+            self._tiles[per_row] = segment_tiles(self.rows, per_row, self.device)
+        return self._tiles[per_row]
+
+    def token_ids(self, n_tokens: int) -> torch.Tensor:
+        per_row = self.tokens_per_row(n_tokens)
+        if per_row not in self._ids:
+            self._ids[per_row] = torch.tensor(self.rows, device=self.device).repeat_interleave(per_row)
+        return self._ids[per_row]
+
+
+class MultiLoraLinear(nn.Module):
+    """A frozen base linear plus one LoRA delta per row: y = base(x) + s_m B_m A_m x, m = the row's
+    adapter (zero delta for adapters that do not cover this module). Inference only."""
+
+    def __init__(self, base: nn.Linear, stacked: StackedModule, rows: AdapterRows):
+        super().__init__()
+        self.base = base
+        self.rows = rows
+        self.register_buffer("lora_A", stacked.A.contiguous(), persistent=False)
+        self.register_buffer("lora_B", stacked.B.contiguous(), persistent=False)
+        self.register_buffer("scaling", stacked.scaling.float(), persistent=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.base(x)
+        x2 = x.reshape(-1, x.shape[-1])
+        y2 = y.view(-1, y.shape[-1])
+        if use_triton(x2):
+            multi_lora_add_(y2, x2, self.lora_A, self.lora_B, self.scaling, self.rows.tiles(x2.shape[0]))
+        else:
+            ids = self.rows.token_ids(x2.shape[0])
+            y2 += R.multi_lora(x2, self.lora_A, self.lora_B, self.scaling, ids).to(y.dtype)
+        return y
+
+
+@contextmanager
+def multi_lora_model(model: nn.Module, bank: LoraBank, indices=None):
+    """Wrap every linear that some chosen adapter covers with a MultiLoraLinear (restored on exit).
+    Yields the AdapterRows that selects each row's adapter (local index into `indices`)."""
+    bank.validate(model)
+    chosen = list(range(len(bank))) if indices is None else list(indices)
+    modules = sorted(set().union(*(bank[i].weights for i in chosen)))
+    layers = dict(model.named_modules())
+    param = next(model.parameters())
+    rows = AdapterRows(param.device)
+    swapped = []
+    try:
+        for name in modules:
+            base = layers[name]
+            stacked = bank.stack(name, chosen, dtype=base.weight.dtype, device=base.weight.device)
+            parent_name, _, child = name.rpartition(".")
+            parent = model.get_submodule(parent_name) if parent_name else model
+            setattr(parent, child, MultiLoraLinear(base, stacked, rows))
+            swapped.append((parent, child, base))
+        yield rows
+    finally:
+        for parent, child, base in reversed(swapped):
+            setattr(parent, child, base)
+
+
+# --------------------------------------------------------------------------- scoring
+def context_length(model) -> int | None:
+    return getattr(getattr(model, "config", None), "max_position_embeddings", None)
+
+
+def tokenize_for_scoring(examples, tokenizer, template, max_length) -> list[Tokenized]:
+    """Examples (dicts, or already tokenized) → Tokenized, checking the context and the labels."""
+    if not examples:
+        raise RocketError("scoring: no examples (the K-shot data is empty)")
+    out = []
+    for i, ex in enumerate(examples):
+        if not isinstance(ex, Tokenized):
+            if tokenizer is None:
+                raise RocketError("scoring: a tokenizer is needed for untokenized examples")
+            ex = tokenize_example(ex, tokenizer, template, max_length, overflow="error", where=f"example {i}")
+        elif max_length is not None and len(ex.input_ids) > max_length:
+            raise DataError(f"example {i}: {len(ex.input_ids)} tokens exceed the context of {max_length}")
+        if not any(l != IGNORE_INDEX for l in ex.labels[1:]):
+            raise DataError(f"example {i}: no output tokens to score")
+        out.append(ex)
+    return out
+
+
+def plan_batches(lengths: list[int], n_adapters: int, max_tokens: int) -> list[list[tuple[int, int]]]:
+    """(adapter, example) rows, longest examples first so neighbours share a padded length; each
+    batch holds ≤ max_tokens padded tokens (at least one row) and is ordered by adapter."""
+    rows = sorted(((a, e) for e in range(len(lengths)) for a in range(n_adapters)),
+                  key=lambda p: (-lengths[p[1]], p[1], p[0]))
+    batches, cur = [], []
+    for row in rows:
+        width = lengths[cur[0][1]] if cur else lengths[row[1]]
+        if cur and (len(cur) + 1) * width > max_tokens:
+            batches.append(sorted(cur))
+            cur = []
+        cur.append(row)
+    if cur:
+        batches.append(sorted(cur))
+    return batches
+
+
+def _default_max_tokens(device: torch.device) -> int:
+    return 32768 if device.type == "cuda" else 4096
+
+
+def _shard(n: int, distributed: bool | None) -> tuple[list[int], bool]:
+    import torch.distributed as dist
+    if distributed is None:
+        distributed = dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+    if not distributed:
+        return list(range(n)), False
+    return list(range(dist.get_rank(), n, dist.get_world_size())), True
+
+
+@torch.no_grad()
+def adapter_losses(model, rows: AdapterRows, tokenized: list[Tokenized], n_adapters: int,
+                   max_tokens: int | None = None, progress: bool = True) -> torch.Tensor:
+    """loss [n_adapters, K] (float32, on the model's device) of a model wrapped by multi_lora_model:
+    one base-model pass per batch of (adapter, example) rows; logits only at label positions."""
+    decoder = model.get_decoder()
+    lm_weight = model.get_output_embeddings().weight
+    device = lm_weight.device
+    V = lm_weight.shape[0]
+    max_tokens = max_tokens or _default_max_tokens(device)
+    lengths = [len(t.input_ids) for t in tokenized]
+    batches = plan_batches(lengths, n_adapters, max_tokens)
+    loss = torch.full((n_adapters, len(tokenized)), float("nan"), dtype=torch.float32, device=device)
+    bar = tqdm(total=n_adapters * len(tokenized), desc="scoring", unit="pair", disable=not progress)
+    for batch in batches:
+        B, L = len(batch), max(lengths[e] for _, e in batch)
+        ids = torch.zeros(B, L, dtype=torch.long)
+        positions, targets, owners = [], [], []
+        for b, (_, e) in enumerate(batch):
+            t = tokenized[e]
+            ids[b, :len(t.input_ids)] = torch.tensor(t.input_ids)
+            for pos in range(len(t.labels) - 1):  # position pos predicts token pos+1
+                if t.labels[pos + 1] != IGNORE_INDEX:
+                    positions.append(b * L + pos)
+                    targets.append(t.labels[pos + 1])
+                    owners.append(b)
+        if min(targets) < 0 or max(targets) >= V:
+            raise DataError(f"scoring: a label token id is outside the model's vocabulary of {V}")
+        rows.set([a for a, _ in batch])
+        # right padding under a plain causal mask is exact for the real tokens (they never see the
+        # padding), and it keeps attention on the flash/is_causal path
+        hidden = decoder(input_ids=ids.to(device), use_cache=False).last_hidden_state.reshape(B * L, -1)
+        pos_t = torch.tensor(positions).to(device, non_blocking=True)
+        per_row = linear_cross_entropy_per_example(
+            hidden[pos_t], lm_weight, torch.tensor(targets).to(device, non_blocking=True),
+            torch.tensor(owners).to(device, non_blocking=True), B, validate=False)
+        a_idx = torch.tensor([a for a, _ in batch]).to(device, non_blocking=True)
+        e_idx = torch.tensor([e for _, e in batch]).to(device, non_blocking=True)
+        loss[a_idx, e_idx] = per_row
+        bar.update(B)
+    bar.close()
+    return loss
+
+
+def score_adapters(model, tokenizer, bank: LoraBank, examples, template="alpaca", *,
+                   accuracy: str | None = None, accuracy_file: str | Path | None = None,
+                   max_new_tokens: int = 64, max_tokens: int | None = None, progress: bool = True,
+                   distributed: bool | None = None) -> Scores:
+    """Stage 1: loss/ppl [N, K] of every adapter of `bank` on `examples`, in one batched pass.
+
+    examples: dicts in the seed's schema (tokenized with `template`) or rocket.data.Tokenized.
+    accuracy: an extractor ('choice', 'number', 'exact') to compute exact-match accuracy from greedy
+    generations (max_new_tokens each); or accuracy_file: a JSON {adapter: accuracy}.
+    max_tokens: padded tokens per forward (default 32768 on CUDA, 4096 on CPU).
+    distributed: shard adapters over torch.distributed ranks (default: when a group of >1 is up).
+    """
+    import time
+
+    tokenized = tokenize_for_scoring(examples, tokenizer, template, context_length(model))
+    bank.validate(model)
+    if accuracy is not None and accuracy_file is not None:
+        raise RocketError("scoring: give either accuracy (an extractor) or accuracy_file, not both")
+    mine, sharded = _shard(len(bank), distributed)
+    N, K = len(bank), len(tokenized)
+    device = next(model.parameters()).device
+    start = time.perf_counter()
+    acc_local = None
+    with multi_lora_model(model, bank, mine) as rows:
+        local = adapter_losses(model, rows, tokenized, len(mine), max_tokens, progress)
+        if accuracy is not None:
+            from rocket.generation import adapter_accuracy
+            acc_local = adapter_accuracy(model, rows, tokenizer, examples, tokenized, len(mine), accuracy,
+                                         max_new_tokens, max_tokens, progress).to(device)
+    loss = torch.zeros(N, K, dtype=torch.float32, device=device)
+    loss[mine] = local
+    acc = None
+    if acc_local is not None:
+        acc = torch.zeros(N, dtype=torch.float64, device=device)
+        acc[mine] = acc_local.double()
+    if sharded:
+        import torch.distributed as dist
+        dist.all_reduce(loss)
+        if acc is not None:
+            dist.all_reduce(acc)
+    if accuracy_file is not None:
+        acc = read_accuracy(accuracy_file, bank.names)
+    seconds = time.perf_counter() - start
+    meta = {"template": template if isinstance(template, str) else getattr(template, "name", str(template)),
+            "examples": K, "adapters": N, "label_tokens": sum(sum(l != IGNORE_INDEX for l in t.labels[1:])
+                                                             for t in tokenized),
+            "seconds": seconds, "pairs_per_s": N * K / seconds if seconds > 0 else None,
+            "accuracy": accuracy or (str(accuracy_file) if accuracy_file else None)}
+    return Scores(bank.names, loss.double().cpu(), None if acc is None else acc.cpu(), meta)
+
+
+def read_accuracy(path: str | Path, names: list[str]) -> torch.Tensor:
+    """Accuracy per adapter from a JSON {adapter name: accuracy in [0, 1]}, in `names` order."""
+    path = Path(path)
+    try:
+        obj = json.loads(path.read_text())
+    except FileNotFoundError:
+        raise RocketError(f"{path}: no such accuracy file") from None
+    except json.JSONDecodeError as e:
+        raise RocketError(f"{path}:{e.lineno}: malformed JSON ({e.msg})") from None
+    if not isinstance(obj, dict):
+        raise RocketError(f"{path}: expected a JSON object {{adapter: accuracy}}")
+    out = []
+    for name in names:
+        if name not in obj:
+            raise RocketError(f"{path}: no accuracy for adapter '{name}'")
+        v = obj[name]
+        if isinstance(v, bool) or not isinstance(v, (int, float)) or not 0.0 <= v <= 1.0:
+            raise RocketError(f"{path}: accuracy of '{name}' must be a number in [0, 1], got {v!r}")
+        out.append(float(v))
+    return torch.tensor(out, dtype=torch.float64)
+
+
+# --------------------------------------------------------------------------- heatmap + CLI
+def save_heatmap(scores: Scores, path: str | Path) -> None:
+    """Loss heatmap (adapters × examples) as a PNG, written atomically."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    path = Path(path)
+    N, K = scores.loss.shape
+    fig, ax = plt.subplots(figsize=(min(2 + 0.25 * K, 24), min(1.5 + 0.3 * N, 24)))
+    im = ax.imshow(scores.loss.numpy(), aspect="auto", cmap="viridis", interpolation="nearest")
+    ax.set_yticks(range(N), scores.names, fontsize=7)
+    ax.set_xlabel("example")
+    ax.set_title("loss (nats) per adapter and example")
+    fig.colorbar(im, ax=ax, label="loss (nats)")
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "wb") as f:
+        fig.savefig(f, format="png", dpi=100)
+    plt.close(fig)
+    tmp.replace(path)
+
+
+def add_arguments(parser) -> None:
+    parser.add_argument("--base-model", required=True, help="HF model directory of the base model")
+    parser.add_argument("--bank", required=True, help="directory of peft adapters, or a manifest .txt")
+    parser.add_argument("--data", required=True, help="K-shot examples (JSONL or JSON array)")
+    parser.add_argument("--out", required=True, help="scores JSON to write")
+    acc = parser.add_mutually_exclusive_group()
+    acc.add_argument("--accuracy", nargs="?", const="exact", choices=["choice", "number", "exact"],
+                     help="also compute exact-match accuracy of greedy generations with this extractor "
+                          "(default when given without a value: exact)")
+    acc.add_argument("--accuracy-file", help="JSON {adapter: accuracy} to use as accuracy")
+    parser.add_argument("--template", default="alpaca", help="prompt template: alpaca, llama2, mistral, chat "
+                        "or a .json file (default: alpaca)")
+    parser.add_argument("--heatmap", help="also write a loss heatmap PNG here")
+    parser.add_argument("--max-tokens", type=int, default=None,
+                        help="padded tokens per forward pass (default: 32768 on CUDA, 4096 on CPU)")
+    parser.add_argument("--max-new-tokens", type=int, default=64, help="generation length for --accuracy")
+    parser.add_argument("--dtype", choices=["auto", "float32", "bfloat16", "float16"], default="auto",
+                        help="model dtype (auto: bfloat16 on CUDA, float32 on CPU)")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bars")
+
+
+def main(args) -> int:
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from rocket.data import load_examples
+
+    examples = load_examples(args.data)
+    bank = LoraBank.load(args.bank, progress=not args.no_progress)
+    base = Path(args.base_model)
+    if not base.is_dir():
+        raise RocketError(f"{base}: no such model directory")
+    dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}.get(
+        args.dtype, torch.bfloat16 if args.device.type == "cuda" else torch.float32)
+    tokenizer = AutoTokenizer.from_pretrained(str(base))
+    model = AutoModelForCausalLM.from_pretrained(str(base), attn_implementation="sdpa")
+    model = model.to(device=args.device, dtype=dtype).eval()
+    scores = score_adapters(model, tokenizer, bank, examples, args.template, accuracy=args.accuracy,
+                            accuracy_file=args.accuracy_file, max_new_tokens=args.max_new_tokens,
+                            max_tokens=args.max_tokens, progress=not args.no_progress)
+    scores.meta.update(base_model=str(base), bank=str(args.bank), data=str(args.data), dtype=str(dtype))
+    scores.save(args.out)
+    if args.heatmap:
+        save_heatmap(scores, args.heatmap)
+    best = int(torch.argmin(scores.ppl_sum))
+    print(f"scored {len(bank)} adapters on {scores.loss.shape[1]} examples in {scores.meta['seconds']:.1f}s; "
+          f"lowest PPL_R: {scores.names[best]} ({float(scores.ppl_sum[best]):.3f}); wrote {args.out}")
+    return 0

@@ -1,0 +1,133 @@
+"""Multi-adapter greedy decoding and exact-match accuracy (DESIGN §3 'Accuracy').
+
+Every (adapter, prompt) pair decodes at once: rows of a left-padded batch carry their adapter id
+(through the MultiLoraLinear layers of rocket.scoring) and share one KV cache, so N adapters × K
+prompts cost a few batched forwards per generated token instead of N·K `generate` calls.
+"""
+from __future__ import annotations
+
+import re
+
+import torch
+from tqdm.auto import tqdm
+
+from rocket.data import DataError, Tokenized
+from rocket.errors import RocketError
+
+_CHOICE = re.compile(r"\b([A-E])\b")
+_NUMBER = re.compile(r"-?\d[\d,]*(?:\.\d+)?")
+
+
+def extract_choice(text: str) -> str | None:
+    """The first standalone option letter A–E."""
+    m = _CHOICE.search(text)
+    return m.group(1) if m else None
+
+
+def extract_number(text: str) -> str | None:
+    """The last number in the text, commas removed, numerically normalised ('3.0' == '3')."""
+    found = _NUMBER.findall(text)
+    if not found:
+        return None
+    raw = found[-1].replace(",", "")
+    try:
+        value = float(raw)
+    except ValueError:
+        return raw
+    return str(int(value)) if value.is_integer() else repr(value)
+
+
+def extract_exact(text: str) -> str:
+    return text.strip()
+
+
+EXTRACTORS = {"choice": extract_choice, "number": extract_number, "exact": extract_exact}
+
+
+def get_extractor(name: str):
+    if name not in EXTRACTORS:
+        raise RocketError(f"unknown accuracy extractor {name!r}: use {', '.join(EXTRACTORS)}")
+    return EXTRACTORS[name]
+
+
+@torch.no_grad()
+def greedy_generate(model, rows, prompts: list[list[int]], n_adapters: int, eos_id: int, pad_id: int,
+                    max_new_tokens: int = 64, max_tokens: int | None = None,
+                    progress: bool = True) -> list[list[list[int]]]:
+    """Greedy continuations of every prompt under every adapter: out[a][k] = new token ids (EOS
+    excluded), for a model wrapped by rocket.scoring.multi_lora_model (`rows` selects adapters)."""
+    decoder = model.get_decoder()
+    lm_head = model.get_output_embeddings()
+    device = lm_head.weight.device
+    max_tokens = max_tokens or (32768 if device.type == "cuda" else 4096)
+    lengths = [len(p) for p in prompts]
+    pairs = sorted(((a, k) for k in range(len(prompts)) for a in range(n_adapters)),
+                   key=lambda p: (-lengths[p[1]], p[1], p[0]))
+    batches, cur = [], []
+    for pair in pairs:
+        width = (lengths[cur[0][1]] if cur else lengths[pair[1]]) + max_new_tokens
+        if cur and (len(cur) + 1) * width > max_tokens:
+            batches.append(sorted(cur))
+            cur = []
+        cur.append(pair)
+    if cur:
+        batches.append(sorted(cur))
+
+    out = [[[] for _ in prompts] for _ in range(n_adapters)]
+    bar = tqdm(total=len(pairs), desc="generating", unit="pair", disable=not progress)
+    for batch in batches:
+        B, L = len(batch), max(lengths[k] for _, k in batch)
+        ids = torch.full((B, L), pad_id, dtype=torch.long)
+        mask = torch.zeros(B, L, dtype=torch.long)
+        for b, (_, k) in enumerate(batch):  # left padding: every row's next token is at column L
+            ids[b, L - lengths[k]:] = torch.tensor(prompts[k])
+            mask[b, L - lengths[k]:] = 1
+        ids, mask = ids.to(device), mask.to(device)
+        positions = (mask.cumsum(-1) - 1).clamp_(min=0)
+        rows.set([a for a, _ in batch])
+        state = decoder(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=True)
+        finished = torch.zeros(B, dtype=torch.bool, device=device)
+        steps = []
+        for step in range(max_new_tokens):
+            nxt = lm_head(state.last_hidden_state[:, -1]).argmax(-1)
+            nxt = torch.where(finished, torch.full_like(nxt, eos_id), nxt)
+            steps.append(nxt)
+            finished |= nxt == eos_id
+            if step == max_new_tokens - 1 or bool(finished.all()):
+                break
+            mask = torch.cat([mask, torch.ones(B, 1, dtype=mask.dtype, device=device)], dim=1)
+            positions = positions[:, -1:] + 1
+            state = decoder(input_ids=nxt[:, None], attention_mask=mask, position_ids=positions,
+                            past_key_values=state.past_key_values, use_cache=True)
+        tokens = torch.stack(steps, dim=1).tolist()
+        for (a, k), seq in zip(batch, tokens):
+            out[a][k] = seq[:seq.index(eos_id)] if eos_id in seq else seq
+        bar.update(B)
+    bar.close()
+    return out
+
+
+def adapter_accuracy(model, rows, tokenizer, examples, tokenized: list[Tokenized], n_adapters: int,
+                     extractor: str, max_new_tokens: int = 64, max_tokens: int | None = None,
+                     progress: bool = True) -> torch.Tensor:
+    """acc [n_adapters] = mean exact match of extract(greedy generation) vs extract(gold output)."""
+    extract = get_extractor(extractor)
+    if tokenizer is None:
+        raise RocketError("accuracy: a tokenizer is needed to decode generations")
+    golds = []
+    for i, ex in enumerate(examples):
+        if not isinstance(ex, dict) or "output" not in ex:
+            raise DataError(f"example {i}: accuracy needs the gold 'output' text")
+        gold = extract(ex["output"])
+        if gold is None:
+            raise DataError(f"example {i}: the gold output has nothing for extractor '{extractor}'")
+        golds.append(gold)
+    prompts = [t.input_ids[:t.prompt_len] for t in tokenized]
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    gens = greedy_generate(model, rows, prompts, n_adapters, tokenizer.eos_token_id, pad, max_new_tokens,
+                           max_tokens, progress)
+    acc = torch.zeros(n_adapters, dtype=torch.float64)
+    for a in range(n_adapters):
+        texts = tokenizer.batch_decode(gens[a], skip_special_tokens=True)
+        acc[a] = sum(extract(t) == g for t, g in zip(texts, golds)) / len(golds)
+    return acc

@@ -1,0 +1,225 @@
+"""rocket.score_adapters vs a per-adapter peft loop (set_adapter, batch 1) on the tiny Llama with the
+mixed-rank bank; multi-adapter greedy decoding vs peft's generate; CLI; bad inputs."""
+import copy
+import json
+import os
+
+import pytest
+import torch
+
+from rocket.bank import BankError, LoraBank
+from rocket.cli import main as cli_main
+from rocket.data import DataError, tokenize_examples
+from rocket.errors import RocketError
+from rocket.generation import extract_choice, extract_number, greedy_generate
+from rocket.kernels import reference as R
+from rocket.scoring import Scores, multi_lora_model, plan_batches, score_adapters
+from rocket.tiny import build_llama, make_random_adapter
+
+
+@pytest.fixture
+def reference_path(monkeypatch):
+    """Dispatch to the torch references on the CPU (the interpreter is for the kernel tests)."""
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+
+
+def _peft_model(model, bank_dir, names):
+    from peft import PeftModel
+    pm = PeftModel.from_pretrained(model, str(bank_dir / names[0]), adapter_name=names[0])
+    for n in names[1:]:
+        pm.load_adapter(str(bank_dir / n), adapter_name=n)
+    return pm.eval()
+
+
+@torch.no_grad()
+def peft_losses(model, bank_dir, names, tokenized):
+    pm = _peft_model(model, bank_dir, names)
+    out = torch.zeros(len(names), len(tokenized), dtype=torch.float64)
+    device = next(pm.parameters()).device
+    for a, n in enumerate(names):
+        pm.set_adapter(n)
+        for k, t in enumerate(tokenized):
+            logits = pm(input_ids=torch.tensor([t.input_ids], device=device)).logits
+            out[a, k] = R.masked_cross_entropy_per_example(logits, torch.tensor([t.labels], device=device))[0]
+    return out
+
+
+@torch.no_grad()
+def peft_generations(model, bank_dir, names, prompts, eos, pad, max_new_tokens):
+    pm = _peft_model(model, bank_dir, names)
+    out = []
+    for n in names:
+        pm.set_adapter(n)
+        row = []
+        for p in prompts:
+            ids = torch.tensor([p])
+            g = pm.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=max_new_tokens,
+                            do_sample=False, eos_token_id=eos, pad_token_id=pad)[0, len(p):].tolist()
+            row.append(g[:g.index(eos)] if eos in g else g)
+        out.append(row)
+    return out
+
+
+def test_losses_equal_peft_loop_fp32(reference_path, tiny_llama, tiny_tokenizer, lora_bank_dir, kshot_examples):
+    bank = LoraBank.load(lora_bank_dir)
+    want = peft_losses(copy.deepcopy(tiny_llama), lora_bank_dir, bank.names,
+                       tokenize_examples(kshot_examples, tiny_tokenizer))
+    # a small token budget: several batches of mixed adapters and lengths
+    scores = score_adapters(tiny_llama, tiny_tokenizer, bank, kshot_examples, "alpaca", max_tokens=700,
+                            progress=False)
+    assert scores.names == bank.names and scores.loss.shape == (4, 10)
+    assert torch.allclose(scores.loss, want, rtol=0, atol=2e-5)
+    assert torch.allclose(scores.ppl_sum, torch.exp(want).sum(1), rtol=1e-4)
+    assert torch.equal(scores.loss.argmin(0), want.argmin(0))  # adapters differ: the check can fail
+    assert all(type(m).__name__ != "MultiLoraLinear" for m in tiny_llama.modules())  # unwrapped again
+
+
+def test_triton_kernels_in_scoring_equal_peft(tiny_llama, tiny_tokenizer, lora_bank_dir, kshot_examples):
+    """The same comparison through the Triton kernels (interpreter on the CPU, GPU otherwise)."""
+    bank = LoraBank.load(lora_bank_dir)
+    names, examples = [bank.names[1], bank.names[3]], kshot_examples[:3]
+    want = peft_losses(copy.deepcopy(tiny_llama), lora_bank_dir, names, tokenize_examples(examples, tiny_tokenizer))
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    scores = score_adapters(tiny_llama.to(device), tiny_tokenizer, bank.subset([1, 3]), examples, max_tokens=300,
+                            progress=False)
+    assert torch.allclose(scores.loss, want, rtol=0, atol=5e-5)
+
+
+@pytest.mark.gpu
+def test_bf16_on_gpu_close_to_fp32_peft(tiny_llama, tiny_tokenizer, lora_bank_dir, kshot_examples):
+    bank = LoraBank.load(lora_bank_dir)
+    want = peft_losses(copy.deepcopy(tiny_llama), lora_bank_dir, bank.names,
+                       tokenize_examples(kshot_examples, tiny_tokenizer))
+    scores = score_adapters(tiny_llama.cuda().bfloat16(), tiny_tokenizer, bank, kshot_examples, progress=False)
+    assert (scores.loss - want).abs().max() < 0.05
+
+
+def test_generation_equals_peft_greedy_fp32(reference_path, tiny_llama, tiny_tokenizer, lora_bank_dir,
+                                            kshot_examples):
+    bank = LoraBank.load(lora_bank_dir)
+    tok = tokenize_examples(kshot_examples[:5], tiny_tokenizer)
+    prompts = [t.input_ids[:t.prompt_len] for t in tok]
+    pad = tiny_tokenizer.pad_token_id
+    free = peft_generations(copy.deepcopy(tiny_llama), lora_bank_dir, bank.names, prompts,
+                            tiny_tokenizer.eos_token_id, pad, 10)
+    # a frequent generated token as EOS: rows stop at different steps, some before the end
+    eos = max(set(sum(sum(free, []), [])), key=lambda t: sum(sum(free, []), []).count(t))
+    want = peft_generations(copy.deepcopy(tiny_llama), lora_bank_dir, bank.names, prompts, eos, pad, 10)
+    assert len({len(g) for g in sum(want, [])}) > 1
+    with multi_lora_model(tiny_llama, bank) as rows:
+        got = greedy_generate(tiny_llama, rows, prompts, len(bank), eos, pad, max_new_tokens=10, max_tokens=200,
+                              progress=False)
+        got_free = greedy_generate(tiny_llama, rows, prompts, len(bank), tiny_tokenizer.eos_token_id, pad,
+                                   max_new_tokens=10, progress=False)
+    assert got == want and got_free == free
+
+
+def test_accuracy_counts_exact_matches(reference_path, tiny_llama, tiny_tokenizer, lora_bank_dir, kshot_examples):
+    bank = LoraBank.load(lora_bank_dir)
+    examples = copy.deepcopy(kshot_examples[:4])
+    tok = tokenize_examples(examples, tiny_tokenizer)
+    gens = peft_generations(copy.deepcopy(tiny_llama), lora_bank_dir, bank.names,
+                            [t.input_ids[:t.prompt_len] for t in tok], tiny_tokenizer.eos_token_id,
+                            tiny_tokenizer.pad_token_id, 6)
+    examples[0]["output"] = tiny_tokenizer.decode(gens[2][0], skip_special_tokens=True)  # adapter 2 gets it right
+    want = torch.tensor([[tiny_tokenizer.decode(g, skip_special_tokens=True).strip() == e["output"].strip()
+                          for g, e in zip(row, examples)] for row in gens], dtype=torch.float64).mean(1)
+    assert want[2] >= 0.25
+    scores = score_adapters(tiny_llama, tiny_tokenizer, bank, examples, accuracy="exact", max_new_tokens=6,
+                            progress=False)
+    assert torch.equal(scores.accuracy, want)
+
+
+def test_extractors():
+    assert extract_choice("The answer is (C), not D") == "C"
+    assert extract_choice("A. dry palms") == "A"
+    assert extract_choice("none here") is None
+    assert extract_number("so 12 apples, total 1,234.0 dollars") == "1234"
+    assert extract_number("x = -3.5") == "-3.5"
+    assert extract_number("no digits") is None
+
+
+def test_plan_batches_respects_budget_and_groups_adapters():
+    lengths = [30, 100, 55, 100, 7]
+    batches = plan_batches(lengths, 3, max_tokens=320)
+    rows = sorted(r for b in batches for r in b)
+    assert rows == sorted((a, e) for a in range(3) for e in range(5))
+    for b in batches:
+        assert len(b) * max(lengths[e] for _, e in b) <= 320
+        assert [a for a, _ in b] == sorted(a for a, _ in b)
+    assert plan_batches([500], 2, max_tokens=100) == [[(0, 0)], [(1, 0)]]  # one row per batch at least
+
+
+def test_bad_inputs(reference_path, tiny_llama, tiny_tokenizer, lora_bank_dir, kshot_examples, tmp_path):
+    bank = LoraBank.load(lora_bank_dir)
+    with pytest.raises(RocketError, match="no examples"):
+        score_adapters(tiny_llama, tiny_tokenizer, bank, [], progress=False)
+    long = {"instruction": "x", "input": "", "output": " ".join(["fox"] * 1100)}
+    with pytest.raises(DataError, match=r"example 1: \d+ tokens exceed the context of 1024"):
+        score_adapters(tiny_llama, tiny_tokenizer, bank, [kshot_examples[0], long], progress=False)
+    other = build_llama(tiny_tokenizer, hidden=32, intermediate=48, seed=3)
+    make_random_adapter(other, tmp_path / "wide", r=2, target_modules=("q_proj",))
+    with pytest.raises(BankError, match=r"adapter 'wide': module '.*q_proj' is 32→32 but the base model's layer"):
+        score_adapters(tiny_llama, tiny_tokenizer, LoraBank.load(tmp_path / "wide"), kshot_examples, progress=False)
+    with pytest.raises(RocketError, match="unknown accuracy extractor"):
+        score_adapters(tiny_llama, tiny_tokenizer, bank, kshot_examples[:1], accuracy="regex", progress=False)
+    acc = tmp_path / "acc.json"
+    acc.write_text(json.dumps({bank.names[0]: 0.5}))
+    with pytest.raises(RocketError, match=f"no accuracy for adapter '{bank.names[1]}'"):
+        score_adapters(tiny_llama, tiny_tokenizer, bank, kshot_examples[:1], accuracy_file=acc, progress=False)
+
+
+def test_cli_score_writes_json_and_heatmap(reference_path, tiny_model_dir, lora_bank_dir, tmp_path, capsys):
+    data = os.path.join(os.path.dirname(__file__), "data", "arc-c_10shot.jsonl")
+    bank = LoraBank.load(lora_bank_dir)
+    acc = tmp_path / "acc.json"
+    acc.write_text(json.dumps({n: i / 4 for i, n in enumerate(bank.names)}))
+    out, png = tmp_path / "out" / "scores.json", tmp_path / "loss.png"
+    rc = cli_main(["score", "--base-model", str(tiny_model_dir), "--bank", str(lora_bank_dir), "--data", data,
+                   "--out", str(out), "--accuracy-file", str(acc), "--heatmap", str(png), "--no-progress",
+                   "--device", "cpu"])
+    assert rc == 0
+    obj = json.loads(out.read_text())
+    assert obj["adapters"] == bank.names and obj["examples"] == 10
+    assert len(obj["loss"]) == 4 and len(obj["loss"][0]) == 10 and obj["accuracy"] == [0, 0.25, 0.5, 0.75]
+    scores = Scores.load(out)
+    assert torch.allclose(scores.ppl_sum, torch.tensor(obj["ppl_sum"], dtype=torch.float64))
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert "lowest PPL_R" in capsys.readouterr().out
+    empty = tmp_path / "empty.jsonl"
+    empty.write_text("\n")
+    rc = cli_main(["score", "--base-model", str(tiny_model_dir), "--bank", str(lora_bank_dir), "--data", str(empty),
+                   "--out", str(tmp_path / "x.json"), "--no-progress"])
+    assert rc == 2 and "is empty" in capsys.readouterr().err
+    assert not (tmp_path / "x.json").exists()
+
+
+def _sharded_worker(rank, world, init, model_dir, bank_dir, data, out):
+    import torch.distributed as dist
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from rocket.data import load_examples
+    os.environ["TRITON_INTERPRET"] = "0"
+    dist.init_process_group("gloo", init_method=init, rank=rank, world_size=world)
+    model = AutoModelForCausalLM.from_pretrained(model_dir).eval()
+    tok = AutoTokenizer.from_pretrained(model_dir)
+    scores = score_adapters(model, tok, LoraBank.load(bank_dir), load_examples(data)[:4], progress=False)
+    if rank == 0:
+        scores.save(out)
+    dist.destroy_process_group()
+
+
+def test_adapters_sharded_over_processes(reference_path, tiny_model_dir, lora_bank_dir, tmp_path):
+    import torch.multiprocessing as mp
+    data = os.path.join(os.path.dirname(__file__), "data", "arc-c_10shot.jsonl")
+    out = tmp_path / "sharded.json"
+    mp.spawn(_sharded_worker, args=(2, f"file://{tmp_path / 'rdv'}", str(tiny_model_dir), str(lora_bank_dir),
+                                    data, str(out)), nprocs=2, join=True)
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from rocket.data import load_examples
+    model = AutoModelForCausalLM.from_pretrained(str(tiny_model_dir)).eval()
+    tok = AutoTokenizer.from_pretrained(str(tiny_model_dir))
+    single = score_adapters(model, tok, LoraBank.load(lora_bank_dir), load_examples(data)[:4], progress=False,
+                            distributed=False)
+    assert torch.allclose(Scores.load(out).loss, single.loss, atol=1e-6)
