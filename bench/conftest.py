@@ -14,7 +14,7 @@ import pytest  # noqa: E402
 sys.path.insert(0, str(Path(__file__).parent))  # harness, peers
 sys.path.insert(0, str(Path(__file__).parent.parent / "tests"))  # test helpers reused by peers
 
-from harness import Recorder  # noqa: E402
+from bench.harness import Recorder  # noqa: E402
 
 _RECORDERS: dict[str, Recorder] = {}
 

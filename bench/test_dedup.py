@@ -3,8 +3,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from harness import median_ms
-from peers import dedup_blocked_torch
+from bench.harness import median_ms
+from bench.peers import dedup_blocked_torch
 from rocket.dedup import dedup
 
 

@@ -13,18 +13,13 @@ if not torch.cuda.is_available():
 import pytest  # noqa: E402
 
 from rocket.data import load_examples  # noqa: E402
-from rocket.tiny import LLAMA_TARGETS, build_llama, build_tokenizer, make_random_adapter  # noqa: E402
+from tests.helpers import BANK_SPEC  # noqa: E402
+from rocket.tiny import build_llama, build_tokenizer, make_random_adapter  # noqa: E402
 
 DATA = Path(__file__).parent / "data"
 INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 # name, rank, alpha, target modules, rsLoRA: mixed on purpose
-BANK_SPEC = [
-    ("qv_r4", 4, 8, ("q_proj", "v_proj"), False),
-    ("all_r8", 8, 16, LLAMA_TARGETS, False),
-    ("attn_r2_rs", 2, 4, ("q_proj", "k_proj", "v_proj", "o_proj"), True),
-    ("mlp_r16", 16, 8, ("gate_proj", "up_proj", "down_proj"), False),
-]
 
 
 def pytest_collection_modifyitems(config, items):

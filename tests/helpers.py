@@ -1,6 +1,16 @@
 """Test helpers shared by tests/ and bench/."""
 import torch
 
+from rocket.tiny import LLAMA_TARGETS
+
+# The random bank of the lora_bank_dir fixture: (name, r, alpha, target modules, use_rslora).
+BANK_SPEC = [
+    ("qv_r4", 4, 8, ("q_proj", "v_proj"), False),
+    ("all_r8", 8, 16, LLAMA_TARGETS, False),
+    ("attn_r2_rs", 2, 4, ("q_proj", "k_proj", "v_proj", "o_proj"), True),
+    ("mlp_r16", 16, 8, ("gate_proj", "up_proj", "down_proj"), False),
+]
+
 
 def rel_err(out: torch.Tensor, ref: torch.Tensor) -> float:
     """‖out − ref‖ / ‖ref‖ in float64; NaN or Inf anywhere gives inf (never passes)."""

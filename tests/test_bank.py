@@ -6,7 +6,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from conftest import BANK_SPEC
+from tests.helpers import BANK_SPEC
 from rocket.bank import BankError, LoraBank, load_adapter
 from rocket.tiny import make_random_adapter
 

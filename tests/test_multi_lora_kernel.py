@@ -2,7 +2,7 @@
 import pytest
 import torch
 
-from helpers import poison_like, rel_err
+from tests.helpers import poison_like, rel_err
 from rocket.kernels import reference as R
 from rocket.kernels.multi_lora import multi_lora, multi_lora_add_, segment_tiles
 

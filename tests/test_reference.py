@@ -3,7 +3,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from helpers import rel_err
+from tests.helpers import rel_err
 from rocket.kernels import reference as R
 
 
