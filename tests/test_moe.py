@@ -1,0 +1,192 @@
+"""LoraMoELinear, inject_lora_moe and MoE save/load (rocket/moe.py)."""
+import copy
+
+import pytest
+import torch
+from torch import nn
+
+from tests.helpers import rel_err
+from rocket.bank import LoraBank
+from rocket.kernels import reference as R
+from rocket.moe import (LoraMoELinear, MoEError, inject_lora_moe, load_moe_state, moe_aux_loss, moe_layers,
+                        moe_state_dict, read_moe_state, save_moe_state, set_train_router_only)
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def _layer(d_in, d_out, E, r, top_k, gen, **kw):
+    base = nn.Linear(d_in, d_out)
+    with torch.no_grad():
+        base.weight.copy_(torch.randn(d_out, d_in, generator=gen) / d_in ** 0.5)
+        base.bias.copy_(torch.randn(d_out, generator=gen))
+    A = torch.randn(E, r, d_in, generator=gen) / d_in ** 0.5
+    B = torch.randn(E, d_out, r, generator=gen)
+    s = torch.rand(E, generator=gen) + 0.5
+    return LoraMoELinear(base, A, B, s, top_k, router_std=1.0, seed=int(torch.randint(0, 99, (1,), generator=gen)),
+                         **kw).to(DEVICE)
+
+
+def test_layer_is_a_drop_in_linear_and_matches_the_reference():
+    gen = torch.Generator().manual_seed(0)
+    layer = _layer(37, 29, 5, 6, 2, gen)
+    x = torch.randn(3, 7, 37, generator=gen).to(DEVICE)
+    y = layer(x)
+    assert y.shape == (3, 7, 29) and layer.in_features == 37 and layer.out_features == 29
+    want = R.lora_moe(x.double(), layer.base.weight.double(), layer.base.bias.double(), layer.lora_A.double(),
+                      layer.lora_B.double(), layer.scaling.double(), layer.router.weight.double(), 2)
+    assert rel_err(y, want) < 1e-5
+    assert not any(p.requires_grad for p in layer.base.parameters())
+    names = {n for n, p in layer.named_parameters() if p.requires_grad}
+    assert names == {"lora_A", "lora_B", "router.weight"}
+    assert layer.aux_loss is None
+
+
+def test_every_trainable_tensor_changes_after_an_optimizer_step():
+    gen = torch.Generator().manual_seed(1)
+    layer = _layer(24, 18, 4, 5, 2, gen)
+    before = {n: p.detach().clone() for n, p in layer.named_parameters()}
+    opt = torch.optim.SGD([p for p in layer.parameters() if p.requires_grad], lr=0.1)
+    layer(torch.randn(40, 24, generator=gen).to(DEVICE)).square().mean().backward()
+    opt.step()
+    for n, p in layer.named_parameters():
+        changed = not torch.equal(p.detach(), before[n])
+        assert changed == (n in ("lora_A", "lora_B", "router.weight")), n
+
+
+def test_train_router_only_freezes_experts():
+    gen = torch.Generator().manual_seed(2)
+    layer = _layer(16, 12, 3, 4, 1, gen, train_router_only=True)
+    layer(torch.randn(9, 16, generator=gen).to(DEVICE)).sum().backward()
+    assert layer.lora_A.grad is None and layer.lora_B.grad is None
+    assert layer.router.weight.grad is not None and layer.router.weight.grad.abs().sum() > 0
+    layer.set_train_router_only(False)
+    assert layer.lora_A.requires_grad and layer.lora_B.requires_grad
+
+
+def test_load_balancing_loss_matches_reference_and_reaches_the_router():
+    gen = torch.Generator().manual_seed(3)
+    layer = _layer(20, 10, 6, 3, 2, gen, load_balancing=True)
+    x = torch.randn(50, 20, generator=gen).to(DEVICE)
+    layer(x)
+    _, experts, probs = R.route_topk(x.double(), layer.router.weight.double(), 2)
+    want = R.load_balancing_loss(probs, experts, 6)
+    assert abs(layer.aux_loss.item() - want.item()) < 1e-5
+    layer.aux_loss.backward()
+    assert layer.router.weight.grad.abs().sum() > 0
+
+
+@pytest.mark.parametrize("bad", ["top_k", "shape", "scaling", "base"])
+def test_bad_layer_arguments_are_one_line_errors(bad):
+    base = nn.Linear(8, 6)
+    A, B, s, k = torch.randn(3, 2, 8), torch.randn(3, 6, 2), torch.ones(3), 2
+    if bad == "top_k":
+        k = 4
+    elif bad == "shape":
+        B = torch.randn(3, 5, 2)
+    elif bad == "scaling":
+        s = torch.ones(2)
+    else:
+        base = nn.Conv1d(8, 6, 1)
+    with pytest.raises(MoEError, match="LoraMoELinear"):
+        LoraMoELinear(base, A, B, s, k)
+
+
+# --------------------------------------------------------------------------- injection into a tiny Llama
+def _ids(model, gen, batch=2, length=11):
+    return torch.randint(3, model.config.vocab_size, (batch, length), generator=gen)
+
+
+def test_duplicated_adapter_equals_peft_with_that_adapter(tiny_llama, lora_bank_dir):
+    """Whatever the router does, experts that are all one adapter sum to that adapter's delta."""
+    from peft import PeftModel
+    gen = torch.Generator().manual_seed(4)
+    ids = _ids(tiny_llama, gen)
+    peft_model = PeftModel.from_pretrained(copy.deepcopy(tiny_llama), str(lora_bank_dir / "all_r8")).eval()
+    with torch.no_grad():
+        want = peft_model(input_ids=ids).logits
+        base = tiny_llama(input_ids=ids).logits
+    bank = LoraBank.load(lora_bank_dir)
+    model = inject_lora_moe(tiny_llama, bank, ["all_r8", "all_r8", "all_r8"], top_k=2, router_std=1.0).eval()
+    assert len(moe_layers(model)) == 14  # 2 layers × 7 projections
+    with torch.no_grad():
+        got = model(input_ids=ids).logits
+    assert rel_err(got - base, want - base) < 1e-4  # the LoRA effect itself, not just the logits
+    assert rel_err(got, want) < 1e-6
+
+
+def test_mixed_ranks_and_missing_modules_give_zero_padded_experts(tiny_llama, lora_bank_dir):
+    bank = LoraBank.load(lora_bank_dir)
+    model = inject_lora_moe(tiny_llama, bank, ["qv_r4", "mlp_r16"], top_k=1)
+    layers = moe_layers(model)
+    q, gate = layers["model.layers.0.self_attn.q_proj"], layers["model.layers.1.mlp.gate_proj"]
+    assert q.lora_A.shape == (2, 4, 64) and gate.lora_A.shape == (2, 16, 64)
+    assert q.scaling.tolist() == [2.0, 0.0] and gate.scaling.tolist() == [0.0, 0.5]
+    assert torch.equal(q.lora_A[0], bank["qv_r4"].weights["model.layers.0.self_attn.q_proj"][0])
+    assert q.lora_A[1].abs().sum() == 0 and gate.lora_B[0].abs().sum() == 0
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    assert trainable and all(n.rpartition(".")[2] in ("lora_A", "lora_B") or n.endswith("router.weight")
+                             for n in trainable)
+    assert model.rocket_moe_config["experts"] == ["qv_r4", "mlp_r16"]
+
+
+def test_target_modules_and_bad_injections(tiny_llama, lora_bank_dir):
+    bank = LoraBank.load(lora_bank_dir)
+    with pytest.raises(MoEError, match="no_such"):
+        inject_lora_moe(copy.deepcopy(tiny_llama), bank, ["no_such"])
+    with pytest.raises(MoEError, match="top_k"):
+        inject_lora_moe(copy.deepcopy(tiny_llama), bank, ["qv_r4"], top_k=2)
+    with pytest.raises(MoEError, match="k_proj"):
+        inject_lora_moe(copy.deepcopy(tiny_llama), bank, ["qv_r4"], target_modules=["k_proj"], top_k=1)
+    model = inject_lora_moe(tiny_llama, bank, [0, 1], target_modules=["q_proj"], top_k=1)
+    assert sorted(moe_layers(model)) == ["model.layers.0.self_attn.q_proj", "model.layers.1.self_attn.q_proj"]
+    with pytest.raises(MoEError, match="already"):
+        inject_lora_moe(model, bank, [0, 1], top_k=1)
+
+
+def test_save_and_load_round_trip_into_a_plain_and_an_injected_model(tiny_llama, lora_bank_dir, tmp_path):
+    gen = torch.Generator().manual_seed(5)
+    bank = LoraBank.load(lora_bank_dir)
+    plain, plain2 = copy.deepcopy(tiny_llama), copy.deepcopy(tiny_llama)
+    model = inject_lora_moe(tiny_llama, bank, ["all_r8", "attn_r2_rs", "mlp_r16"], top_k=2, router_std=0.5)
+    with torch.no_grad():  # make the state differ from a fresh injection
+        for p in model.parameters():
+            if p.requires_grad:
+                p.add_(torch.randn(p.shape, generator=gen) * 0.01)
+    path = save_moe_state(model, tmp_path / "moe.safetensors")
+    tensors, cfg = read_moe_state(path)
+    assert set(tensors) == set(moe_state_dict(model)) and cfg["top_k"] == 2 and cfg["n_experts"] == 3
+    assert not any("base" in k for k in tensors)
+    ids = _ids(model, gen)
+    with torch.no_grad():
+        want = model(input_ids=ids).logits
+        loaded = load_moe_state(plain, path)
+        assert rel_err(loaded(input_ids=ids).logits, want) == 0
+    other = load_moe_state(inject_lora_moe(plain2, bank, ["all_r8", "attn_r2_rs", "mlp_r16"],
+                                           top_k=2), path)
+    for k, v in moe_state_dict(other).items():
+        assert torch.equal(v, tensors[k]), k
+
+
+def test_load_refuses_mismatched_and_foreign_files(tiny_llama, lora_bank_dir, tmp_path):
+    from safetensors.torch import save_file
+    bank = LoraBank.load(lora_bank_dir)
+    path = save_moe_state(inject_lora_moe(copy.deepcopy(tiny_llama), bank, ["qv_r4", "all_r8"], top_k=1),
+                          tmp_path / "a.safetensors")
+    other = inject_lora_moe(tiny_llama, bank, ["qv_r4", "all_r8"], target_modules=["q_proj"], top_k=1)
+    before = {k: v.clone() for k, v in moe_state_dict(other).items()}
+    with pytest.raises(MoEError, match="differ"):
+        load_moe_state(other, path)
+    assert all(torch.equal(v, before[k]) for k, v in moe_state_dict(other).items())
+    save_file({"x": torch.zeros(1)}, str(tmp_path / "foreign.safetensors"))
+    with pytest.raises(MoEError, match="not a rocket MoE state"):
+        load_moe_state(other, tmp_path / "foreign.safetensors")
+
+
+def test_set_train_router_only_and_aux_loss_over_the_model(tiny_llama, lora_bank_dir):
+    bank = LoraBank.load(lora_bank_dir)
+    model = inject_lora_moe(tiny_llama, bank, ["all_r8", "mlp_r16"], top_k=1, load_balancing=True)
+    set_train_router_only(model)
+    assert {n.rpartition(".")[2] for n, p in model.named_parameters() if p.requires_grad} == {"weight"}
+    model(input_ids=_ids(model, torch.Generator().manual_seed(6)))
+    aux = moe_aux_loss(model)
+    assert aux is not None and 1.0 <= float(aux) <= 2.0  # E·Σf·P for E=2, k=1 lies in [1, 2]
