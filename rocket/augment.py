@@ -1,0 +1,269 @@
+"""Stage 3: select open data similar to the K-shot set, then remove near-duplicates (DESIGN.md §3).
+
+prio[j] = max_i cos(kshot_i, open_j) over L2-normalised embeddings of instruction + input + output;
+the top C = target − K open items by prio (ties by index) are the candidates; a candidate is
+dropped iff a higher-priority candidate has cos > threshold with it (rocket.dedup); the output is
+the K-shot items followed by the kept items, highest priority first.
+
+Retrieval uses FAISS: exact inner-product search by default (an IndexFlatIP over the K-shot
+embeddings, queried by every pool item), or an IVF index over the pool for very large pools (each
+K-shot item fetches its C nearest pool items; the union is then scored exactly). A FAISS build
+with GPU support runs the search on the GPU.
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from rocket.data import example_text, load_examples, write_jsonl
+from rocket.dedup import dedup
+from rocket.embed import SEED_PREFIX, Embedder, load_embedder
+from rocket.errors import RocketError
+
+INDEXES = ("flat", "ivf")
+FAISS_GPU_MAX_K = 2048  # faiss-gpu's largest k for a search
+
+
+class SelectionError(RocketError):
+    """Unusable selection inputs: sizes, embeddings or options; the message names the culprit."""
+
+
+# --------------------------------------------------------------------------- retrieval (FAISS)
+def _faiss():
+    try:
+        import faiss
+    except ImportError:
+        raise SelectionError("data selection needs the package faiss-cpu (pip install 'rocket[augment]')") from None
+    return faiss
+
+
+def _numpy(emb: torch.Tensor) -> np.ndarray:
+    return np.ascontiguousarray(emb.detach().to(torch.float32).cpu().numpy())
+
+
+def _on_gpu(index, use_gpu: bool):
+    """The index moved to GPU 0 when asked and faiss has GPU support, else the index itself."""
+    faiss = _faiss()
+    if not use_gpu or not hasattr(faiss, "StandardGpuResources") or faiss.get_num_gpus() == 0:
+        return index
+    return faiss.index_cpu_to_gpu(faiss.StandardGpuResources(), 0, index)  # keeps its resources alive
+
+
+def kshot_priority(kshot_emb: torch.Tensor, pool_emb: torch.Tensor, use_gpu: bool = False) -> np.ndarray:
+    """prio[j] = max_i <kshot_i, pool_j> for every pool row (exact: IndexFlatIP over the K-shot rows)."""
+    faiss = _faiss()
+    index = faiss.IndexFlatIP(kshot_emb.shape[1])
+    index.add(_numpy(kshot_emb))
+    scores, _ = _on_gpu(index, use_gpu).search(_numpy(pool_emb), 1)
+    return scores[:, 0]
+
+
+def rank_by_priority(prio: np.ndarray) -> np.ndarray:
+    """Positions from highest to lowest priority, ties by lower position."""
+    return np.argsort(-prio, kind="stable")
+
+
+def ivf_candidates(kshot_emb: torch.Tensor, pool_emb: torch.Tensor, c: int, nlist: int | None = None,
+                   nprobe: int | None = None, seed: int = 0, use_gpu: bool = False) -> tuple[np.ndarray, dict]:
+    """Pool positions (ascending) that some K-shot item finds among its c nearest in an IVF index.
+
+    With exact search this union contains the top c by prio (each such item is in the list of
+    the K-shot item that attains its max); IVF trades a little of that recall for speed.
+    """
+    faiss = _faiss()
+    n, d = pool_emb.shape
+    nlist = nlist or max(1, min(int(4 * math.sqrt(n)), n // 39))  # faiss wants >= 39 training rows per list
+    nprobe = min(nprobe or max(1, min(64, nlist // 4)), nlist)
+    pool = _numpy(pool_emb)
+    sample = pool
+    if n > 256 * nlist:
+        sample = pool[np.sort(np.random.default_rng(seed).choice(n, 256 * nlist, replace=False))]
+    index = faiss.IndexIVFFlat(faiss.IndexFlatIP(d), d, nlist, faiss.METRIC_INNER_PRODUCT)
+    index.train(sample)
+    index.add(pool)
+    index.nprobe = nprobe
+    k = min(c, n)
+    search_index = _on_gpu(index, use_gpu and k <= FAISS_GPU_MAX_K)
+    if search_index is not index:
+        search_index.nprobe = nprobe
+    _, found = search_index.search(_numpy(kshot_emb), k)
+    return np.unique(found[found >= 0]), {"nlist": nlist, "nprobe": nprobe}
+
+
+def retrieve(kshot_emb: torch.Tensor, pool_emb: torch.Tensor, c: int, index: str = "flat",
+             nlist: int | None = None, nprobe: int | None = None, seed: int = 0,
+             use_gpu: bool = False) -> tuple[np.ndarray, np.ndarray, dict]:
+    """The top-c pool positions by prio (ascending positions) with their prio, and index details."""
+    if index not in INDEXES:
+        raise SelectionError(f"unknown index {index!r}: use one of {', '.join(INDEXES)}")
+    if index == "flat":
+        prio = kshot_priority(kshot_emb, pool_emb, use_gpu)
+        top = np.sort(rank_by_priority(prio)[:c])
+        return top, prio[top], {"index": "flat"}
+    found, info = ivf_candidates(kshot_emb, pool_emb, c, nlist, nprobe, seed, use_gpu)
+    prio = kshot_priority(kshot_emb, pool_emb[torch.from_numpy(found)], use_gpu)
+    keep = np.sort(rank_by_priority(prio)[:c])  # found is ascending, so position ties = index ties
+    return found[keep], prio[keep], {"index": "ivf", "searched": int(len(found)), **info}
+
+
+# --------------------------------------------------------------------------- selection
+def _check_embeddings(name: str, emb, n: int, d: int | None = None) -> torch.Tensor:
+    emb = torch.as_tensor(emb).detach().to("cpu", torch.float32)
+    if emb.dim() != 2 or emb.shape[0] != n or (d is not None and emb.shape[1] != d):
+        want = f"[{n}, {d if d is not None else 'dim'}]"
+        raise SelectionError(f"{name} has shape {tuple(emb.shape)}, expected {want}")
+    norms = emb.norm(dim=1)
+    if not torch.isfinite(norms).all() or (norms == 0).any():
+        bad = int((~torch.isfinite(norms) | (norms == 0)).nonzero()[0])
+        raise SelectionError(f"{name}: row {bad} is zero or not finite")
+    return F.normalize(emb, dim=1)
+
+
+def select_data(kshot: list[dict], pool: list[dict], target: int = 1000, threshold: float = 0.9, *,
+                embedder: "Embedder | str | Path | None" = None, kshot_embeddings=None, pool_embeddings=None,
+                prefix: str | None = None, batch_size: int = 64, device: str | torch.device | None = None,
+                index: str = "flat", nlist: int | None = None, nprobe: int | None = None, seed: int = 0,
+                progress: bool = True) -> tuple[list[dict], dict]:
+    """K-shot items + the open items chosen for them, and a report (counts, thresholds, timings).
+
+    target: output size before dedup (the seed's target_num): C = target − K candidates.
+    threshold: cosine above which the lower-priority item of a pair is a near-duplicate.
+    embedder: an Embedder, a local model directory, or None for the bundled all-MiniLM-L6-v2;
+    kshot_embeddings / pool_embeddings: precomputed rows [K, d] / [N, d] used instead (normalised here).
+    prefix: prepended to every text before embedding (rocket.embed.SEED_PREFIX is the seed's).
+    index: 'flat' (exact) or 'ivf' (approximate, for very large pools; nlist/nprobe tune it).
+    """
+    start = time.perf_counter()
+    kshot, pool = list(kshot), list(pool)
+    n_k, n_pool = len(kshot), len(pool)
+    if n_k == 0 or n_pool == 0:
+        raise SelectionError(f"select_data needs K-shot and pool examples, got {n_k} and {n_pool}")
+    if not isinstance(target, int) or target < n_k:
+        raise SelectionError(f"target {target} is smaller than the {n_k} K-shot items it includes")
+    if not (isinstance(threshold, (int, float)) and -1.0 <= threshold <= 1.0):
+        raise SelectionError(f"threshold must be a cosine in [-1, 1], got {threshold!r}")
+    device = torch.device(device if device is not None else "cuda" if torch.cuda.is_available() else "cpu")
+    timings = {}
+
+    name = "precomputed"
+    if kshot_embeddings is None or pool_embeddings is None:
+        t = time.perf_counter()
+        if not isinstance(embedder, Embedder):
+            embedder = load_embedder(None if embedder is None else str(embedder), str(device))
+        timings["load_embedder"] = time.perf_counter() - t
+        name = embedder.name
+
+    def embed(examples, given, label):
+        t = time.perf_counter()
+        if given is None:
+            given = embedder.encode([example_text(e) for e in examples], batch_size, prefix, progress)
+        timings[f"embed_{label}"] = time.perf_counter() - t
+        return given
+
+    kshot_emb = _check_embeddings("kshot_embeddings", embed(kshot, kshot_embeddings, "kshot"), n_k)
+    pool_emb = _check_embeddings("pool_embeddings", embed(pool, pool_embeddings, "pool"), n_pool,
+                                 kshot_emb.shape[1])
+
+    t = time.perf_counter()
+    c = min(target - n_k, n_pool)
+    cand, cand_prio, index_info = retrieve(kshot_emb, pool_emb, c, index, nlist, nprobe, seed,
+                                           use_gpu=device.type == "cuda")
+    timings["retrieve"] = time.perf_counter() - t
+
+    t = time.perf_counter()
+    cand_emb = pool_emb[torch.from_numpy(cand)]
+    kept = dedup(cand_emb.to(device) if device.type == "cuda" else cand_emb, float(threshold),
+                 torch.from_numpy(cand_prio)).numpy()
+    kept = kept[rank_by_priority(cand_prio[kept])]  # highest priority first
+    timings["dedup"] = time.perf_counter() - t
+    timings["total"] = time.perf_counter() - start
+
+    selected = cand[kept]
+    out = [dict(e) for e in kshot] + [dict(pool[j]) for j in selected]
+    report = {
+        "counts": {"kshot": n_k, "pool": n_pool, "candidates": int(len(cand)),
+                   "candidates_near_kshot": int((cand_prio > threshold).sum()),
+                   "duplicates_removed": int(len(cand) - len(kept)), "kept": int(len(kept)),
+                   "kshot_included": n_k, "output": len(out)},
+        "target": target, "threshold": float(threshold),
+        "priority": ({"max": float(cand_prio.max()), "min": float(cand_prio.min()),
+                      "mean": float(cand_prio.mean())} if len(cand) else None),
+        "retrieval": index_info, "embedder": name, "dim": int(kshot_emb.shape[1]), "prefix": prefix,
+        "device": str(device), "timings_s": {k: round(v, 4) for k, v in timings.items()},
+        "selected": selected.tolist(),
+    }
+    return out, report
+
+
+# --------------------------------------------------------------------------- CLI
+def add_arguments(parser) -> None:
+    parser.add_argument("--opensource", "--opensource_path", dest="opensource", required=True,
+                        help="open instruction data to select from (JSONL or JSON array)")
+    parser.add_argument("--kshot", "--kshot_data_path", dest="kshot", required=True,
+                        help="K-shot examples of the task (JSONL or JSON array)")
+    parser.add_argument("--target", "--target_num", dest="target", type=int, default=1000,
+                        help="output size before dedup, K-shot items included (default: 1000)")
+    parser.add_argument("--threshold", type=float, default=0.9,
+                        help="cosine above which a lower-priority item is a near-duplicate (default: 0.9)")
+    parser.add_argument("--out", required=True, help="augmented data to write (JSONL)")
+    parser.add_argument("--report", help="also write the selection report here (JSON)")
+    parser.add_argument("--embed-model", help="local HF encoder or sentence-transformers directory "
+                        "(default: the bundled all-MiniLM-L6-v2)")
+    parser.add_argument("--pooling", choices=["mean", "cls", "lasttoken"],
+                        help="pooling of a plain HF encoder (default: mean, or the sentence-transformers config)")
+    parser.add_argument("--max-length", "--cutoff_len", dest="max_length", type=int,
+                        help="tokens per text, longer texts are truncated (default: the model's limit)")
+    parser.add_argument("--batch-size", type=int, default=64, help="texts per embedding batch (default: 64)")
+    prefix = parser.add_mutually_exclusive_group()
+    prefix.add_argument("--prefix", help="text prepended to every item before embedding")
+    prefix.add_argument("--retrieval-prefix", action="store_true",
+                        help=f"prepend the seed's retrieval instruction {SEED_PREFIX!r}")
+    parser.add_argument("--index", choices=INDEXES, default="flat",
+                        help="FAISS search: flat (exact, default) or ivf (approximate, very large pools)")
+    parser.add_argument("--nlist", type=int, help="IVF lists (default: 4·sqrt(pool size))")
+    parser.add_argument("--nprobe", type=int, help="IVF lists searched per query (default: min(64, nlist/4))")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bars")
+
+
+def _write_json(path: str | os.PathLike, obj) -> None:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(obj, indent=1) + "\n", encoding="utf-8")
+    os.replace(tmp, path)
+
+
+def main(args) -> int:
+    start = time.perf_counter()
+    kshot = load_examples(args.kshot)
+    pool = load_examples(args.opensource)
+    read_s = time.perf_counter() - start
+    t = time.perf_counter()
+    embedder = load_embedder(args.embed_model, str(args.device), args.pooling, args.max_length)
+    load_s = time.perf_counter() - t
+    examples, report = select_data(
+        kshot, pool, args.target, args.threshold, embedder=embedder,
+        prefix=SEED_PREFIX if args.retrieval_prefix else args.prefix, batch_size=args.batch_size,
+        device=args.device, index=args.index, nlist=args.nlist, nprobe=args.nprobe, seed=args.seed,
+        progress=not args.no_progress)
+    t = time.perf_counter()
+    write_jsonl(args.out, examples)
+    report["timings_s"].update(read=round(read_s, 4), load_embedder=round(load_s, 4),
+                               write=round(time.perf_counter() - t, 4),
+                               total=round(time.perf_counter() - start, 4))
+    report.update(opensource=str(args.opensource), kshot_path=str(args.kshot), out=str(args.out))
+    if args.report:
+        _write_json(args.report, report)
+    c = report["counts"]
+    print(f"rocket augment: {c['pool']} open items → {c['candidates']} candidates → {c['kept']} kept "
+          f"({c['duplicates_removed']} near-duplicates above {args.threshold}) + {c['kshot']} K-shot = "
+          f"{c['output']} items in {report['timings_s']['total']:.1f}s; wrote {args.out}", file=sys.stdout)
+    return 0

