@@ -1,33 +1,410 @@
 """LoRA mixture of experts: y = x Wᵀ + b + Σ_{(e,w) in topk(x)} w · s_e · B_e A_e x (DESIGN §3).
 
-The reference (kernels/reference.py: lora_moe, route_topk) is the CPU path and the oracle.
+Design: the experts are few and thin (E·r = 128 at E=8, r=16, against d = 4096), so instead of
+gathering tokens per expert we treat the E experts as ONE concatenated LoRA of rank E·r and make
+routing a mask on its [T, E·r] intermediate:
+
+  forward   [logits | h] = x [G; A_cat]ᵀ                     one skinny GEMM, one read of x (fp32 out)
+            p, top-k, w, hm = h · (w·s)[expert of column]    a row kernel; hm is 0 off the top-k
+            y = [x | hm] [W | B_cat]ᵀ + b                     the base GEMM with E·r extra K (≈3% FLOPs)
+  backward  ghm = g B_cat                                     skinny GEMM over g (fp32 out)
+            ∂B_cat = gᵀ hm                                    K = T, cuBLAS
+            gh = ghm·(w·s), ∂logits via top-k/renorm/softmax  a row kernel → gcat = [gh | ∂logits]
+            [∂A_cat; ∂G] = gcatᵀ x                            K = T, cuBLAS, one read of x
+            ∂x = [g | gcat] [W; A_cat; G]                     the base backward GEMM with extra K
+
+No [T, E, d] tensor exists; the only per-token intermediates are [T, E·r] and [T, E]. Every big
+operand is read the minimum number of times except g (twice: ghm and ∂B). The reference
+(kernels/reference.py: lora_moe, route_topk) is the CPU path and the oracle.
 """
 from __future__ import annotations
 
+import os
+
 import torch
+import triton
+import triton.language as tl
 
 from rocket.kernels import reference as R
 from rocket.kernels import use_triton
+
+_INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
+# Which GEMM carries the base product: "triton" (fused extra-K GEMM) or "cublas" (cuBLAS with the
+# LoRA product written first and read back as C). The bench times both.
+GEMM_BACKEND = os.environ.get("ROCKET_MOE_GEMM", "triton")
+
+
+def _flags(dtype):
+    """(IEEE, DOT_F32): float32 dots in exact fp32 (as torch's default matmul); bf16 dots upcast in the
+    interpreter, whose bf16 tl.dot is wrong."""
+    return dtype == torch.float32, _INTERPRET and dtype in (torch.bfloat16, torch.float16)
+
+
+@triton.jit
+def _dot(a, b, acc, IEEE: tl.constexpr, DOT_F32: tl.constexpr):
+    if DOT_F32:
+        return tl.dot(a.to(tl.float32), b.to(tl.float32), acc, input_precision="ieee")
+    elif IEEE:
+        return tl.dot(a, b, acc, input_precision="ieee")
+    else:
+        return tl.dot(a, b, acc)
+
+
+# --------------------------------------------------------------------------- skinny GEMM (fp32 out)
+@triton.jit
+def _skinny_mm(a_ptr, b1_ptr, b2_ptr, o1_ptr, o2_ptr, M, K, N1, N2,
+               sam, sak, sb1k, sb1n, sb2k, sb2n, so1m, so2m,
+               BM: tl.constexpr, BK: tl.constexpr, BN1: tl.constexpr, BN2: tl.constexpr, HAS2: tl.constexpr,
+               EVEN_K: tl.constexpr, IEEE: tl.constexpr, DOT_F32: tl.constexpr):
+    """o1 = a @ b1 (and o2 = a @ b2 from program column 0) in float32; a [M, K] is read once per
+    column block of o1, so N1 ≤ BN1 reads it exactly once."""
+    pid_m = tl.program_id(0)
+    pid_n = tl.program_id(1)
+    rm = (pid_m * BM + tl.arange(0, BM)).to(tl.int64)
+    m_ok = rm < M
+    rn1 = pid_n * BN1 + tl.arange(0, BN1)
+    n1_ok = rn1 < N1
+    rn2 = tl.arange(0, BN2)
+    n2_ok = rn2 < N2
+    acc1 = tl.zeros((BM, BN1), dtype=tl.float32)
+    acc2 = tl.zeros((BM, BN2), dtype=tl.float32)
+    for k0 in range(0, K, BK):
+        rk = k0 + tl.arange(0, BK)
+        if EVEN_K:
+            k_ok = rk < rk + 1
+        else:
+            k_ok = rk < K
+        a = tl.load(a_ptr + rm[:, None] * sam + rk[None, :] * sak, mask=m_ok[:, None] & k_ok[None, :], other=0.0)
+        b1 = tl.load(b1_ptr + rk[:, None] * sb1k + rn1[None, :] * sb1n, mask=k_ok[:, None] & n1_ok[None, :],
+                     other=0.0)
+        acc1 = _dot(a, b1, acc1, IEEE, DOT_F32)
+        if HAS2:
+            b2 = tl.load(b2_ptr + rk[:, None] * sb2k + rn2[None, :] * sb2n, mask=k_ok[:, None] & n2_ok[None, :],
+                         other=0.0)
+            acc2 = _dot(a, b2, acc2, IEEE, DOT_F32)
+    tl.store(o1_ptr + rm[:, None] * so1m + rn1[None, :], acc1, mask=m_ok[:, None] & n1_ok[None, :])
+    if HAS2:
+        n2_ok = rn2 < tl.where(pid_n == 0, N2, 0)  # column block 0 writes o2
+        tl.store(o2_ptr + rm[:, None] * so2m + rn2[None, :], acc2, mask=m_ok[:, None] & n2_ok[None, :])
+
+
+def skinny_mm(a: torch.Tensor, b1: torch.Tensor, b2: torch.Tensor | None = None):
+    """(a @ b1, a @ b2) in float32 for thin b's (b as [K, N] views, any strides); a [M, K]."""
+    M, K = a.shape
+    N1 = b1.shape[1]
+    o1 = torch.empty(M, N1, device=a.device, dtype=torch.float32)
+    N2 = 0 if b2 is None else b2.shape[1]
+    o2 = torch.empty(M, max(N2, 1), device=a.device, dtype=torch.float32)
+    if M == 0:
+        return (o1, o2[:, :N2]) if b2 is not None else o1
+    ieee, dot_f32 = _flags(a.dtype)
+    if _INTERPRET:
+        BM, BK, warps, stages = 32, 32, 4, 1
+    else:
+        BM, BK, warps, stages = (128, 64, 8, 4) if M >= 4096 else (64, 64, 4, 4)
+        if a.dtype == torch.float32:
+            BK, stages = 32, 3
+    BN1 = max(16, min(128, triton.next_power_of_2(N1)))
+    BN2 = max(16, triton.next_power_of_2(max(N2, 1)))
+    b2_ = b1 if b2 is None else b2
+    grid = (triton.cdiv(M, BM), triton.cdiv(N1, BN1))
+    _skinny_mm[grid](a, b1, b2_, o1, o2, M, K, N1, N2, a.stride(0), a.stride(1), b1.stride(0), b1.stride(1),
+                     b2_.stride(0), b2_.stride(1), o1.stride(0), o2.stride(0),
+                     BM=BM, BK=BK, BN1=BN1, BN2=BN2, HAS2=b2 is not None, EVEN_K=K % BK == 0,
+                     IEEE=ieee, DOT_F32=dot_f32, num_warps=warps, num_stages=stages)
+    return (o1, o2[:, :N2]) if b2 is not None else o1
+
+
+# --------------------------------------------------------------------------- routing, forward and backward
+@triton.jit
+def _topk_rows(p, re, e_ok, TOPK: tl.constexpr, EP: tl.constexpr):
+    """Chosen mask [BM, EP] of the TOPK largest p per row (ties → lower index) and their sum."""
+    remaining = tl.where(e_ok[None, :], p, -1.0)
+    chosen = remaining < -2.0  # all False
+    tot = tl.sum(tl.zeros_like(p), axis=1)
+    for _ in tl.static_range(TOPK):
+        best = tl.max(remaining, axis=1)
+        idx = tl.min(tl.where(remaining == best[:, None], re[None, :], EP), axis=1)
+        sel = re[None, :] == idx[:, None]
+        chosen = chosen | sel
+        remaining = tl.where(sel, -1.0, remaining)
+        tot += best
+    return chosen, tot
+
+
+@triton.jit
+def _route_fwd(logit_ptr, h_ptr, s_ptr, probs_ptr, w_ptr, e_ptr, hm_ptr, M, E, ER, R,
+               BM: tl.constexpr, EP: tl.constexpr, BER: tl.constexpr, TOPK: tl.constexpr):
+    """probs = softmax(logits) (fp32), top-k experts and renormalised weights, and
+    hm = h · (w·s)[expert of column] in hm's dtype (0 outside the top-k)."""
+    rm = (tl.program_id(0) * BM + tl.arange(0, BM)).to(tl.int64)
+    m_ok = rm < M
+    re = tl.arange(0, EP)
+    e_ok = re < E
+    z = tl.load(logit_ptr + rm[:, None] * E + re[None, :], mask=m_ok[:, None] & e_ok[None, :], other=0.0)
+    z = tl.where(e_ok[None, :], z, -float("inf"))
+    z = z - tl.max(z, axis=1)[:, None]
+    ez = tl.where(e_ok[None, :], tl.exp(z), 0.0)
+    p = ez / tl.sum(ez, axis=1)[:, None]
+    tl.store(probs_ptr + rm[:, None] * E + re[None, :], p, mask=m_ok[:, None] & e_ok[None, :])
+    chosen, tot = _topk_rows(p, re, e_ok, TOPK, EP)
+    # weights and experts in descending order (as torch.topk), renormalised by the same sum
+    remaining = tl.where(e_ok[None, :], p, -1.0)
+    for j in tl.static_range(TOPK):
+        best = tl.max(remaining, axis=1)
+        idx = tl.min(tl.where(remaining == best[:, None], re[None, :], EP), axis=1)
+        remaining = tl.where(re[None, :] == idx[:, None], -1.0, remaining)
+        tl.store(w_ptr + rm * TOPK + j, best / tot, mask=m_ok)
+        tl.store(e_ptr + rm * TOPK + j, idx, mask=m_ok)
+    s = tl.load(s_ptr + re, mask=e_ok, other=0.0).to(tl.float32)
+    gate = tl.where(chosen, p / tot[:, None], 0.0) * s[None, :]  # [BM, EP]
+    for c0 in range(0, ER, BER):
+        cols = c0 + tl.arange(0, BER)
+        c_ok = cols < ER
+        onehot = tl.where(((cols // R)[None, :] == re[:, None]) & c_ok[None, :], 1.0, 0.0)  # [EP, BER]
+        gate_col = tl.dot(gate, onehot, input_precision="ieee")  # exact: one nonzero term per column
+        msk = m_ok[:, None] & c_ok[None, :]
+        h = tl.load(h_ptr + rm[:, None] * ER + cols[None, :], mask=msk, other=0.0)
+        tl.store(hm_ptr + rm[:, None] * ER + cols[None, :], (h * gate_col).to(hm_ptr.dtype.element_ty), mask=msk)
+
+
+@triton.jit
+def _route_bwd(ghm_ptr, h_ptr, s_ptr, probs_ptr, e_ptr, dprobs_ptr, gcat_ptr, M, E, ER, R, sgc,
+               BM: tl.constexpr, EP: tl.constexpr, BER: tl.constexpr, TOPK: tl.constexpr, HAS_DP: tl.constexpr):
+    """From ghm = ∂y B_cat (fp32) and the saved h, probs, experts: gcat[:, :ER] = ghm·(w·s)[expert
+    of column] (∂ of the shrink) and gcat[:, ER:ER+E] = ∂logits through top-k renorm and softmax
+    (plus ∂probs when the load-balancing loss used probs)."""
+    rm = (tl.program_id(0) * BM + tl.arange(0, BM)).to(tl.int64)
+    m_ok = rm < M
+    re = tl.arange(0, EP)
+    e_ok = re < E
+    p = tl.load(probs_ptr + rm[:, None] * E + re[None, :], mask=m_ok[:, None] & e_ok[None, :], other=0.0)
+    chosen = re[None, :] < 0
+    for j in tl.static_range(TOPK):
+        ej = tl.load(e_ptr + rm * TOPK + j, mask=m_ok, other=-1)
+        chosen = chosen | (re[None, :] == ej[:, None])
+    tot = tl.sum(tl.where(chosen, p, 0.0), axis=1)
+    tot = tl.where(tot > 0, tot, 1.0)
+    s = tl.load(s_ptr + re, mask=e_ok, other=0.0).to(tl.float32)
+    w = tl.where(chosen, p / tot[:, None], 0.0)
+    gate = w * s[None, :]
+    dgate = tl.zeros((BM, EP), dtype=tl.float32)
+    for c0 in range(0, ER, BER):
+        cols = c0 + tl.arange(0, BER)
+        c_ok = cols < ER
+        onehot = tl.where(((cols // R)[None, :] == re[:, None]) & c_ok[None, :], 1.0, 0.0)  # [EP, BER]
+        msk = m_ok[:, None] & c_ok[None, :]
+        ghm = tl.load(ghm_ptr + rm[:, None] * ER + cols[None, :], mask=msk, other=0.0)
+        h = tl.load(h_ptr + rm[:, None] * ER + cols[None, :], mask=msk, other=0.0)
+        gate_col = tl.dot(gate, onehot, input_precision="ieee")
+        tl.store(gcat_ptr + rm[:, None] * sgc + cols[None, :], (ghm * gate_col).to(gcat_ptr.dtype.element_ty),
+                 mask=msk)
+        dgate = tl.dot(ghm * h, tl.trans(onehot), dgate, input_precision="ieee")  # Σ over each expert's r
+    dw = tl.where(chosen, dgate * s[None, :], 0.0)
+    # w_e = p_e / Σ_chosen p  ⇒  ∂p_e = (∂w_e − Σ_j ∂w_j w_j) / Σ_chosen p   (chosen e only)
+    dp = tl.where(chosen, (dw - tl.sum(dw * w, axis=1)[:, None]) / tot[:, None], 0.0)
+    if HAS_DP:
+        dp += tl.load(dprobs_ptr + rm[:, None] * E + re[None, :], mask=m_ok[:, None] & e_ok[None, :], other=0.0)
+    dz = p * (dp - tl.sum(p * dp, axis=1)[:, None])
+    tl.store(gcat_ptr + rm[:, None] * sgc + ER + re[None, :], dz.to(gcat_ptr.dtype.element_ty),
+             mask=m_ok[:, None] & e_ok[None, :])
+
+
+def _route_blocks(E, ER):
+    return 32, max(16, triton.next_power_of_2(E)), max(16, min(128, triton.next_power_of_2(ER)))
+
+
+def route_forward(logits, h, scaling, top_k, r, out_dtype):
+    """(probs [T, E] fp32, weights [T, k] fp32, experts [T, k] int32, hm [T, E·r] out_dtype)."""
+    T, E = logits.shape
+    ER = h.shape[1]
+    probs = torch.empty(T, E, device=h.device, dtype=torch.float32)
+    weights = torch.empty(T, top_k, device=h.device, dtype=torch.float32)
+    experts = torch.empty(T, top_k, device=h.device, dtype=torch.int32)
+    hm = torch.empty(T, ER, device=h.device, dtype=out_dtype)
+    BM, EP, BER = _route_blocks(E, ER)
+    if T:
+        _route_fwd[(triton.cdiv(T, BM),)](logits, h, scaling, probs, weights, experts, hm, T, E, ER, r,
+                                          BM=BM, EP=EP, BER=BER, TOPK=top_k, num_warps=4)
+    return probs, weights, experts, hm
+
+
+def route_backward(ghm, h, scaling, probs, experts, dprobs, r, out_dtype):
+    """gcat [T, E·r + E] out_dtype: [∂h | ∂logits] (see _route_bwd)."""
+    T, E = probs.shape
+    ER = h.shape[1]
+    gcat = torch.empty(T, ER + E, device=h.device, dtype=out_dtype)
+    BM, EP, BER = _route_blocks(E, ER)
+    if T:
+        dp = dprobs.contiguous() if dprobs is not None else probs
+        _route_bwd[(triton.cdiv(T, BM),)](ghm, h, scaling, probs, experts, dp, gcat, T, E, ER, r, gcat.stride(0),
+                                          BM=BM, EP=EP, BER=BER, TOPK=experts.shape[1],
+                                          HAS_DP=dprobs is not None, num_warps=4)
+    return gcat
+
+
+# --------------------------------------------------------------------------- base GEMM with extra K
+@triton.jit
+def _dual_mm(a1_ptr, b1_ptr, a2_ptr, b2_ptr, bias_ptr, out_ptr, M, N, K1, K2,
+             sa1m, sa1k, sb1k, sb1n, sa2m, sa2k, sb2k, sb2n, som,
+             BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, BK2: tl.constexpr, GROUP_M: tl.constexpr,
+             HAS_BIAS: tl.constexpr, EVEN_K1: tl.constexpr, IEEE: tl.constexpr, DOT_F32: tl.constexpr):
+    """out = a1 @ b1 + a2 @ b2 (+ bias), fp32 accumulation: the frozen base product and the LoRA
+    product share one accumulator, so the LoRA costs K2 extra reduction steps and no output pass."""
+    pid = tl.program_id(0)
+    n_m = tl.cdiv(M, BM)
+    n_n = tl.cdiv(N, BN)
+    group = pid // (GROUP_M * n_n)
+    first_m = group * GROUP_M
+    size_m = min(n_m - first_m, GROUP_M)
+    pid_m = first_m + (pid % (GROUP_M * n_n)) % size_m
+    pid_n = (pid % (GROUP_M * n_n)) // size_m
+    rm = pid_m * BM + tl.arange(0, BM)
+    rn = pid_n * BN + tl.arange(0, BN)
+    ram = (rm % M).to(tl.int64)  # wrapped rows/cols: loads need no M/N masks, the store is masked
+    rbn = (rn % N).to(tl.int64)
+    acc = tl.zeros((BM, BN), dtype=tl.float32)
+    for k0 in range(0, K1, BK):
+        rk = k0 + tl.arange(0, BK)
+        a_p = a1_ptr + ram[:, None] * sa1m + rk[None, :] * sa1k
+        b_p = b1_ptr + rk[:, None] * sb1k + rbn[None, :] * sb1n
+        if EVEN_K1:
+            a = tl.load(a_p)
+            b = tl.load(b_p)
+        else:
+            a = tl.load(a_p, mask=rk[None, :] < K1, other=0.0)
+            b = tl.load(b_p, mask=rk[:, None] < K1, other=0.0)
+        acc = _dot(a, b, acc, IEEE, DOT_F32)
+    for k0 in range(0, K2, BK2):
+        rk = k0 + tl.arange(0, BK2)
+        a = tl.load(a2_ptr + ram[:, None] * sa2m + rk[None, :] * sa2k, mask=rk[None, :] < K2, other=0.0)
+        b = tl.load(b2_ptr + rk[:, None] * sb2k + rbn[None, :] * sb2n, mask=rk[:, None] < K2, other=0.0)
+        acc = _dot(a, b, acc, IEEE, DOT_F32)
+    if HAS_BIAS:
+        acc += tl.load(bias_ptr + rbn).to(tl.float32)[None, :]
+    rm64 = rm.to(tl.int64)
+    tl.store(out_ptr + rm64[:, None] * som + rn[None, :], acc.to(out_ptr.dtype.element_ty),
+             mask=(rm[:, None] < M) & (rn[None, :] < N))
+
+
+def _mm_configs():
+    cfg = []
+    for bm, bn, bk, w, s in ((128, 256, 64, 8, 3), (128, 256, 64, 8, 4), (256, 128, 64, 8, 3),
+                             (128, 128, 64, 8, 4), (128, 128, 64, 4, 4), (64, 256, 64, 4, 4)):
+        cfg.append(triton.Config({"BM": bm, "BN": bn, "BK": bk, "GROUP_M": 8}, num_warps=w, num_stages=s))
+    return cfg
+
+
+_dual_mm_tuned = triton.autotune(configs=_mm_configs(), key=["M", "N", "K1", "K2", "sb1k", "sb1n"])(_dual_mm)
+
+
+def dual_mm(a1, b1, a2, b2, bias=None, out_dtype=None):
+    """a1 @ b1 + a2 @ b2 (+ bias) with one fp32 accumulator; b's are [K, N] views (any strides)."""
+    M, K1 = a1.shape
+    N = b1.shape[1]
+    K2 = a2.shape[1]
+    out = torch.empty(M, N, device=a1.device, dtype=out_dtype or a1.dtype)
+    if M == 0 or N == 0:
+        return out
+    if GEMM_BACKEND == "cublas" and not _INTERPRET:
+        out = torch.mm(a2, b2) if bias is None else torch.addmm(bias.to(a1.dtype), a2, b2)
+        return out.addmm_(a1, b1)
+    ieee, dot_f32 = _flags(a1.dtype)
+    bk2 = max(16, min(64, triton.next_power_of_2(K2)))
+    args = (a1, b1, a2, b2, bias if bias is not None else out, out, M, N, K1, K2,
+            a1.stride(0), a1.stride(1), b1.stride(0), b1.stride(1), a2.stride(0), a2.stride(1),
+            b2.stride(0), b2.stride(1), out.stride(0))
+    if _INTERPRET or a1.dtype == torch.float32:
+        bm, bn, bk = (32, 32, 32) if _INTERPRET else (64, 64, 32)
+        grid = (triton.cdiv(M, bm) * triton.cdiv(N, bn),)
+        _dual_mm[grid](*args, BM=bm, BN=bn, BK=bk, BK2=bk2, GROUP_M=8, HAS_BIAS=bias is not None,
+                       EVEN_K1=K1 % bk == 0, IEEE=ieee, DOT_F32=dot_f32, num_warps=4, num_stages=2)
+        return out
+    grid = lambda meta: (triton.cdiv(M, meta["BM"]) * triton.cdiv(N, meta["BN"]),)  # noqa: E731
+    _dual_mm_tuned[grid](*args, BK2=bk2, HAS_BIAS=bias is not None, EVEN_K1=K1 % 64 == 0, IEEE=ieee,
+                         DOT_F32=dot_f32)
+    return out
+
+
+# --------------------------------------------------------------------------- autograd
+class LoraMoEFunction(torch.autograd.Function):
+    """(y, probs, experts) of the LoRA-MoE layer on 2-D x; W and b frozen (no gradients)."""
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, lora_A, lora_B, scaling, router_weight, top_k, x_lora):
+        T, d_in = x.shape
+        E, r, _ = lora_A.shape
+        d_out = weight.shape[0]
+        ER = E * r
+        A_cat = lora_A.reshape(ER, d_in)
+        if x_lora is None:
+            h, logits = skinny_mm(x, A_cat.t(), router_weight.t())
+        else:
+            h, logits = skinny_mm(x_lora, A_cat.t()), skinny_mm(x, router_weight.t())
+        probs, weights, experts, hm = route_forward(logits, h, scaling, top_k, r, x.dtype)
+        B_cat = lora_B.permute(1, 0, 2).reshape(d_out, ER)  # [d_out, E·r], expert-major columns
+        y = dual_mm(x, weight.t(), hm, B_cat.t(), bias)
+        ctx.save_for_backward(x, x_lora, weight, lora_A, B_cat, router_weight, scaling, h, hm, probs, experts)
+        ctx.mark_non_differentiable(weights, experts)
+        ctx.set_materialize_grads(False)  # an unused probs output gives None, not a zero tensor to read
+        return y, probs, weights, experts
+
+    @staticmethod
+    def backward(ctx, gy, gprobs, _gw, _ge):
+        x, x_lora, weight, lora_A, B_cat, G, scaling, h, hm, probs, experts = ctx.saved_tensors
+        need = ctx.needs_input_grad
+        T, d_in = x.shape
+        E, r, _ = lora_A.shape
+        ER = E * r
+        d_out = weight.shape[0]
+        g = torch.zeros(T, d_out, device=x.device, dtype=x.dtype) if gy is None else gy.contiguous()
+        A_cat = lora_A.reshape(ER, d_in)
+        ghm = skinny_mm(g, B_cat)
+        gB = None
+        if need[4]:
+            gB = torch.mm(g.t(), hm).view(d_out, E, r).permute(1, 0, 2).contiguous()
+        gcat = route_backward(ghm, h, scaling, probs, experts, gprobs, r, x.dtype)
+        gA = gG = gx = gxl = None
+        if x_lora is None:
+            if need[3] or need[6]:
+                gAG = torch.mm(gcat.t(), x)
+                gA = gAG[:ER].view(E, r, d_in) if need[3] else None
+                gG = gAG[ER:] if need[6] else None
+            if need[0]:
+                gx = dual_mm(g, weight, gcat, torch.cat([A_cat, G]))
+        else:
+            gA = torch.mm(gcat[:, :ER].t(), x_lora).view(E, r, d_in) if need[3] else None
+            gG = torch.mm(gcat[:, ER:].t(), x) if need[6] else None
+            if need[0]:
+                gx = dual_mm(g, weight, gcat[:, ER:], G)
+            if need[8]:
+                gxl = gcat[:, :ER] @ A_cat
+        return gx, None, None, gA, gB, None, gG, None, gxl
 
 
 def lora_moe(x, weight, bias, lora_A, lora_B, scaling, router_weight, top_k, x_lora=None,
              return_routing: bool = False):
     """Same contract as reference.lora_moe. With return_routing, returns (y, probs [T, E] float32,
-    experts [T, k] int64) where probs carries gradients to x and the router (load-balancing loss)."""
-    if not use_triton(x, weight, lora_A, lora_B, router_weight):
+    experts [T, k] int64) where probs carries gradients to x and the router (load-balancing loss).
+
+    Triton path (CUDA, or the interpreter): W and b must be frozen (the MoE layer never trains them;
+    otherwise the reference runs); lora_A, lora_B, router_weight are cast to x's dtype.
+    """
+    frozen = not (weight.requires_grad or (bias is not None and bias.requires_grad))
+    if not (frozen and use_triton(x, weight, lora_A, lora_B, router_weight)):
         y = R.lora_moe(x, weight, bias, lora_A, lora_B, scaling, router_weight, top_k, x_lora)
         if not return_routing:
             return y
         _, experts, probs = R.route_topk(x.reshape(-1, x.shape[-1]), router_weight, top_k)
         return y, probs, experts
-    return _lora_moe_triton(x, weight, bias, lora_A, lora_B, scaling, router_weight, top_k, x_lora,
-                            return_routing)
-
-
-def _lora_moe_triton(x, weight, bias, lora_A, lora_B, scaling, router_weight, top_k, x_lora, return_routing):
-    # placeholder until the fused kernels land: the reference, on any device
-    y = R.lora_moe(x, weight, bias, lora_A, lora_B, scaling, router_weight, top_k, x_lora)
-    if not return_routing:
-        return y
-    _, experts, probs = R.route_topk(x.reshape(-1, x.shape[-1]), router_weight, top_k)
-    return y, probs, experts
+    shape = x.shape
+    dt = x.dtype
+    x2 = x.reshape(-1, shape[-1]).contiguous()
+    xl2 = None if x_lora is None else x_lora.reshape(-1, shape[-1]).to(dt).contiguous()
+    scaling = torch.as_tensor(scaling, device=x.device).to(torch.float32).contiguous()
+    y, probs, _, experts = LoraMoEFunction.apply(
+        x2, weight.to(dt).contiguous(), None if bias is None else bias.to(dt).contiguous(),
+        lora_A.to(dt).contiguous(), lora_B.to(dt).contiguous(), scaling, router_weight.to(dt).contiguous(),
+        int(top_k), xl2)
+    y = y.reshape(*shape[:-1], weight.shape[0])
+    return (y, probs, experts.long()) if return_routing else y

@@ -55,7 +55,7 @@ def test_every_trainable_tensor_changes_after_an_optimizer_step():
 
 def test_train_router_only_freezes_experts():
     gen = torch.Generator().manual_seed(2)
-    layer = _layer(16, 12, 3, 4, 1, gen, train_router_only=True)
+    layer = _layer(16, 12, 3, 4, 2, gen, train_router_only=True)  # top_k=1 would give weights ≡ 1
     layer(torch.randn(9, 16, generator=gen).to(DEVICE)).sum().backward()
     assert layer.lora_A.grad is None and layer.lora_B.grad is None
     assert layer.router.weight.grad is not None and layer.router.weight.grad.abs().sum() > 0

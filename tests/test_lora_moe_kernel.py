@@ -1,0 +1,182 @@
+"""Fused LoRA-MoE kernels (kernels/lora_moe.py) vs the reference and the seed's per-expert loop:
+outputs, routing and every gradient (x, A, B, router, and the probs path of the balancing loss)."""
+import pytest
+import torch
+
+from tests.helpers import rel_err
+from rocket.kernels import reference as R
+from rocket.kernels import lora_moe as K
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+TOL = {torch.float32: 2e-5, torch.float16: 5e-3, torch.bfloat16: 2e-2}
+
+
+def _inputs(T, d_in, d_out, E, r, dtype, gen, bias=True, router_std=1.0):
+    x = torch.randn(T, d_in, generator=gen)
+    W = torch.randn(d_out, d_in, generator=gen) / d_in ** 0.5
+    b = torch.randn(d_out, generator=gen) if bias else None
+    A = torch.randn(E, r, d_in, generator=gen) / d_in ** 0.5
+    B = torch.randn(E, d_out, r, generator=gen)
+    s = torch.rand(E, generator=gen) + 0.5
+    G = torch.randn(E, d_in, generator=gen) * router_std / d_in ** 0.5
+    cast = lambda t: None if t is None else t.to(dtype).to(DEVICE)  # noqa: E731
+    return cast(x), cast(W), cast(b), cast(A), cast(B), s.to(DEVICE), cast(G)
+
+
+def _grads(fn, x, W, b, A, B, s, G, k, gy, gp, x_lora=None):
+    """Output, probs and the grads of <y, gy> + <probs, gp> w.r.t. x, A, B, G (and x_lora)."""
+    leaves = [t.detach().clone().requires_grad_() for t in (x, A, B, G)]
+    xl = None if x_lora is None else x_lora.detach().clone().requires_grad_()
+    y, probs = fn(leaves[0], W, b, leaves[1], leaves[2], s, leaves[3], k, xl)
+    loss = (y.double() * gy.double()).sum() + (probs.double() * gp.double()).sum()
+    grads = torch.autograd.grad(loss, leaves + ([xl] if xl is not None else []))
+    return [y, probs, *grads]
+
+
+def _kernel(x, W, b, A, B, s, G, k, xl):
+    y, probs, _ = K.lora_moe(x, W, b, A, B, s, G, k, xl, return_routing=True)
+    return y, probs
+
+
+def _reference(x, W, b, A, B, s, G, k, xl):
+    _, _, probs = R.route_topk(x, G, k)
+    return R.lora_moe(x, W, b, A, B, s, G, k, xl), probs
+
+
+def _loop(x, W, b, A, B, s, G, k, xl):
+    _, _, probs = R.route_topk(x, G, k)
+    return R.lora_moe_loop(x, W, b, A, B, s, G, k, xl), probs
+
+
+def _double(*ts):
+    return [None if t is None else t.detach().double() for t in ts]
+
+
+CASES = [  # T, d_in, d_out, E, r, k
+    (1, 16, 16, 1, 1, 1),
+    (37, 70, 45, 5, 3, 2),
+    (150, 33, 130, 8, 16, 2),
+    (65, 48, 17, 3, 7, 3),      # top_k = E
+    (40, 24, 40, 64, 2, 5),     # many experts
+    (33, 20, 36, 2, 128, 1),    # rank 128
+]
+
+
+@pytest.mark.parametrize("T, d_in, d_out, E, r, k", CASES)
+def test_outputs_and_all_grads_match_reference_and_loop_fp32(T, d_in, d_out, E, r, k):
+    gen = torch.Generator().manual_seed(T * 7 + E)
+    x, W, b, A, B, s, G = _inputs(T, d_in, d_out, E, r, torch.float32, gen)
+    gy = torch.randn(T, d_out, generator=gen).to(DEVICE)
+    gp = torch.randn(T, E, generator=gen).to(DEVICE)
+    got = _grads(_kernel, x, W, b, A, B, s, G, k, gy, gp)
+    ref = _grads(_reference, *_double(x, W, b, A, B, s, G), k, gy, gp)
+    loop = _grads(_loop, *_double(x, W, b, A, B, s, G), k, gy, gp)
+    names = ["y", "probs", "dx", "dA", "dB", "dG"]
+    for name, g, r_, l_ in zip(names, got, ref, loop):
+        assert g.shape == r_.shape, name
+        assert rel_err(g, r_) < TOL[torch.float32], name
+        assert rel_err(g, l_) < TOL[torch.float32], name
+    if k < E:  # the router grad is not trivially zero
+        assert got[5].abs().max() > 0
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_half_precision_inputs_accumulate_in_fp32(dtype):
+    gen = torch.Generator().manual_seed(11)
+    T, d_in, d_out, E, r, k = 130, 72, 56, 6, 8, 2
+    x, W, b, A, B, s, G = _inputs(T, d_in, d_out, E, r, dtype, gen)
+    gy = torch.randn(T, d_out, generator=gen).to(dtype).to(DEVICE)
+    gp = torch.randn(T, E, generator=gen).to(DEVICE)
+    got = _grads(_kernel, x, W, b, A, B, s, G, k, gy, gp)
+    ref = _grads(_reference, *_double(x, W, b, A, B, s, G), k, gy, gp)
+    assert got[0].dtype == dtype and got[1].dtype == torch.float32
+    for name, g, r_ in zip(["y", "probs", "dx", "dA", "dB", "dG"], got, ref):
+        assert g.dtype == (torch.float32 if name == "probs" else dtype), name
+        assert rel_err(g, r_) < TOL[dtype], name
+
+
+def test_expert_input_differs_from_router_input_dropout_path():
+    gen = torch.Generator().manual_seed(12)
+    T, d_in, d_out, E, r, k = 45, 30, 22, 4, 5, 2
+    x, W, b, A, B, s, G = _inputs(T, d_in, d_out, E, r, torch.float32, gen, bias=False)
+    xl = (x * (torch.rand(x.shape, generator=gen).to(DEVICE) > 0.3) / 0.7)
+    gy = torch.randn(T, d_out, generator=gen).to(DEVICE)
+    gp = torch.randn(T, E, generator=gen).to(DEVICE)
+    got = _grads(_kernel, x, W, b, A, B, s, G, k, gy, gp, x_lora=xl)
+    ref = _grads(_reference, *_double(x, W, b, A, B, s, G), k, gy, gp, x_lora=xl.double())
+    for name, g, r_ in zip(["y", "probs", "dx", "dA", "dB", "dG", "dx_lora"], got, ref):
+        assert rel_err(g, r_) < TOL[torch.float32], name
+
+
+def test_routing_matches_reference_topk_and_leading_dims_are_kept():
+    gen = torch.Generator().manual_seed(13)
+    x, W, b, A, B, s, G = _inputs(3 * 17, 40, 24, 7, 4, torch.float32, gen)
+    y, probs, experts = K.lora_moe(x.view(3, 17, 40), W, b, A, B, s, G, 3, return_routing=True)
+    w_ref, e_ref, p_ref = R.route_topk(x.double(), G.double(), 3)
+    assert y.shape == (3, 17, 24) and experts.dtype == torch.int64
+    assert torch.equal(experts.cpu(), e_ref.cpu())  # same experts, same (descending) order
+    assert rel_err(probs, p_ref) < 1e-6
+
+
+def test_zero_padded_and_zero_scaling_experts_contribute_nothing():
+    """Mixed ranks padded with zeros, and a missing expert (scaling 0) that the router may pick."""
+    gen = torch.Generator().manual_seed(14)
+    x, W, b, A, B, s, G = _inputs(60, 26, 18, 4, 6, torch.float32, gen)
+    A[0, 3:] = 0
+    B[0, :, 3:] = 0
+    s[2] = 0
+    gy = torch.randn(60, 18, generator=gen).to(DEVICE)
+    gp = torch.zeros(60, 4).to(DEVICE)
+    got = _grads(_kernel, x, W, b, A, B, s, G, 2, gy, gp)
+    ref = _grads(_reference, *_double(x, W, b, A, B, s, G), 2, gy, gp)
+    for name, g, r_ in zip(["y", "probs", "dx", "dA", "dB", "dG"], got, ref):
+        assert rel_err(g, r_) < TOL[torch.float32], name
+    assert got[3][2].abs().max() == 0 and got[4][2].abs().max() == 0  # scaling 0: no expert grads
+
+
+def test_every_output_element_is_written(monkeypatch):
+    """torch.empty returns NaN-filled memory while the kernels run: any unwritten element shows."""
+    gen = torch.Generator().manual_seed(15)
+    x, W, b, A, B, s, G = _inputs(67, 36, 29, 5, 6, torch.float32, gen)
+    empty = torch.empty
+
+    def nan_empty(*shape, **kw):
+        t = empty(*shape, **kw)
+        return t.fill_(float("nan")) if t.is_floating_point() else t.fill_(-7)
+
+    gy = torch.randn(67, 29, generator=gen).to(DEVICE)
+    ref = _grads(_reference, *_double(x, W, b, A, B, s, G), 2, gy, torch.zeros(67, 5))
+    monkeypatch.setattr(torch, "empty", nan_empty)
+    got = _grads(_kernel, x, W, b, A, B, s, G, 2, gy, torch.zeros(67, 5).to(DEVICE))
+    monkeypatch.undo()
+    for name, g, r_ in zip(["y", "probs", "dx", "dA", "dB", "dG"], got, ref):
+        assert rel_err(g, r_) < TOL[torch.float32], name
+
+
+def test_router_only_training_skips_expert_grads_and_trainable_base_uses_reference():
+    gen = torch.Generator().manual_seed(16)
+    x, W, b, A, B, s, G = _inputs(31, 20, 14, 4, 3, torch.float32, gen)
+    Gp = G.clone().requires_grad_()
+    K.lora_moe(x, W, b, A, B, s, Gp, 2).square().sum().backward()
+    Gr = G.double().requires_grad_()
+    R.lora_moe(x.double(), W.double(), b.double(), A.double(), B.double(), s.double(), Gr, 2).square().sum().backward()
+    assert rel_err(Gp.grad, Gr.grad) < TOL[torch.float32]
+    Wt = W.clone().requires_grad_()
+    K.lora_moe(x, Wt, b, A, B, s, G, 2).sum().backward()
+    assert rel_err(Wt.grad, torch.ones(31, 14, dtype=torch.float64).t() @ x.double().cpu()) < 1e-5
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("backend", ["triton", "cublas"])
+@pytest.mark.parametrize("T, d_in, d_out, E, r, k", [(4096, 1024, 2752, 8, 16, 2), (1000, 4096, 1000, 4, 16, 2),
+                                                     (3, 512, 384, 64, 8, 7)])
+def test_gpu_bf16_large_shapes(monkeypatch, backend, T, d_in, d_out, E, r, k):
+    monkeypatch.setattr(K, "GEMM_BACKEND", backend)
+    gen = torch.Generator().manual_seed(T + E)
+    x, W, b, A, B, s, G = _inputs(T, d_in, d_out, E, r, torch.bfloat16, gen)
+    gy = torch.randn(T, d_out, generator=gen).to(torch.bfloat16).to(DEVICE)
+    gp = torch.randn(T, E, generator=gen).to(DEVICE)
+    got = _grads(_kernel, x, W, b, A, B, s, G, k, gy, gp)
+    ref = _grads(_reference, *[None if t is None else t.float() for t in (x, W, b, A, B, s, G)], k, gy.float(), gp)
+    for name, g, r_ in zip(["y", "probs", "dx", "dA", "dB", "dG"], got, ref):
+        assert rel_err(g, r_) < TOL[torch.bfloat16], name
