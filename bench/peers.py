@@ -71,3 +71,40 @@ def peft_mixed_losses(peft_model, names, tokenized, batch: int = 16):
             for (a, k), v in zip(chunk, loss):
                 out[a, k] = v
     return out
+
+
+# --------------------------------------------------------------------------- selection (issue 5)
+# Mean per-module ΔW cosine of n adapters that all cover every module; `modules` is a list of
+# (A [n, r, d_in], B [n, d_out, r]) stacks. Two ways one would write it from the formula.
+def delta_cos_pairwise_traces(modules, pair_chunk: int = 2048):
+    """The r×r trace of DESIGN §3 pair by pair (reference.lora_delta_inner), batched over chunks
+    of the n(n+1)/2 pairs: each pair gathers its own A_i, B_i, A_j, B_j."""
+    import torch
+    n = modules[0][0].shape[0]
+    i, j = torch.triu_indices(n, n, device=modules[0][0].device)
+    total = torch.zeros(n, n, dtype=torch.float64, device=i.device)
+    for A, B in modules:
+        inner = torch.empty(i.numel(), dtype=torch.float64, device=i.device)
+        for s in range(0, i.numel(), pair_chunk):
+            a, b = i[s:s + pair_chunk], j[s:s + pair_chunk]
+            inner[s:s + pair_chunk] = R.lora_delta_inner(A[a], B[a], A[b], B[b]).double()
+        full = torch.zeros(n, n, dtype=torch.float64, device=i.device)
+        full[i, j] = inner
+        full[j, i] = inner
+        norm = full.diagonal().sqrt()
+        total += full / (norm[:, None] * norm[None, :])
+    return total / len(modules)
+
+
+def delta_cos_explicit(modules, chunk: int = 16):
+    """Form every ΔW = B A (d_out × d_in) in float32, flatten, normalise, one Gram per module."""
+    import torch
+    n = modules[0][0].shape[0]
+    total = torch.zeros(n, n, dtype=torch.float64, device=modules[0][0].device)
+    for A, B in modules:
+        flat = torch.cat([(B[s:s + chunk].float() @ A[s:s + chunk].float()).flatten(1)
+                          for s in range(0, n, chunk)])
+        flat = flat / flat.norm(dim=1, keepdim=True)
+        total += (flat @ flat.T).double()
+        del flat
+    return total / len(modules)

@@ -83,6 +83,10 @@ def _stack_rows(adapters: list[LoraAdapter], idx: list[int], module: str, device
     dtype = _compute_dtype({t.dtype for i in idx for t in adapters[i].weights[module]}, device)
     ranks = [adapters[i].rank(module) for i in idx]
     r = max(ranks)
+    if min(ranks) == r:  # the common case: one batched copy each
+        XA = torch.stack([adapters[i].weights[module][0].to(dtype) for i in idx]).to(device)
+        XB = torch.stack([adapters[i].weights[module][1].to(dtype) for i in idx]).to(device).transpose(1, 2)
+        return XA, XB.contiguous(), r
     XA = torch.zeros(len(idx), r, d_in, dtype=dtype, device=device)
     XB = torch.zeros(len(idx), r, d_out, dtype=dtype, device=device)
     for rank in sorted(set(ranks)):  # one batched copy per distinct rank

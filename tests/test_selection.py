@@ -307,8 +307,11 @@ def test_cli_select_errors_are_one_line_and_write_nothing(lora_bank_dir, tmp_pat
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("dtype,atol", [(torch.float32, 1e-5), (torch.bfloat16, 2e-3)])
-def test_gpu_similarity_matches_explicit(dtype, atol):
+@pytest.mark.filterwarnings("ignore:group_similarity")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_gpu_similarity_matches_explicit(dtype):
+    # half-precision products are exact in the float32 Gram output: float32-level agreement
+    atol = 2e-6
     bank = random_bank(40, seed=9, dtype=dtype)
     ref = explicit_cos(bank)   # of the (rounded) stored weights, in float64
     assert_same_nan(group_similarity(bank, device="cuda", block_rows=64), ref, atol)
