@@ -98,20 +98,49 @@ def ivf_candidates(kshot_emb: torch.Tensor, pool_emb: torch.Tensor, c: int, nlis
     return np.unique(found[found >= 0]), {"nlist": nlist, "nprobe": nprobe}
 
 
+def exact_top(kshot_emb: torch.Tensor, pool_emb: torch.Tensor, positions: np.ndarray, prio32: np.ndarray,
+              c: int, device: torch.device) -> tuple[np.ndarray, np.ndarray, int]:
+    """The top c of `positions` (ascending) by prio evaluated in float64, that prio, and how many
+    items were rescored.
+
+    FAISS's float32 inner products are off by at most δ = 2(d+2)·2⁻²⁴ for unit rows, so every item
+    of the true top c has a float32 prio within 2δ of the float32 c-th value or above it; only
+    those are rescored in float64 (ties, then the dedup's ranking, are decided on exact values).
+    """
+    if c == 0:
+        return positions[:0], np.zeros(0), 0
+    delta = 2.0 * (kshot_emb.shape[1] + 2) * 2.0 ** -24
+    cth = np.partition(prio32, len(prio32) - c)[len(prio32) - c]
+    near = positions[prio32 >= cth - 2 * delta]
+    kshot64 = kshot_emb.to(device, torch.float64)
+    prio64 = torch.empty(len(near), dtype=torch.float64)
+    rows = torch.from_numpy(near)
+    for start in range(0, len(near), 65536):
+        chunk = pool_emb[rows[start:start + 65536]].to(device, torch.float64)
+        prio64[start:start + 65536] = (chunk @ kshot64.T).amax(dim=1).cpu()
+    prio64 = prio64.numpy()
+    keep = np.sort(rank_by_priority(prio64)[:c])  # near is ascending: position ties are index ties
+    return near[keep], prio64[keep], len(near)
+
+
 def retrieve(kshot_emb: torch.Tensor, pool_emb: torch.Tensor, c: int, index: str = "flat",
              nlist: int | None = None, nprobe: int | None = None, seed: int = 0,
-             use_gpu: bool = False) -> tuple[np.ndarray, np.ndarray, dict]:
-    """The top-c pool positions by prio (ascending positions) with their prio, and index details."""
+             device: str | torch.device = "cpu") -> tuple[np.ndarray, np.ndarray, dict]:
+    """The top-c pool positions by prio (ascending positions), their float64 prio, index details."""
     if index not in INDEXES:
         raise SelectionError(f"unknown index {index!r}: use one of {', '.join(INDEXES)}")
+    device = torch.device(device)
+    use_gpu = device.type == "cuda"
+    c = min(c, pool_emb.shape[0])
     if index == "flat":
-        prio = kshot_priority(kshot_emb, pool_emb, use_gpu)
-        top = np.sort(rank_by_priority(prio)[:c])
-        return top, prio[top], {"index": "flat"}
-    found, info = ivf_candidates(kshot_emb, pool_emb, c, nlist, nprobe, seed, use_gpu)
-    prio = kshot_priority(kshot_emb, pool_emb[torch.from_numpy(found)], use_gpu)
-    keep = np.sort(rank_by_priority(prio)[:c])  # found is ascending, so position ties = index ties
-    return found[keep], prio[keep], {"index": "ivf", "searched": int(len(found)), **info}
+        positions, info = np.arange(pool_emb.shape[0]), {"index": "flat"}
+    else:
+        positions, info = ivf_candidates(kshot_emb, pool_emb, c, nlist, nprobe, seed, use_gpu)
+        info = {"index": "ivf", "searched": int(len(positions)), **info}
+    prio32 = kshot_priority(kshot_emb, pool_emb if index == "flat" else pool_emb[torch.from_numpy(positions)],
+                            use_gpu)
+    top, prio, rescored = exact_top(kshot_emb, pool_emb, positions, prio32, min(c, len(positions)), device)
+    return top, prio, {**info, "rescored_float64": rescored}
 
 
 # --------------------------------------------------------------------------- selection
@@ -174,8 +203,7 @@ def select_data(kshot: list[dict], pool: list[dict], target: int = 1000, thresho
 
     t = time.perf_counter()
     c = min(target - n_k, n_pool)
-    cand, cand_prio, index_info = retrieve(kshot_emb, pool_emb, c, index, nlist, nprobe, seed,
-                                           use_gpu=device.type == "cuda")
+    cand, cand_prio, index_info = retrieve(kshot_emb, pool_emb, c, index, nlist, nprobe, seed, device)
     timings["retrieve"] = time.perf_counter() - t
 
     t = time.perf_counter()
