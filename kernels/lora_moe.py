@@ -29,6 +29,7 @@ from rocket.kernels import reference as R
 from rocket.kernels import use_triton
 
 _INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
+PAD_K = 64  # the K block of the GEMM configs
 # Which GEMM carries the base product: "triton" (fused extra-K GEMM) or "cublas" (cuBLAS with the
 # LoRA product written first and read back as C). The bench times both.
 GEMM_BACKEND = os.environ.get("ROCKET_MOE_GEMM", "triton")
@@ -38,6 +39,11 @@ def _flags(dtype):
     """(IEEE, DOT_F32): float32 dots in exact fp32 (as torch's default matmul); bf16 dots upcast in the
     interpreter, whose bf16 tl.dot is wrong."""
     return dtype == torch.float32, _INTERPRET and dtype in (torch.bfloat16, torch.float16)
+
+
+def _quick_bench(fn, quantiles):
+    """Autotuning timer: shorter than do_bench's default, enough for kernels of ~0.1–5 ms."""
+    return triton.testing.do_bench(fn, warmup=10, rep=40, quantiles=quantiles)
 
 
 @triton.jit
@@ -68,24 +74,34 @@ def _skinny_mm(a_ptr, b1_ptr, b2_ptr, o1_ptr, o2_ptr, M, K, N1, N2,
     n2_ok = rn2 < N2
     acc1 = tl.zeros((BM, BN1), dtype=tl.float32)
     acc2 = tl.zeros((BM, BN2), dtype=tl.float32)
+    rk = tl.arange(0, BK)
+    a_p = a_ptr + rm[:, None] * sam + rk[None, :] * sak
+    b1_p = b1_ptr + rk[:, None] * sb1k + rn1[None, :] * sb1n
+    b2_p = b2_ptr + rk[:, None] * sb2k + rn2[None, :] * sb2n
     for k0 in range(0, K, BK):
-        rk = k0 + tl.arange(0, BK)
         if EVEN_K:
-            k_ok = rk < rk + 1
+            k_ok = rk < BK
         else:
-            k_ok = rk < K
-        a = tl.load(a_ptr + rm[:, None] * sam + rk[None, :] * sak, mask=m_ok[:, None] & k_ok[None, :], other=0.0)
-        b1 = tl.load(b1_ptr + rk[:, None] * sb1k + rn1[None, :] * sb1n, mask=k_ok[:, None] & n1_ok[None, :],
-                     other=0.0)
+            k_ok = rk < K - k0
+        a = tl.load(a_p, mask=m_ok[:, None] & k_ok[None, :], other=0.0)
+        b1 = tl.load(b1_p, mask=k_ok[:, None] & n1_ok[None, :], other=0.0)
         acc1 = _dot(a, b1, acc1, IEEE, DOT_F32)
         if HAS2:
-            b2 = tl.load(b2_ptr + rk[:, None] * sb2k + rn2[None, :] * sb2n, mask=k_ok[:, None] & n2_ok[None, :],
-                         other=0.0)
+            b2 = tl.load(b2_p, mask=k_ok[:, None] & n2_ok[None, :], other=0.0)
             acc2 = _dot(a, b2, acc2, IEEE, DOT_F32)
+        a_p += BK * sak
+        b1_p += BK * sb1k
+        b2_p += BK * sb2k
     tl.store(o1_ptr + rm[:, None] * so1m + rn1[None, :], acc1, mask=m_ok[:, None] & n1_ok[None, :])
     if HAS2:
         n2_ok = rn2 < tl.where(pid_n == 0, N2, 0)  # column block 0 writes o2
         tl.store(o2_ptr + rm[:, None] * so2m + rn2[None, :], acc2, mask=m_ok[:, None] & n2_ok[None, :])
+
+
+_skinny_mm_tuned = triton.autotune(
+    configs=[triton.Config({"BM": bm, "BK": bk}, num_warps=w, num_stages=st)
+             for bm, bk, w, st in ((128, 64, 8, 4), (64, 64, 4, 4), (128, 128, 8, 3), (64, 128, 4, 3), (64, 64, 4, 6))],
+    key=["M", "K", "N1", "N2"], do_bench=_quick_bench)(_skinny_mm)
 
 
 def skinny_mm(a: torch.Tensor, b1: torch.Tensor, b2: torch.Tensor | None = None):
@@ -98,20 +114,20 @@ def skinny_mm(a: torch.Tensor, b1: torch.Tensor, b2: torch.Tensor | None = None)
     if M == 0:
         return (o1, o2[:, :N2]) if b2 is not None else o1
     ieee, dot_f32 = _flags(a.dtype)
-    if _INTERPRET:
-        BM, BK, warps, stages = 32, 32, 4, 1
-    else:
-        BM, BK, warps, stages = (128, 64, 8, 4) if M >= 4096 else (64, 64, 4, 4)
-        if a.dtype == torch.float32:
-            BK, stages = 32, 3
     BN1 = max(16, min(128, triton.next_power_of_2(N1)))
     BN2 = max(16, triton.next_power_of_2(max(N2, 1)))
     b2_ = b1 if b2 is None else b2
-    grid = (triton.cdiv(M, BM), triton.cdiv(N1, BN1))
-    _skinny_mm[grid](a, b1, b2_, o1, o2, M, K, N1, N2, a.stride(0), a.stride(1), b1.stride(0), b1.stride(1),
-                     b2_.stride(0), b2_.stride(1), o1.stride(0), o2.stride(0),
-                     BM=BM, BK=BK, BN1=BN1, BN2=BN2, HAS2=b2 is not None, EVEN_K=K % BK == 0,
-                     IEEE=ieee, DOT_F32=dot_f32, num_warps=warps, num_stages=stages)
+    args = (a, b1, b2_, o1, o2, M, K, N1, N2, a.stride(0), a.stride(1), b1.stride(0), b1.stride(1),
+            b2_.stride(0), b2_.stride(1), o1.stride(0), o2.stride(0))
+    if _INTERPRET or a.dtype == torch.float32:
+        BM, BK = (32, 32) if _INTERPRET else (64, 32)
+        _skinny_mm[(triton.cdiv(M, BM), triton.cdiv(N1, BN1))](
+            *args, BM=BM, BK=BK, BN1=BN1, BN2=BN2, HAS2=b2 is not None, EVEN_K=K % BK == 0,
+            IEEE=ieee, DOT_F32=dot_f32, num_warps=4, num_stages=2)
+    else:
+        grid = lambda meta: (triton.cdiv(M, meta["BM"]), triton.cdiv(N1, BN1))  # noqa: E731
+        _skinny_mm_tuned[grid](*args, BN1=BN1, BN2=BN2, HAS2=b2 is not None, EVEN_K=K % 128 == 0,
+                               IEEE=ieee, DOT_F32=dot_f32)
     return (o1, o2[:, :N2]) if b2 is not None else o1
 
 
@@ -133,10 +149,10 @@ def _topk_rows(p, re, e_ok, TOPK: tl.constexpr, EP: tl.constexpr):
 
 
 @triton.jit
-def _route_fwd(logit_ptr, h_ptr, s_ptr, probs_ptr, w_ptr, e_ptr, hm_ptr, M, E, ER, R,
+def _route_fwd(logit_ptr, h_ptr, s_ptr, probs_ptr, w_ptr, e_ptr, hm_ptr, M, E, ER, R, KP,
                BM: tl.constexpr, EP: tl.constexpr, BER: tl.constexpr, TOPK: tl.constexpr):
     """probs = softmax(logits) (fp32), top-k experts and renormalised weights, and
-    hm = h · (w·s)[expert of column] in hm's dtype (0 outside the top-k)."""
+    hm = h · (w·s)[expert of column] in hm's dtype (0 outside the top-k), zero-padded to KP columns."""
     rm = (tl.program_id(0) * BM + tl.arange(0, BM)).to(tl.int64)
     m_ok = rm < M
     re = tl.arange(0, EP)
@@ -158,22 +174,22 @@ def _route_fwd(logit_ptr, h_ptr, s_ptr, probs_ptr, w_ptr, e_ptr, hm_ptr, M, E, E
         tl.store(e_ptr + rm * TOPK + j, idx, mask=m_ok)
     s = tl.load(s_ptr + re, mask=e_ok, other=0.0).to(tl.float32)
     gate = tl.where(chosen, p / tot[:, None], 0.0) * s[None, :]  # [BM, EP]
-    for c0 in range(0, ER, BER):
+    for c0 in range(0, KP, BER):
         cols = c0 + tl.arange(0, BER)
         c_ok = cols < ER
         onehot = tl.where(((cols // R)[None, :] == re[:, None]) & c_ok[None, :], 1.0, 0.0)  # [EP, BER]
         gate_col = tl.dot(gate, onehot, input_precision="ieee")  # exact: one nonzero term per column
-        msk = m_ok[:, None] & c_ok[None, :]
-        h = tl.load(h_ptr + rm[:, None] * ER + cols[None, :], mask=msk, other=0.0)
-        tl.store(hm_ptr + rm[:, None] * ER + cols[None, :], (h * gate_col).to(hm_ptr.dtype.element_ty), mask=msk)
+        h = tl.load(h_ptr + rm[:, None] * ER + cols[None, :], mask=m_ok[:, None] & c_ok[None, :], other=0.0)
+        tl.store(hm_ptr + rm[:, None] * KP + cols[None, :], (h * gate_col).to(hm_ptr.dtype.element_ty),
+                 mask=m_ok[:, None] & (cols < KP)[None, :])
 
 
 @triton.jit
-def _route_bwd(ghm_ptr, h_ptr, s_ptr, probs_ptr, e_ptr, dprobs_ptr, gcat_ptr, M, E, ER, R, sgc,
+def _route_bwd(ghm_ptr, h_ptr, s_ptr, probs_ptr, e_ptr, dprobs_ptr, gcat_ptr, M, E, ER, R, sgc, sghm,
                BM: tl.constexpr, EP: tl.constexpr, BER: tl.constexpr, TOPK: tl.constexpr, HAS_DP: tl.constexpr):
     """From ghm = ∂y B_cat (fp32) and the saved h, probs, experts: gcat[:, :ER] = ghm·(w·s)[expert
     of column] (∂ of the shrink) and gcat[:, ER:ER+E] = ∂logits through top-k renorm and softmax
-    (plus ∂probs when the load-balancing loss used probs)."""
+    (plus ∂probs when the load-balancing loss used probs); columns past ER+E up to sgc are zeroed."""
     rm = (tl.program_id(0) * BM + tl.arange(0, BM)).to(tl.int64)
     m_ok = rm < M
     re = tl.arange(0, EP)
@@ -194,7 +210,7 @@ def _route_bwd(ghm_ptr, h_ptr, s_ptr, probs_ptr, e_ptr, dprobs_ptr, gcat_ptr, M,
         c_ok = cols < ER
         onehot = tl.where(((cols // R)[None, :] == re[:, None]) & c_ok[None, :], 1.0, 0.0)  # [EP, BER]
         msk = m_ok[:, None] & c_ok[None, :]
-        ghm = tl.load(ghm_ptr + rm[:, None] * ER + cols[None, :], mask=msk, other=0.0)
+        ghm = tl.load(ghm_ptr + rm[:, None] * sghm + cols[None, :], mask=msk, other=0.0)
         h = tl.load(h_ptr + rm[:, None] * ER + cols[None, :], mask=msk, other=0.0)
         gate_col = tl.dot(gate, onehot, input_precision="ieee")
         tl.store(gcat_ptr + rm[:, None] * sgc + cols[None, :], (ghm * gate_col).to(gcat_ptr.dtype.element_ty),
@@ -208,36 +224,47 @@ def _route_bwd(ghm_ptr, h_ptr, s_ptr, probs_ptr, e_ptr, dprobs_ptr, gcat_ptr, M,
     dz = p * (dp - tl.sum(p * dp, axis=1)[:, None])
     tl.store(gcat_ptr + rm[:, None] * sgc + ER + re[None, :], dz.to(gcat_ptr.dtype.element_ty),
              mask=m_ok[:, None] & e_ok[None, :])
+    for c0 in range(ER + E, sgc, BER):
+        cols = c0 + tl.arange(0, BER)
+        tl.store(gcat_ptr + rm[:, None] * sgc + cols[None, :], tl.zeros((BM, BER), dtype=gcat_ptr.dtype.element_ty),
+                 mask=m_ok[:, None] & (cols < sgc)[None, :])
 
 
 def _route_blocks(E, ER):
     return 32, max(16, triton.next_power_of_2(E)), max(16, min(128, triton.next_power_of_2(ER)))
 
 
+def _pad(n: int) -> int:
+    """Extra-K widths are padded to the GEMM's K block, so its unified K loop needs no masks."""
+    return triton.cdiv(n, PAD_K) * PAD_K
+
+
 def route_forward(logits, h, scaling, top_k, r, out_dtype):
-    """(probs [T, E] fp32, weights [T, k] fp32, experts [T, k] int32, hm [T, E·r] out_dtype)."""
+    """(probs [T, E] fp32, weights [T, k] fp32, experts [T, k] int32, hm [T, pad(E·r)] out_dtype
+    with zero pad columns)."""
     T, E = logits.shape
     ER = h.shape[1]
     probs = torch.empty(T, E, device=h.device, dtype=torch.float32)
     weights = torch.empty(T, top_k, device=h.device, dtype=torch.float32)
     experts = torch.empty(T, top_k, device=h.device, dtype=torch.int32)
-    hm = torch.empty(T, ER, device=h.device, dtype=out_dtype)
+    hm = torch.empty(T, _pad(ER), device=h.device, dtype=out_dtype)
     BM, EP, BER = _route_blocks(E, ER)
     if T:
-        _route_fwd[(triton.cdiv(T, BM),)](logits, h, scaling, probs, weights, experts, hm, T, E, ER, r,
+        _route_fwd[(triton.cdiv(T, BM),)](logits, h, scaling, probs, weights, experts, hm, T, E, ER, r, hm.shape[1],
                                           BM=BM, EP=EP, BER=BER, TOPK=top_k, num_warps=4)
     return probs, weights, experts, hm
 
 
 def route_backward(ghm, h, scaling, probs, experts, dprobs, r, out_dtype):
-    """gcat [T, E·r + E] out_dtype: [∂h | ∂logits] (see _route_bwd)."""
+    """gcat [T, pad(E·r + E)] out_dtype: [∂h | ∂logits | zeros] (see _route_bwd)."""
     T, E = probs.shape
     ER = h.shape[1]
-    gcat = torch.empty(T, ER + E, device=h.device, dtype=out_dtype)
+    gcat = torch.empty(T, _pad(ER + E), device=h.device, dtype=out_dtype)
     BM, EP, BER = _route_blocks(E, ER)
     if T:
         dp = dprobs.contiguous() if dprobs is not None else probs
         _route_bwd[(triton.cdiv(T, BM),)](ghm, h, scaling, probs, experts, dp, gcat, T, E, ER, r, gcat.stride(0),
+                                          ghm.stride(0),
                                           BM=BM, EP=EP, BER=BER, TOPK=experts.shape[1],
                                           HAS_DP=dprobs is not None, num_warps=4)
     return gcat
@@ -248,7 +275,8 @@ def route_backward(ghm, h, scaling, probs, experts, dprobs, r, out_dtype):
 def _dual_mm(a1_ptr, b1_ptr, a2_ptr, b2_ptr, bias_ptr, out_ptr, M, N, K1, K2,
              sa1m, sa1k, sb1k, sb1n, sa2m, sa2k, sb2k, sb2n, som,
              BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, BK2: tl.constexpr, GROUP_M: tl.constexpr,
-             HAS_BIAS: tl.constexpr, EVEN_K1: tl.constexpr, IEEE: tl.constexpr, DOT_F32: tl.constexpr):
+             HAS_BIAS: tl.constexpr, EVEN_K1: tl.constexpr, IEEE: tl.constexpr, DOT_F32: tl.constexpr,
+             UNIFIED: tl.constexpr):
     """out = a1 @ b1 + a2 @ b2 (+ bias), fp32 accumulation: the frozen base product and the LoRA
     product share one accumulator, so the LoRA costs K2 extra reduction steps and no output pass."""
     pid = tl.program_id(0)
@@ -264,22 +292,44 @@ def _dual_mm(a1_ptr, b1_ptr, a2_ptr, b2_ptr, bias_ptr, out_ptr, M, N, K1, K2,
     ram = (rm % M).to(tl.int64)  # wrapped rows/cols: loads need no M/N masks, the store is masked
     rbn = (rn % N).to(tl.int64)
     acc = tl.zeros((BM, BN), dtype=tl.float32)
-    for k0 in range(0, K1, BK):
-        rk = k0 + tl.arange(0, BK)
-        a_p = a1_ptr + ram[:, None] * sa1m + rk[None, :] * sa1k
-        b_p = b1_ptr + rk[:, None] * sb1k + rbn[None, :] * sb1n
-        if EVEN_K1:
-            a = tl.load(a_p)
-            b = tl.load(b_p)
-        else:
-            a = tl.load(a_p, mask=rk[None, :] < K1, other=0.0)
-            b = tl.load(b_p, mask=rk[:, None] < K1, other=0.0)
-        acc = _dot(a, b, acc, IEEE, DOT_F32)
-    for k0 in range(0, K2, BK2):
-        rk = k0 + tl.arange(0, BK2)
-        a = tl.load(a2_ptr + ram[:, None] * sa2m + rk[None, :] * sa2k, mask=rk[None, :] < K2, other=0.0)
-        b = tl.load(b2_ptr + rk[:, None] * sb2k + rbn[None, :] * sb2n, mask=rk[:, None] < K2, other=0.0)
-        acc = _dot(a, b, acc, IEEE, DOT_F32)
+    rk = tl.arange(0, BK)
+    a1_p = a1_ptr + ram[:, None] * sa1m + rk[None, :] * sa1k
+    b1_p = b1_ptr + rk[:, None] * sb1k + rbn[None, :] * sb1n
+    if UNIFIED and EVEN_K1 and BK2 == BK:
+        # one K loop over both products (K2 a multiple of BK): the software pipeline never drains
+        # between the base product and the LoRA product
+        a2_p = a2_ptr + ram[:, None] * sa2m + rk[None, :] * sa2k
+        b2_p = b2_ptr + rk[:, None] * sb2k + rbn[None, :] * sb2n
+        n1 = K1 // BK
+        for i in range(0, n1 + K2 // BK):
+            first = i < n1
+            a = tl.load(tl.where(first, a1_p, a2_p))
+            b = tl.load(tl.where(first, b1_p, b2_p))
+            acc = _dot(a, b, acc, IEEE, DOT_F32)
+            a1_p += BK * sa1k
+            b1_p += BK * sb1k
+            a2_p += tl.where(first, 0, BK * sa2k)
+            b2_p += tl.where(first, 0, BK * sb2k)
+    else:
+        for k0 in range(0, K1, BK):
+            if EVEN_K1:
+                a = tl.load(a1_p)
+                b = tl.load(b1_p)
+            else:
+                a = tl.load(a1_p, mask=rk[None, :] < K1 - k0, other=0.0)
+                b = tl.load(b1_p, mask=rk[:, None] < K1 - k0, other=0.0)
+            acc = _dot(a, b, acc, IEEE, DOT_F32)
+            a1_p += BK * sa1k
+            b1_p += BK * sb1k
+        rk2 = tl.arange(0, BK2)
+        a2_p = a2_ptr + ram[:, None] * sa2m + rk2[None, :] * sa2k
+        b2_p = b2_ptr + rk2[:, None] * sb2k + rbn[None, :] * sb2n
+        for k0 in range(0, K2, BK2):
+            a = tl.load(a2_p, mask=rk2[None, :] < K2 - k0, other=0.0)
+            b = tl.load(b2_p, mask=rk2[:, None] < K2 - k0, other=0.0)
+            acc = _dot(a, b, acc, IEEE, DOT_F32)
+            a2_p += BK2 * sa2k
+            b2_p += BK2 * sb2k
     if HAS_BIAS:
         acc += tl.load(bias_ptr + rbn).to(tl.float32)[None, :]
     rm64 = rm.to(tl.int64)
@@ -288,14 +338,13 @@ def _dual_mm(a1_ptr, b1_ptr, a2_ptr, b2_ptr, bias_ptr, out_ptr, M, N, K1, K2,
 
 
 def _mm_configs():
-    cfg = []
-    for bm, bn, bk, w, s in ((128, 256, 64, 8, 3), (128, 256, 64, 8, 4), (256, 128, 64, 8, 3),
-                             (128, 128, 64, 8, 4), (128, 128, 64, 4, 4), (64, 256, 64, 4, 4)):
-        cfg.append(triton.Config({"BM": bm, "BN": bn, "BK": bk, "GROUP_M": 8}, num_warps=w, num_stages=s))
-    return cfg
+    return [triton.Config({"BM": bm, "BN": bn, "BK": PAD_K, "GROUP_M": 8, "UNIFIED": u}, num_warps=w, num_stages=st)
+            for bm, bn, w, st in ((128, 256, 8, 3), (128, 256, 8, 4), (256, 128, 8, 3), (128, 128, 8, 4))
+            for u in (0, 1)]
 
 
-_dual_mm_tuned = triton.autotune(configs=_mm_configs(), key=["M", "N", "K1", "K2", "sb1k", "sb1n"])(_dual_mm)
+_dual_mm_tuned = triton.autotune(configs=_mm_configs(), key=["M", "N", "K1", "K2", "sb1k", "sb1n"],
+                                 do_bench=_quick_bench)(_dual_mm)
 
 
 def dual_mm(a1, b1, a2, b2, bias=None, out_dtype=None):
@@ -310,18 +359,20 @@ def dual_mm(a1, b1, a2, b2, bias=None, out_dtype=None):
         out = torch.mm(a2, b2) if bias is None else torch.addmm(bias.to(a1.dtype), a2, b2)
         return out.addmm_(a1, b1)
     ieee, dot_f32 = _flags(a1.dtype)
-    bk2 = max(16, min(64, triton.next_power_of_2(K2)))
+    bk2 = PAD_K if K2 % PAD_K == 0 else max(16, min(PAD_K, triton.next_power_of_2(K2)))
     args = (a1, b1, a2, b2, bias if bias is not None else out, out, M, N, K1, K2,
             a1.stride(0), a1.stride(1), b1.stride(0), b1.stride(1), a2.stride(0), a2.stride(1),
             b2.stride(0), b2.stride(1), out.stride(0))
     if _INTERPRET or a1.dtype == torch.float32:
         bm, bn, bk = (32, 32, 32) if _INTERPRET else (64, 64, 32)
+        bk2 = bk if K2 % bk == 0 else bk2
         grid = (triton.cdiv(M, bm) * triton.cdiv(N, bn),)
         _dual_mm[grid](*args, BM=bm, BN=bn, BK=bk, BK2=bk2, GROUP_M=8, HAS_BIAS=bias is not None,
-                       EVEN_K1=K1 % bk == 0, IEEE=ieee, DOT_F32=dot_f32, num_warps=4, num_stages=2)
+                       EVEN_K1=K1 % bk == 0, IEEE=ieee, DOT_F32=dot_f32, UNIFIED=True,
+                       num_warps=4, num_stages=2)
         return out
     grid = lambda meta: (triton.cdiv(M, meta["BM"]) * triton.cdiv(N, meta["BN"]),)  # noqa: E731
-    _dual_mm_tuned[grid](*args, BK2=bk2, HAS_BIAS=bias is not None, EVEN_K1=K1 % 64 == 0, IEEE=ieee,
+    _dual_mm_tuned[grid](*args, BK2=bk2, HAS_BIAS=bias is not None, EVEN_K1=K1 % PAD_K == 0, IEEE=ieee,
                          DOT_F32=dot_f32)
     return out
 
@@ -342,7 +393,9 @@ class LoraMoEFunction(torch.autograd.Function):
         else:
             h, logits = skinny_mm(x_lora, A_cat.t()), skinny_mm(x, router_weight.t())
         probs, weights, experts, hm = route_forward(logits, h, scaling, top_k, r, x.dtype)
-        B_cat = lora_B.permute(1, 0, 2).reshape(d_out, ER)  # [d_out, E·r], expert-major columns
+        # [d_out, pad(E·r)]: expert-major columns, zero pad (hm's pad columns are zero too)
+        B_cat = lora_B.new_zeros(d_out, hm.shape[1])
+        B_cat[:, :ER].view(d_out, E, r).copy_(lora_B.permute(1, 0, 2))
         y = dual_mm(x, weight.t(), hm, B_cat.t(), bias)
         ctx.save_for_backward(x, x_lora, weight, lora_A, B_cat, router_weight, scaling, h, hm, probs, experts)
         ctx.mark_non_differentiable(weights, experts)
@@ -359,24 +412,27 @@ class LoraMoEFunction(torch.autograd.Function):
         d_out = weight.shape[0]
         g = torch.zeros(T, d_out, device=x.device, dtype=x.dtype) if gy is None else gy.contiguous()
         A_cat = lora_A.reshape(ER, d_in)
-        ghm = skinny_mm(g, B_cat)
+        ghm = skinny_mm(g, B_cat[:, :ER])
         gB = None
         if need[4]:
-            gB = torch.mm(g.t(), hm).view(d_out, E, r).permute(1, 0, 2).contiguous()
+            gB = torch.mm(g.t(), hm[:, :ER]).view(d_out, E, r).permute(1, 0, 2).contiguous()
         gcat = route_backward(ghm, h, scaling, probs, experts, gprobs, r, x.dtype)
         gA = gG = gx = gxl = None
         if x_lora is None:
             if need[3] or need[6]:
-                gAG = torch.mm(gcat.t(), x)
+                gAG = torch.mm(gcat[:, :ER + E].t(), x)
                 gA = gAG[:ER].view(E, r, d_in) if need[3] else None
                 gG = gAG[ER:] if need[6] else None
             if need[0]:
-                gx = dual_mm(g, weight, gcat, torch.cat([A_cat, G]))
+                AG = lora_A.new_zeros(gcat.shape[1], d_in)  # [A_cat; G; zero pad], matching gcat's columns
+                AG[:ER] = A_cat
+                AG[ER:ER + E] = G
+                gx = dual_mm(g, weight, gcat, AG)
         else:
             gA = torch.mm(gcat[:, :ER].t(), x_lora).view(E, r, d_in) if need[3] else None
-            gG = torch.mm(gcat[:, ER:].t(), x) if need[6] else None
+            gG = torch.mm(gcat[:, ER:ER + E].t(), x) if need[6] else None
             if need[0]:
-                gx = dual_mm(g, weight, gcat[:, ER:], G)
+                gx = dual_mm(g, weight, gcat[:, ER:ER + E], G)
             if need[8]:
                 gxl = gcat[:, :ER] @ A_cat
         return gx, None, None, gA, gB, None, gG, None, gxl

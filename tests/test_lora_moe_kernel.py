@@ -59,6 +59,7 @@ CASES = [  # T, d_in, d_out, E, r, k
     (65, 48, 17, 3, 7, 3),      # top_k = E
     (40, 24, 40, 64, 2, 5),     # many experts
     (33, 20, 36, 2, 128, 1),    # rank 128
+    (50, 64, 96, 4, 16, 2),     # K blocks divide d_in, d_out and the padded extra K: one-loop GEMM path
 ]
 
 

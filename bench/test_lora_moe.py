@@ -1,0 +1,130 @@
+"""One LoRA-MoE layer (DESIGN §5 'LoRA-MoE layer'): rocket's fused kernels vs peers in one process,
+forward and forward+backward (grads of x, A, B, router; W frozen), as ratios to the frozen base
+linear alone. GPU: bf16, T ∈ {4096, 16384}, 4096 → {4096, 11008}, E ∈ {4, 8}, k=2, r=16; CPU: small
+shapes in the interpreter (correctness of the same code, timings are not results).
+
+Peers (bench/peers.py): the seed's per-expert loop, dense all-experts einsum, a generic grouped
+Triton MoE (sort by expert, SGMV, index_add), and a single peft-style LoRA (rank r, no routing).
+`rocket_cublas` is rocket with its base product in cuBLAS (LoRA product first, read back as C).
+"""
+import pytest
+import torch
+import torch.nn.functional as F
+
+from bench.harness import median_ms
+from bench.peers import lora_moe_dense_einsum, lora_moe_grouped, lora_moe_loop, lora_single
+from tests.helpers import rel_err
+from rocket.kernels import lora_moe as K
+from rocket.kernels import reference as R
+
+GPU = dict(shapes=[(T, 4096, d_out, E) for T in (16384, 4096) for d_out in (4096, 11008) for E in (8, 4)],
+           k=2, r=16, dtype=torch.bfloat16, reps={})
+CPU = dict(shapes=[(70, 48, 40, 4), (33, 32, 24, 8)], k=2, r=4, dtype=torch.float32, reps=dict(warmup=0, reps=1))
+HEADLINE = (16384, 4096, 4096, 8)
+
+
+def _inputs(T, d_in, d_out, E, r, dtype, device, seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    t = lambda *s, scale=1.0: (torch.randn(*s, generator=gen) * scale).to(dtype).to(device)  # noqa: E731
+    return dict(x=t(T, d_in), W=t(d_out, d_in, scale=d_in ** -0.5), b=t(d_out), A=t(E, r, d_in, scale=d_in ** -0.5),
+                B=t(E, d_out, r, scale=0.02), s=(torch.rand(E, generator=gen) + 0.5).to(device),
+                G=t(E, d_in, scale=d_in ** -0.5), gy=t(T, d_out))
+
+
+def _with_backend(backend, fn):
+    def run(*args):
+        old, K.GEMM_BACKEND = K.GEMM_BACKEND, backend
+        try:
+            return fn(*args)
+        finally:
+            K.GEMM_BACKEND = old
+    return run
+
+
+def _methods(v, k):
+    """name → f(x, A, B, G) -> y, and which of (x, A, B, G) each one differentiates."""
+    W, b, s = v["W"], v["b"], v["s"]
+    s0 = float(s[0])
+    rocket = lambda x, A, B, G: K.lora_moe(x, W, b, A, B, s, G, k)  # noqa: E731
+    return {
+        "base": (lambda x, A, B, G: F.linear(x, W, b), (0,)),
+        "rocket": (_with_backend("triton", rocket), (0, 1, 2, 3)),
+        "rocket_cublas": (_with_backend("cublas", rocket), (0, 1, 2, 3)),
+        "dense_einsum": (lambda x, A, B, G: lora_moe_dense_einsum(x, W, b, A, B, s, G, k), (0, 1, 2, 3)),
+        "grouped_triton": (lambda x, A, B, G: lora_moe_grouped(x, W, b, A, B, s, G, k), (0, 1, 2, 3)),
+        "loop": (lambda x, A, B, G: lora_moe_loop(x, W, b, A, B, s, G, k), (0, 1, 2, 3)),
+        "single_lora": (lambda x, A, B, G: lora_single(x, W, b, A[0], B[0], s0), (0, 1, 2)),
+    }
+
+
+def _fwd_bwd(fn, wrt, v):
+    leaves = [v[n].detach().requires_grad_(i in wrt) for i, n in enumerate("xABG")]
+
+    def step():
+        y = fn(*leaves)
+        return [y, *torch.autograd.grad(y, [leaves[i] for i in wrt], v["gy"])]
+    return step
+
+
+def _profile(step, n=16):
+    from torch.profiler import ProfilerActivity, profile
+    step()
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        for _ in range(3):
+            step()
+        torch.cuda.synchronize()
+    return prof.key_averages().table(sort_by="cuda_time_total", row_limit=n)
+
+
+def test_lora_moe_layer(recorder, device, on_gpu):
+    cfg = GPU if on_gpu else CPU
+    k, r, dtype = cfg["k"], cfg["r"], cfg["dtype"]
+    for T, d_in, d_out, E in cfg["shapes"]:
+        v = _inputs(T, d_in, d_out, E, r, dtype, device)
+        methods = _methods(v, k)
+        # correctness first: rocket (both GEMM backends) and the peers against each other
+        outs = {name: _fwd_bwd(fn, wrt, v)() for name, (fn, wrt) in methods.items() if name != "base"}
+        if T <= 4096 or not on_gpu:  # the float32 reference itself, where its [T, E, d_out] fits easily
+            up = {n: v[n].float() for n in "xWbABG"}
+            ref = _fwd_bwd(lambda x, A, B, G: R.lora_moe(x, up["W"], up["b"], A, B, v["s"], G, k), (0, 1, 2, 3),
+                           {**up, "gy": v["gy"].float()})()
+        else:
+            ref = outs["dense_einsum"]
+        errs = {name: [rel_err(o, rf) for o, rf in zip(out, ref)] for name, out in outs.items() if name != "single_lora"}
+        tol = 3e-2 if on_gpu else 1e-4
+        for name in ("rocket", "rocket_cublas"):
+            assert max(errs[name]) < tol, (name, errs[name])
+        del outs, ref
+
+        fwd, fwdbwd = {}, {}
+        for name, (fn, wrt) in methods.items():
+            if name == "loop" and not on_gpu:
+                continue
+            with torch.no_grad():
+                fwd[name] = median_ms(lambda: fn(v["x"], v["A"], v["B"], v["G"]), device, **cfg["reps"])
+            fwdbwd[name] = median_ms(_fwd_bwd(fn, wrt, v), device, **cfg["reps"])
+        medians = {**{f"fwd/{n}": t for n, t in fwd.items()}, **{f"fwdbwd/{n}": t for n, t in fwdbwd.items()}}
+        ratio_fwd = {n: t / fwd["base"] for n, t in fwd.items()}
+        ratio_fwdbwd = {n: t / fwdbwd["base"] for n, t in fwdbwd.items()}
+        extra = {}
+        if on_gpu and (T, d_in, d_out, E) == HEADLINE:
+            # where the time goes: the GEMMs alone (Triton fused GEMM with no extra K vs cuBLAS), and a profile
+            zero = v["x"][:, :0]
+            Wt = v["W"].t()
+            extra["gemm_only_ms"] = {
+                "cublas_fwd": median_ms(lambda: F.linear(v["x"], v["W"], v["b"]), device),
+                "triton_fwd": median_ms(lambda: K.dual_mm(v["x"], Wt, zero, v["B"][0, :, :0].t(), v["b"]), device),
+                "cublas_bwd": median_ms(lambda: v["gy"] @ v["W"], device),
+                "triton_bwd": median_ms(lambda: K.dual_mm(v["gy"], v["W"], v["gy"][:, :0], v["W"][:0]), device),
+            }
+            with torch.no_grad():
+                print(_profile(lambda: methods["rocket"][0](v["x"], v["A"], v["B"], v["G"])))
+            print(_profile(_fwd_bwd(*methods["rocket"], v)))
+        row = recorder.record(device, {"T": T, "d_in": d_in, "d_out": d_out, "E": E, "k": k, "r": r,
+                                       "dtype": str(dtype)}, medians,
+                              ratio_fwd=ratio_fwd, ratio_fwdbwd=ratio_fwdbwd, rel_err_vs_reference=errs,
+                              base_gemm_tflops=2 * T * d_in * d_out / fwd["base"] / 1e9, **extra)
+        print(f"T={T} {d_in}->{d_out} E={E}: fwd " + " ".join(f"{n}={x:.3f}" for n, x in ratio_fwd.items())
+              + " | fwd+bwd " + " ".join(f"{n}={x:.3f}" for n, x in ratio_fwdbwd.items())
+              + f" | base fwd {fwd['base']:.3f} ms, fwd+bwd {fwdbwd['base']:.3f} ms", row.get("gemm_only_ms", ""))
