@@ -8,7 +8,9 @@ the K-shot items followed by the kept items, highest priority first.
 Retrieval uses FAISS: exact inner-product search by default (an IndexFlatIP over the K-shot
 embeddings, queried by every pool item), or an IVF index over the pool for very large pools (each
 K-shot item fetches its C nearest pool items; the union is then scored exactly). A FAISS build
-with GPU support runs the search on the GPU.
+with GPU support runs the search on the GPU; with faiss-cpu and a CUDA device the exact search is
+a float64 matmul on the GPU instead. Whichever ran, the top C and their priorities are those of
+the rule evaluated in float64.
 """
 from __future__ import annotations
 
@@ -36,7 +38,7 @@ class SelectionError(RocketError):
     """Unusable selection inputs: sizes, embeddings or options; the message names the culprit."""
 
 
-# --------------------------------------------------------------------------- retrieval (FAISS)
+# --------------------------------------------------------------------------- retrieval
 def _faiss():
     try:
         import faiss
@@ -45,25 +47,45 @@ def _faiss():
     return faiss
 
 
+def faiss_has_gpu() -> bool:
+    try:
+        import faiss
+    except ImportError:
+        return False
+    return hasattr(faiss, "StandardGpuResources") and faiss.get_num_gpus() > 0
+
+
 def _numpy(emb: torch.Tensor) -> np.ndarray:
     return np.ascontiguousarray(emb.detach().to(torch.float32).cpu().numpy())
 
 
 def _on_gpu(index, use_gpu: bool):
     """The index moved to GPU 0 when asked and faiss has GPU support, else the index itself."""
-    faiss = _faiss()
-    if not use_gpu or not hasattr(faiss, "StandardGpuResources") or faiss.get_num_gpus() == 0:
+    if not (use_gpu and faiss_has_gpu()):
         return index
+    faiss = _faiss()
     return faiss.index_cpu_to_gpu(faiss.StandardGpuResources(), 0, index)  # keeps its resources alive
 
 
 def kshot_priority(kshot_emb: torch.Tensor, pool_emb: torch.Tensor, use_gpu: bool = False) -> np.ndarray:
-    """prio[j] = max_i <kshot_i, pool_j> for every pool row (exact: IndexFlatIP over the K-shot rows)."""
+    """prio[j] = max_i <kshot_i, pool_j> in float32 for every pool row (IndexFlatIP over the K-shot rows)."""
     faiss = _faiss()
     index = faiss.IndexFlatIP(kshot_emb.shape[1])
     index.add(_numpy(kshot_emb))
     scores, _ = _on_gpu(index, use_gpu).search(_numpy(pool_emb), 1)
     return scores[:, 0]
+
+
+def priority64(kshot_emb: torch.Tensor, pool_emb: torch.Tensor, rows: np.ndarray,
+               device: torch.device, chunk: int = 65536) -> np.ndarray:
+    """prio of the pool rows `rows` in float64 (exact for practical purposes), in chunks on `device`."""
+    kshot64 = kshot_emb.to(device, torch.float64)
+    out = torch.empty(len(rows), dtype=torch.float64)
+    rows = torch.from_numpy(rows)
+    for start in range(0, len(rows), chunk):
+        block = pool_emb[rows[start:start + chunk]].to(device, torch.float64)
+        out[start:start + chunk] = (block @ kshot64.T).amax(dim=1).cpu()
+    return out.numpy()
 
 
 def rank_by_priority(prio: np.ndarray) -> np.ndarray:
@@ -112,13 +134,7 @@ def exact_top(kshot_emb: torch.Tensor, pool_emb: torch.Tensor, positions: np.nda
     delta = 2.0 * (kshot_emb.shape[1] + 2) * 2.0 ** -24
     cth = np.partition(prio32, len(prio32) - c)[len(prio32) - c]
     near = positions[prio32 >= cth - 2 * delta]
-    kshot64 = kshot_emb.to(device, torch.float64)
-    prio64 = torch.empty(len(near), dtype=torch.float64)
-    rows = torch.from_numpy(near)
-    for start in range(0, len(near), 65536):
-        chunk = pool_emb[rows[start:start + 65536]].to(device, torch.float64)
-        prio64[start:start + 65536] = (chunk @ kshot64.T).amax(dim=1).cpu()
-    prio64 = prio64.numpy()
+    prio64 = priority64(kshot_emb, pool_emb, near, device)
     keep = np.sort(rank_by_priority(prio64)[:c])  # near is ascending: position ties are index ties
     return near[keep], prio64[keep], len(near)
 
@@ -126,19 +142,29 @@ def exact_top(kshot_emb: torch.Tensor, pool_emb: torch.Tensor, positions: np.nda
 def retrieve(kshot_emb: torch.Tensor, pool_emb: torch.Tensor, c: int, index: str = "flat",
              nlist: int | None = None, nprobe: int | None = None, seed: int = 0,
              device: str | torch.device = "cpu") -> tuple[np.ndarray, np.ndarray, dict]:
-    """The top-c pool positions by prio (ascending positions), their float64 prio, index details."""
+    """The top-c pool positions by prio (ascending positions), their float64 prio, index details.
+
+    flat on CUDA without faiss-gpu: every prio in float64 on the GPU (K·N·d is small there);
+    otherwise FAISS in float32 (GPU index when faiss has GPU support), then exact_top.
+    """
     if index not in INDEXES:
         raise SelectionError(f"unknown index {index!r}: use one of {', '.join(INDEXES)}")
     device = torch.device(device)
     use_gpu = device.type == "cuda"
-    c = min(c, pool_emb.shape[0])
+    n = pool_emb.shape[0]
+    c = min(c, n)
+    if index == "flat" and use_gpu and not faiss_has_gpu():
+        prio = priority64(kshot_emb, pool_emb, np.arange(n), device)
+        top = np.sort(rank_by_priority(prio)[:c])
+        return top, prio[top], {"index": "flat", "search": "torch float64 (cuda)"}
+    search = "faiss-gpu" if use_gpu and faiss_has_gpu() else "faiss-cpu"
     if index == "flat":
-        positions, info = np.arange(pool_emb.shape[0]), {"index": "flat"}
+        positions, info = np.arange(n), {"index": "flat", "search": search}
+        prio32 = kshot_priority(kshot_emb, pool_emb, use_gpu)
     else:
         positions, info = ivf_candidates(kshot_emb, pool_emb, c, nlist, nprobe, seed, use_gpu)
-        info = {"index": "ivf", "searched": int(len(positions)), **info}
-    prio32 = kshot_priority(kshot_emb, pool_emb if index == "flat" else pool_emb[torch.from_numpy(positions)],
-                            use_gpu)
+        info = {"index": "ivf", "search": search, "searched": int(len(positions)), **info}
+        prio32 = kshot_priority(kshot_emb, pool_emb[torch.from_numpy(positions)], use_gpu)
     top, prio, rescored = exact_top(kshot_emb, pool_emb, positions, prio32, min(c, len(positions)), device)
     return top, prio, {**info, "rescored_float64": rescored}
 

@@ -198,3 +198,18 @@ def test_malformed_pool_line_is_reported_and_nothing_written(tmp_path, capsys, b
     assert code == 2 and f"{pool}:3: " in err and len(err.strip().splitlines()) == 1
     assert re.search(msg, err)
     assert not out.exists() and not rep.exists() and list(tmp_path.iterdir()) == [pool]
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("index", ["flat", "ivf"])
+def test_cuda_matches_brute_force(index):
+    if index == "ivf":
+        pytest.importorskip("faiss")
+    gen = torch.Generator().manual_seed(11)
+    kshot_emb, pool_emb = F.normalize(torch.randn(9, 48, generator=gen), dim=1), gaussian_with_near_duplicates(3000, 48, gen)
+    want = brute_force(kshot_emb, pool_emb, 1209, 0.9)[0]
+    kshot, pool = examples(9, "kshot"), examples(3000, "pool")
+    out, report = select_data(kshot, pool, 1209, 0.9, kshot_embeddings=kshot_emb, pool_embeddings=pool_emb,
+                              device="cuda", index=index, nlist=8, nprobe=8, progress=False)
+    assert report["selected"] == want and report["device"].startswith("cuda")
+    assert [int(e["output"]) for e in out[9:]] == want

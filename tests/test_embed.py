@@ -81,3 +81,12 @@ def test_loads_offline_without_any_hub(tmp_path):
     assert out.returncode == 0, out.stderr[-2000:]
     shape, sim = out.stdout.split(")")
     assert shape == "(2, 384" and float(sim) > 0.5
+
+
+@pytest.mark.gpu
+def test_fp16_on_cuda_matches_fp32_on_cpu(minilm):
+    gpu = Embedder(None, "cuda")
+    assert gpu.dtype == torch.float16 and next(gpu.model.parameters()).dtype == torch.float16
+    got, want = gpu.encode(TEXTS, batch_size=2, progress=False), minilm.encode(TEXTS, progress=False)
+    assert got.dtype == torch.float32 and got.device.type == "cpu"
+    assert ((got * want).sum(1) > 0.999).all()
