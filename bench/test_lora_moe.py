@@ -84,13 +84,23 @@ def test_lora_moe_layer(recorder, device, on_gpu):
         v = _inputs(T, d_in, d_out, E, r, dtype, device)
         methods = _methods(v, k)
         # correctness first: rocket (both GEMM backends) and the peers against each other
-        outs = {name: _fwd_bwd(fn, wrt, v)() for name, (fn, wrt) in methods.items() if name != "base"}
+        outs, failed = {}, {}
+        for name, (fn, wrt) in list(methods.items()):
+            if name == "base":
+                continue
+            try:
+                outs[name] = _fwd_bwd(fn, wrt, v)()
+            except Exception as e:  # a broken peer is reported, never hides rocket's numbers
+                if name.startswith("rocket"):
+                    raise
+                failed[name] = f"{type(e).__name__}: {e}"[:300]
+                del methods[name]
         if T <= 4096 or not on_gpu:  # the float32 reference itself, where its [T, E, d_out] fits easily
             up = {n: v[n].float() for n in "xWbABG"}
             ref = _fwd_bwd(lambda x, A, B, G: R.lora_moe(x, up["W"], up["b"], A, B, v["s"], G, k), (0, 1, 2, 3),
                            {**up, "gy": v["gy"].float()})()
         else:
-            ref = outs["dense_einsum"]
+            ref = outs["rocket_cublas"]
         errs = {name: [rel_err(o, rf) for o, rf in zip(out, ref)] for name, out in outs.items() if name != "single_lora"}
         tol = 3e-2 if on_gpu else 1e-4
         for name in ("rocket", "rocket_cublas"):
@@ -123,7 +133,7 @@ def test_lora_moe_layer(recorder, device, on_gpu):
             print(_profile(_fwd_bwd(*methods["rocket"], v)))
         row = recorder.record(device, {"T": T, "d_in": d_in, "d_out": d_out, "E": E, "k": k, "r": r,
                                        "dtype": str(dtype)}, medians,
-                              ratio_fwd=ratio_fwd, ratio_fwdbwd=ratio_fwdbwd, rel_err_vs_reference=errs,
+                              ratio_fwd=ratio_fwd, ratio_fwdbwd=ratio_fwdbwd, rel_err_vs_reference=errs, failed=failed,
                               base_gemm_tflops=2 * T * d_in * d_out / fwd["base"] / 1e9, **extra)
         print(f"T={T} {d_in}->{d_out} E={E}: fwd " + " ".join(f"{n}={x:.3f}" for n, x in ratio_fwd.items())
               + " | fwd+bwd " + " ".join(f"{n}={x:.3f}" for n, x in ratio_fwdbwd.items())
