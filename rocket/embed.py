@@ -122,6 +122,8 @@ class Embedder:
         except (OSError, ValueError) as e:
             raise EmbedError(f"{src}: cannot load an encoder from this local path or the local HF cache "
                              f"(no hub access): {str(e).splitlines()[0]}") from None
+        if self.tokenizer.pad_token is None:  # decoder-style encoders (lasttoken pooling) often lack one
+            self.tokenizer.pad_token = self.tokenizer.eos_token or self.tokenizer.unk_token
         if getattr(model.config, "is_encoder_decoder", False):
             model = model.get_encoder()
         self.model = model.to(self.device).eval()
