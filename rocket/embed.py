@@ -177,16 +177,23 @@ class Embedder:
         # Longest first: batches of similar length waste little padding, and an OOM shows up at once.
         order = sorted(range(len(texts)), key=lambda i: -len(texts[i]))
         out = torch.empty(len(texts), self.dim)
+        pending = None  # the previous batch: still running on the GPU while this one is tokenised
         with tqdm(total=len(texts), desc="embed", unit="text", disable=not progress) as bar:
-            for start in range(0, len(texts), batch_size):
+            for start in range(0, len(texts) + batch_size, batch_size):
                 idx = order[start:start + batch_size]
-                out[idx] = self._encode_batch([texts[i] for i in idx])
-                bar.update(len(idx))
+                enc = self._tokenize([texts[i] for i in idx]) if idx else None
+                if pending is not None:
+                    out[pending[0]] = pending[1].cpu()
+                    bar.update(len(pending[0]))
+                pending = (idx, self._pool(enc)) if idx else None
         return out
 
-    def _encode_batch(self, texts: list[str]) -> torch.Tensor:
-        enc = self.tokenizer(texts, padding=True, truncation=True, max_length=self.max_length,
-                             return_tensors="pt").to(self.device)
+    def _tokenize(self, texts: list[str]):
+        return self.tokenizer(texts, padding=True, truncation=True, max_length=self.max_length,
+                              return_tensors="pt").to(self.device)
+
+    def _pool(self, enc) -> torch.Tensor:
+        """Unit embeddings [batch, dim] (float32, on the model's device) of a tokenised batch."""
         hidden = self.model(**enc).last_hidden_state.float()
         mask = enc["attention_mask"].unsqueeze(-1).float()
         if self.pooling == "mean":
@@ -197,7 +204,7 @@ class Embedder:
             positions = torch.arange(hidden.shape[1], device=hidden.device)
             last = (enc["attention_mask"] * positions).argmax(1)
             pooled = hidden[torch.arange(hidden.shape[0], device=hidden.device), last]
-        return F.normalize(pooled, dim=1).cpu()
+        return F.normalize(pooled, dim=1)
 
 
 @lru_cache(maxsize=2)
