@@ -118,7 +118,7 @@ class Embedder:
         src = str(plan["model_dir"])
         try:
             self.tokenizer = AutoTokenizer.from_pretrained(src, local_files_only=True)
-            model = AutoModel.from_pretrained(src, local_files_only=True, dtype=self.dtype)
+            model = AutoModel.from_pretrained(src, local_files_only=True)
         except (OSError, ValueError) as e:
             raise EmbedError(f"{src}: cannot load an encoder from this local path or the local HF cache "
                              f"(no hub access): {str(e).splitlines()[0]}") from None
@@ -126,7 +126,7 @@ class Embedder:
             self.tokenizer.pad_token = self.tokenizer.eos_token or self.tokenizer.unk_token
         if getattr(model.config, "is_encoder_decoder", False):
             model = model.get_encoder()
-        self.model = model.to(self.device).eval()
+        self.model = model.to(self.device, self.dtype).eval()  # not from_pretrained's dtype: older transformers
         self.backend = "hf"
         self.pooling = pooling or plan["pooling"] or "mean"
         self.lower_case = plan["lower_case"]
