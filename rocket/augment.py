@@ -185,7 +185,7 @@ def _check_embeddings(name: str, emb, n: int, d: int | None = None) -> torch.Ten
 
 def select_data(kshot: list[dict], pool: list[dict], target: int = 1000, threshold: float = 0.9, *,
                 embedder: "Embedder | str | Path | None" = None, kshot_embeddings=None, pool_embeddings=None,
-                prefix: str | None = None, batch_size: int = 64, device: str | torch.device | None = None,
+                prefix: str | None = None, batch_size: int | None = None, device: str | torch.device | None = None,
                 index: str = "flat", nlist: int | None = None, nprobe: int | None = None, seed: int = 0,
                 progress: bool = True) -> tuple[list[dict], dict]:
     """K-shot items + the open items chosen for them, and a report (counts, thresholds, timings).
@@ -276,7 +276,7 @@ def add_arguments(parser) -> None:
                         help="pooling of a plain HF encoder (default: mean, or the sentence-transformers config)")
     parser.add_argument("--max-length", "--cutoff_len", dest="max_length", type=int,
                         help="tokens per text, longer texts are truncated (default: the model's limit)")
-    parser.add_argument("--batch-size", type=int, default=64, help="texts per embedding batch (default: 64)")
+    parser.add_argument("--batch-size", type=int, help="texts per embedding batch (default: 256 on CUDA, 32 on CPU)")
     prefix = parser.add_mutually_exclusive_group()
     prefix.add_argument("--prefix", help="text prepended to every item before embedding")
     prefix.add_argument("--retrieval-prefix", action="store_true",

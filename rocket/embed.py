@@ -157,8 +157,11 @@ class Embedder:
 
     # ------------------------------------------------------------------ encoding
     @torch.inference_mode()
-    def encode(self, texts, batch_size: int = 64, prefix: str | None = None, progress: bool = True) -> torch.Tensor:
+    def encode(self, texts, batch_size: int | None = None, prefix: str | None = None,
+               progress: bool = True) -> torch.Tensor:
+        """Unit rows [len(texts), dim], float32 on the CPU. batch_size: default 256 on CUDA, 32 on CPU."""
         texts = list(texts)
+        batch_size = batch_size or (256 if self.device.type == "cuda" else 32)
         for i, t in enumerate(texts):
             if not isinstance(t, str):
                 raise EmbedError(f"text {i}: expected a string, got {type(t).__name__}")
@@ -214,14 +217,15 @@ def load_embedder(model: str | None = None, device: str | None = None, pooling: 
     return Embedder(model, device, pooling, max_length, backend)
 
 
-def embed_texts(texts, model: "str | Path | Embedder | None" = None, batch_size: int = 64,
+def embed_texts(texts, model: "str | Path | Embedder | None" = None, batch_size: int | None = None,
                 prefix: str | None = None, device: str | torch.device | None = None, progress: bool = True,
                 pooling: str | None = None, max_length: int | None = None) -> torch.Tensor:
     """L2-normalised embeddings [len(texts), dim] (float32, CPU) of `texts`.
 
     model: an Embedder, a local HF encoder / sentence-transformers directory, or None for the
     bundled all-MiniLM-L6-v2. prefix: prepended to every text (SEED_PREFIX is the seed's retrieval
-    instruction). fp16 on CUDA; `device` defaults to CUDA when available.
+    instruction). fp16 on CUDA; `device` defaults to CUDA when available; batch_size defaults to
+    256 texts on CUDA, 32 on the CPU.
     """
     if not isinstance(model, Embedder):
         model = load_embedder(None if model is None else str(model), None if device is None else str(device),

@@ -78,7 +78,8 @@ def test_exact_ties_match_brute_force(n_k, n, d, target, threshold):
 @pytest.mark.parametrize("seed, n_k, n, d, target", [(0, 10, 1000, 32, 510), (1, 3, 257, 7, 103)])
 def test_near_duplicates_match_brute_force(seed, n_k, n, d, target):
     gen = torch.Generator().manual_seed(seed)
-    kshot_emb, pool_emb = F.normalize(torch.randn(n_k, d, generator=gen), dim=1), gaussian_with_near_duplicates(n, d, gen)
+    kshot_emb = F.normalize(torch.randn(n_k, d, generator=gen), dim=1)
+    pool_emb = gaussian_with_near_duplicates(n, d, gen)
     want, prio, cand = brute_force(kshot_emb, pool_emb, target, 0.9)
     assert len(set(prio)) < n  # exact copies tie
     report = run(kshot_emb, pool_emb, target, 0.9)
@@ -88,7 +89,8 @@ def test_near_duplicates_match_brute_force(seed, n_k, n, d, target):
 
 def test_ivf_probing_every_list_is_exact():
     gen = torch.Generator().manual_seed(3)
-    kshot_emb, pool_emb = F.normalize(torch.randn(4, 16, generator=gen), dim=1), gaussian_with_near_duplicates(2000, 16, gen)
+    kshot_emb = F.normalize(torch.randn(4, 16, generator=gen), dim=1)
+    pool_emb = gaussian_with_near_duplicates(2000, 16, gen)
     flat = retrieve(kshot_emb, pool_emb, 300)
     ivf = retrieve(kshot_emb, pool_emb, 300, index="ivf", nlist=16, nprobe=16)
     assert np.array_equal(flat[0], ivf[0]) and np.allclose(flat[1], ivf[1])
@@ -206,7 +208,8 @@ def test_cuda_matches_brute_force(index):
     if index == "ivf":
         pytest.importorskip("faiss")
     gen = torch.Generator().manual_seed(11)
-    kshot_emb, pool_emb = F.normalize(torch.randn(9, 48, generator=gen), dim=1), gaussian_with_near_duplicates(3000, 48, gen)
+    kshot_emb = F.normalize(torch.randn(9, 48, generator=gen), dim=1)
+    pool_emb = gaussian_with_near_duplicates(3000, 48, gen)
     want = brute_force(kshot_emb, pool_emb, 1209, 0.9)[0]
     kshot, pool = examples(9, "kshot"), examples(3000, "pool")
     out, report = select_data(kshot, pool, 1209, 0.9, kshot_embeddings=kshot_emb, pool_embeddings=pool_emb,
