@@ -67,6 +67,7 @@ class TrainConfig:
     template: str = "alpaca"
     overflow: str = "drop"           # examples longer than cutoff: drop | truncate | error
     group_by_length: bool = True
+    pad_to_multiple: int = 16        # few distinct batch shapes: kernels tuned per shape are reused
     warmup_ratio: float = 0.03
     weight_decay: float = 0.0
     max_grad_norm: float = 1.0
@@ -79,7 +80,7 @@ class TrainConfig:
     save_total_limit: int = 2
 
     def __post_init__(self):
-        for name in ("epochs", "cutoff", "batch_size", "grad_accum", "top_k"):
+        for name in ("epochs", "cutoff", "batch_size", "grad_accum", "top_k", "pad_to_multiple"):
             if int(getattr(self, name)) < 1:
                 raise TrainError(f"{name} must be ≥ 1, got {getattr(self, name)}")
         if not self.lr > 0:
@@ -104,6 +105,7 @@ class StepInfo:
     loss: float        # mean output-token cross-entropy of the step
     lr: float
     tokens: int        # non-padding tokens of the step (this rank)
+    padded: int        # batch elements including padding (this rank)
     seconds: float     # wall time of the step
 
 
@@ -170,9 +172,10 @@ def rank_batches(batches: list[list[int]], rank: int, world: int) -> list[list[i
     return padded[rank::world]
 
 
-def collate(tokenized: list[Tokenized], idx: list[int], pad_id: int, device) -> dict[str, torch.Tensor]:
-    """Right-padded input_ids / attention_mask / labels of the examples idx."""
-    L = max(len(tokenized[i].input_ids) for i in idx)
+def collate(tokenized: list[Tokenized], idx: list[int], pad_id: int, device, multiple: int = 1) -> dict[str, torch.Tensor]:
+    """Input_ids / attention_mask / labels of the examples idx, right-padded to the longest rounded
+    up to `multiple`."""
+    L = -(-max(len(tokenized[i].input_ids) for i in idx) // multiple) * multiple
     ids = torch.full((len(idx), L), pad_id, dtype=torch.long)
     mask = torch.zeros(len(idx), L, dtype=torch.long)
     labels = torch.full((len(idx), L), IGNORE_INDEX, dtype=torch.long)
@@ -500,7 +503,7 @@ def _load_model(base_model, device: torch.device, dtype) -> torch.nn.Module:
     if not path.is_dir():
         raise TrainError(f"{path}: no such model directory")
     model = AutoModelForCausalLM.from_pretrained(str(path), dtype=dtype, attn_implementation="sdpa")
-    return model.to(device)
+    return model.to(device=device, dtype=dtype)  # transformers < 4.56 ignores dtype=
 
 
 def _load_tokenizer(base_model, tokenizer):
@@ -617,8 +620,8 @@ def train(base_model, data, experts, out, *, tokenizer=None, config: TrainConfig
             if step >= total:
                 break
             t0 = time.perf_counter()
-            group = [collate(tokenized, idx, pad_id, device) for idx in batches[s * cfg.grad_accum:
-                                                                                 (s + 1) * cfg.grad_accum]]
+            group = [collate(tokenized, idx, pad_id, device, cfg.pad_to_multiple)
+                     for idx in batches[s * cfg.grad_accum:(s + 1) * cfg.grad_accum]]
             n_tok = torch.tensor(float(sum(target_tokens(b["labels"]) for b in group)), device=device)
             if dist:
                 torch.distributed.all_reduce(n_tok)
@@ -643,7 +646,8 @@ def train(base_model, data, experts, out, *, tokenizer=None, config: TrainConfig
             step += 1
             n_in = sum(int(b["attention_mask"].sum()) for b in group)
             tokens_seen += n_in
-            info = StepInfo(step, total, epoch, step_loss, lr, n_in, time.perf_counter() - t0)
+            n_pad = sum(b["input_ids"].numel() for b in group)
+            info = StepInfo(step, total, epoch, step_loss, lr, n_in, n_pad, time.perf_counter() - t0)
             history.append(info)
             bar.update(1)
             bar.set_postfix(loss=f"{step_loss:.4f}", lr=f"{lr:.2e}", epoch=epoch)
@@ -687,6 +691,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     a("--overflow", choices=["drop", "truncate", "error"], default=d.overflow,
       help="examples longer than --cutoff (default drop)")
     a("--no-group-by-length", dest="group_by_length", action="store_false", help="plain shuffled batches")
+    a("--pad-to-multiple", type=int, default=d.pad_to_multiple,
+      help=f"pad batch lengths to a multiple of this (default {d.pad_to_multiple})")
     a("--group_by_length", dest="group_by_length", action="store_true", help=argparse.SUPPRESS)
     a("--warmup-ratio", "--warmup_ratio", type=float, default=d.warmup_ratio, help=f"default {d.warmup_ratio}")
     a("--weight-decay", "--weight_decay", type=float, default=d.weight_decay, help=f"default {d.weight_decay}")
@@ -710,6 +716,7 @@ def main(args) -> int:
     cfg = TrainConfig(epochs=args.epochs, lr=args.lr, cutoff=args.cutoff, batch_size=args.batch_size,
                       grad_accum=args.grad_accum, top_k=args.top_k, train_router_only=args.train_router_only,
                       template=args.template, overflow=args.overflow, group_by_length=args.group_by_length,
+                      pad_to_multiple=args.pad_to_multiple,
                       warmup_ratio=args.warmup_ratio, weight_decay=args.weight_decay,
                       max_grad_norm=args.max_grad_norm, lora_dropout=args.lora_dropout,
                       aux_loss_coef=args.aux_loss_coef, target_modules=targets, seed=args.seed,

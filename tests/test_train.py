@@ -33,6 +33,7 @@ def examples(kshot_examples):
 
 def _run(model, tok, examples, bank, out, **kw):
     kw.setdefault("backend", "torch")
+    kw.setdefault("device", "cpu")
     kw.setdefault("progress", False)
     kw.setdefault("cutoff", 512)
     return train(model, examples, bank, out, tokenizer=tok, **kw)
@@ -212,7 +213,7 @@ def test_cli_trains_and_reports_bad_data(tiny_model_dir, lora_bank_dir, examples
     out = tmp_path / "out"
     rc = main(["train", "--base_model", str(tiny_model_dir), "--data_path", str(data), "--experts", str(manifest),
                "--output_dir", str(out), "--max-steps", "2", "--micro_batch_size", "4", "--learning_rate", "1e-3",
-               "--cutoff_len", "512", "--top-k", "1", "--backend", "torch", "--no-progress"])
+               "--cutoff_len", "512", "--top-k", "1", "--backend", "torch", "--no-progress", "--device", "cpu"])
     assert rc == 0
     assert (out / "moe.safetensors").is_file() and (out / "checkpoints").is_dir()
     assert "trained 2 steps (torch)" in capsys.readouterr().out
@@ -220,7 +221,8 @@ def test_cli_trains_and_reports_bad_data(tiny_model_dir, lora_bank_dir, examples
 
     empty = tmp_path / "empty.jsonl"
     empty.write_text("")
-    args = ["train", "--base-model", str(tiny_model_dir), "--experts", str(manifest), "--backend", "torch"]
+    args = ["train", "--base-model", str(tiny_model_dir), "--experts", str(manifest), "--backend", "torch",
+            "--device", "cpu"]
     assert main(args + ["--data", str(empty), "--out", str(tmp_path / "o2")]) == 2
     assert "empty.jsonl: file is empty" in capsys.readouterr().err
     assert main(args + ["--data", str(data), "--out", str(tmp_path / "o3"), "--cutoff", "16"]) == 2
