@@ -6,6 +6,21 @@ from rocket.kernels import reference as R
 dedup_blocked_torch = R.dedup
 
 
+def dedup_blocked_torch_lowp(emb, threshold, priority, block: int = 8192):
+    """The join as one would write it in torch on a GPU: rank order, then per row block one cuBLAS
+    matmul in the input dtype (bf16 tensor cores) against the earlier rows only, threshold, strict
+    lower triangle, any. Materialises a [block, n] tile per step; decisions in the input dtype."""
+    import torch
+    n = emb.shape[0]
+    order = torch.sort(priority.to(emb.device).double(), descending=True, stable=True).indices
+    x = emb.index_select(0, order)
+    dropped = torch.zeros(n, dtype=torch.bool, device=emb.device)
+    for s in range(0, n, block):
+        e = min(n, s + block)
+        dropped[s:e] = (x[s:e] @ x[:e].t() > threshold).tril_(s - 1).any(dim=1)
+    return torch.sort(order[~dropped]).values
+
+
 # --------------------------------------------------------------------------- scoring (issue 4)
 # Per-example losses of many LoRA adapters with peft, three ways. `peft_model` holds the adapters
 # (`names`); `tokenized` are rocket.data.Tokenized. Losses as in the tests: HF logits, then the

@@ -5,11 +5,11 @@
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.doc() = "rocket C++/CUDA operators";
-  m.def("dedup_sorted_cpu", &dedup_sorted_cpu, "near-duplicate flags of rank-sorted embeddings (CPU)",
-        py::arg("emb"), py::arg("threshold"), py::arg("block") = 2048);
+  m.def("dedup_codes_cpu", &dedup_codes_cpu, "near-duplicate row codes of rank-sorted embeddings (CPU)",
+        py::arg("emb"), py::arg("lo"), py::arg("hi"), py::arg("block") = 2048);
 #ifdef ROCKET_WITH_CUDA
-  m.def("dedup_sorted_cuda", &dedup_sorted_cuda, "near-duplicate flags of rank-sorted embeddings (CUDA)",
-        py::arg("emb"), py::arg("threshold"), py::arg("block") = 8192);
+  m.def("dedup_codes_cuda", &dedup_codes_cuda, "near-duplicate row codes of rank-sorted embeddings (CUDA)",
+        py::arg("emb"), py::arg("lo"), py::arg("hi"), py::arg("block") = 8192);
   m.attr("with_cuda") = true;
 #else
   m.attr("with_cuda") = false;
