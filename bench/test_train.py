@@ -8,7 +8,9 @@ Rows (tokens/s = non-padding tokens through forward + backward + AdamW per secon
 - peer `seed_loop`: the same MoE with the seed's per-expert loop (reference.lora_moe_loop) in
   place of the fused layer (goal: rocket ≥ 3×).
 GPU: hidden 2048, 16 layers, MLP 5504, vocab 32000 (~1.1B), E=4 experts r=16, top-2, micro-batch 8,
-examples of 150–500 tokens. CPU: tiny shapes, a correctness run of the same code.
+examples of 150–500 tokens, lengths padded to a multiple of 64 (few shapes: the fused layer's
+GEMMs are autotuned per token count). Every row leaves out the first step of each batch shape.
+CPU: tiny shapes, a correctness run of the same code.
 """
 import json
 import statistics
@@ -25,9 +27,9 @@ from rocket.tiny import LLAMA_TARGETS
 from rocket.train import collate, length_grouped_batches, prepare_examples, token_loss_sum, train, TrainConfig
 
 GPU = dict(hidden=2048, layers=16, heads=16, mlp=5504, vocab=32000, E=4, r=16, n=4000, prompt=(100, 300),
-           answer=(50, 200), batch=8, steps=200, loop_steps=60, warm=15)
+           answer=(50, 200), batch=8, steps=120, loop_steps=40, warm=10, pad=64)
 CPU = dict(hidden=64, layers=2, heads=4, mlp=128, vocab=512, E=3, r=4, n=48, prompt=(10, 30), answer=(5, 20),
-           batch=4, steps=6, loop_steps=4, warm=2)
+           batch=4, steps=6, loop_steps=4, warm=2, pad=16)
 
 try:
     import deepspeed  # noqa: F401
@@ -139,49 +141,60 @@ def test_train_throughput(recorder, device, on_gpu, monkeypatch, tmp_path):
     if not on_gpu:  # the CPU path of a real run is the torch reference (see tests/test_train.py)
         monkeypatch.setenv("TRITON_INTERPRET", "0")
     s = GPU if on_gpu else CPU
+    t_start = time.perf_counter()
+
+    def say(msg):  # progress with timestamps: a device run that hits its limit still shows where it was
+        print(f"[{time.perf_counter() - t_start:7.1f}s] {msg}", flush=True)
+
     tok = IntTokenizer(s["vocab"])
     examples = random_examples(s)
     base = build_model(s, device)
     bank = random_bank(base, s["E"], s["r"])
+    say(f"model, bank and {len(examples)} examples ready")
     cfg = dict(batch_size=s["batch"], lr=5e-5, cutoff=1024, template=str(template_file(tmp_path)), epochs=1,
-               max_steps=s["steps"], save_steps=10 ** 9, warmup_ratio=0.0)
+               save_steps=10 ** 9, warmup_ratio=0.0, pad_to_multiple=s["pad"])
 
     def run(name, backend, steps=s["steps"], **kw):
+        def on_step(info):
+            if info.step % 20 == 0:
+                say(f"{name}: step {info.step}, loss {info.loss:.4f}, last step {1e3 * info.seconds:.0f} ms")
         res = train(_fresh(base), examples, bank, tmp_path / name, tokenizer=tok, backend=backend, progress=False,
-                    device=device, **{**cfg, "max_steps": steps, **kw})
+                    device=device, on_step=on_step, **{**cfg, "max_steps": steps, **kw})
         assert res.losses[-1] == res.losses[-1] and res.steps == steps
         return res
 
     results, losses = {}, {}
-    if HAVE_DS:
-        r = run("ds_zero3", "deepspeed", deepspeed_config="zero3")
-        results["rocket_zero3"], losses["rocket_zero3"] = rate(history(r), s["warm"]), r.losses
-    r = run("torch", "torch")
-    results["rocket_torch"], losses["rocket_torch"] = rate(history(r), s["warm"]), r.losses
 
-    results["peft_lora"] = rate(peft_steps(_fresh(base), tok, examples, TrainConfig(**cfg), s["steps"], device),
-                                s["warm"])
+    def done(name, steps, loss=None):
+        results[name] = rate(steps, s["warm"] if name != "seed_loop" else min(s["warm"], s["loop_steps"] // 2))
+        if loss is not None:
+            losses[name] = loss
+        say(f"{name}: {results[name][0]:.0f} tokens/s, median step {results[name][1]:.1f} ms")
 
-    import rocket.moe as moe
-    monkeypatch.setattr(moe, "lora_moe", lambda *a, return_routing=False, **k: R.lora_moe_loop(*a, **k))
-    r = run("loop", "torch", steps=s["loop_steps"])
-    results["seed_loop"] = rate(history(r), min(s["warm"], s["loop_steps"] // 2))
+    r = run("rocket_torch", "torch")
+    done("rocket_torch", history(r), r.losses)
+    done("peft_lora", peft_steps(_fresh(base), tok, examples, TrainConfig(**cfg), s["steps"], device))
+    with monkeypatch.context() as m:
+        import rocket.moe as moe
+        m.setattr(moe, "lora_moe", lambda *a, return_routing=False, **k: R.lora_moe_loop(*a, **k))
+        r = run("seed_loop", "torch", steps=s["loop_steps"])
+    done("seed_loop", history(r))
     # same batches, same init: the loop MoE must agree with rocket's layer on the steps both ran
     assert r.losses == pytest.approx(losses["rocket_torch"][: s["loop_steps"]], rel=2e-2 if on_gpu else 1e-4)
+    if HAVE_DS:
+        r = run("rocket_zero3", "deepspeed", deepspeed_config="zero3")
+        done("rocket_zero3", history(r), r.losses)
 
     tps = {k: v[0] for k, v in results.items()}
-    best = max(tps[k] for k in ("rocket_zero3", "rocket_torch") if k in tps)
-    row = recorder.record(device, {k: s[k] for k in ("hidden", "layers", "mlp", "vocab", "E", "r", "batch", "steps")}
-                          | {"top_k": 2, "gpus": 1}, {k: v[1] for k, v in results.items()}, baseline="peft_lora",
-                          tokens_per_s=tps,
+    row = recorder.record(device, {k: s[k] for k in ("hidden", "layers", "mlp", "vocab", "E", "r", "batch", "steps",
+                                                     "pad")} | {"top_k": 2, "gpus": 1},
+                          {k: v[1] for k, v in results.items()}, baseline="peft_lora", tokens_per_s=tps,
                           rocket_vs_peft={k: tps[k] / tps["peft_lora"] for k in tps if k.startswith("rocket")},
                           rocket_vs_seed_loop={k: tps[k] / tps["seed_loop"] for k in tps if k.startswith("rocket")},
                           first_last_loss={k: (v[0], v[-1]) for k, v in losses.items()})
-    print(json.dumps(row, indent=1))
+    print(json.dumps(row, indent=1), flush=True)
     if HAVE_DS:  # ZeRO-3 and the torch loop train the same model on the same batches
-        tol = 2e-2 if on_gpu else 1e-4
-        assert losses["rocket_zero3"] == pytest.approx(losses["rocket_torch"], rel=tol)
-    assert best > 0
+        assert losses["rocket_zero3"] == pytest.approx(losses["rocket_torch"], rel=2e-2 if on_gpu else 1e-4)
 
 
 def _fresh(model):
