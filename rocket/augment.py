@@ -186,8 +186,8 @@ def _check_embeddings(name: str, emb, n: int, d: int | None = None) -> torch.Ten
 def select_data(kshot: list[dict], pool: list[dict], target: int = 1000, threshold: float = 0.9, *,
                 embedder: "Embedder | str | Path | None" = None, kshot_embeddings=None, pool_embeddings=None,
                 prefix: str | None = None, batch_size: int | None = None, device: str | torch.device | None = None,
-                index: str = "flat", nlist: int | None = None, nprobe: int | None = None, seed: int = 0,
-                progress: bool = True) -> tuple[list[dict], dict]:
+                index: str = "flat", nlist: int | None = None, nprobe: int | None = None,
+                dedup_method: str = "auto", seed: int = 0, progress: bool = True) -> tuple[list[dict], dict]:
     """K-shot items + the open items chosen for them, and a report (counts, thresholds, timings).
 
     target: output size before dedup (the seed's target_num): C = target − K candidates.
@@ -196,6 +196,8 @@ def select_data(kshot: list[dict], pool: list[dict], target: int = 1000, thresho
     kshot_embeddings / pool_embeddings: precomputed rows [K, d] / [N, d] used instead (normalised here).
     prefix: prepended to every text before embedding (rocket.embed.SEED_PREFIX is the seed's).
     index: 'flat' (exact) or 'ivf' (approximate, for very large pools; nlist/nprobe tune it).
+    dedup_method: rocket.dedup's method: auto (exact unless the candidates are very many), exact,
+    knn or ivf.
     """
     start = time.perf_counter()
     kshot, pool = list(kshot), list(pool)
@@ -235,8 +237,9 @@ def select_data(kshot: list[dict], pool: list[dict], target: int = 1000, thresho
 
     t = time.perf_counter()
     cand_emb = pool_emb[torch.from_numpy(cand)]
-    kept = dedup(cand_emb.to(device) if device.type == "cuda" else cand_emb, float(threshold),
-                 torch.from_numpy(cand_prio)).numpy()
+    kept, dedup_info = dedup(cand_emb.to(device) if device.type == "cuda" else cand_emb, float(threshold),
+                             torch.from_numpy(cand_prio), method=dedup_method, return_info=True)
+    kept = kept.numpy()
     kept = kept[rank_by_priority(cand_prio[kept])]  # highest priority first
     timings["dedup"] = time.perf_counter() - t
     timings["total"] = time.perf_counter() - start
@@ -251,7 +254,9 @@ def select_data(kshot: list[dict], pool: list[dict], target: int = 1000, thresho
         "target": target, "threshold": float(threshold),
         "priority": ({"max": float(cand_prio.max()), "min": float(cand_prio.min()),
                       "mean": float(cand_prio.mean())} if len(cand) else None),
-        "retrieval": index_info, "embedder": name, "dim": int(kshot_emb.shape[1]), "prefix": prefix,
+        "retrieval": index_info,
+        "dedup": {k: v for k, v in dedup_info.items() if isinstance(v, (str, int, float, bool)) and k != "seconds"},
+        "embedder": name, "dim": int(kshot_emb.shape[1]), "prefix": prefix,
         "device": str(device), "timings_s": {k: round(v, 4) for k, v in timings.items()},
         "selected": selected.tolist(),
     }
@@ -285,6 +290,9 @@ def add_arguments(parser) -> None:
                         help="FAISS search: flat (exact, default) or ivf (approximate, very large pools)")
     parser.add_argument("--nlist", type=int, help="IVF lists (default: 4·sqrt(pool size))")
     parser.add_argument("--nprobe", type=int, help="IVF lists searched per query (default: min(64, nlist/4))")
+    parser.add_argument("--dedup-method", choices=["auto", "exact", "knn", "ivf"], default="auto",
+                        help="near-duplicate search (rocket.dedup): auto (exact unless the candidates are very "
+                             "many), exact, knn or ivf (approximate)")
     parser.add_argument("--no-progress", action="store_true", help="no progress bars")
 
 
@@ -307,7 +315,8 @@ def main(args) -> int:
     examples, report = select_data(
         kshot, pool, args.target, args.threshold, embedder=embedder,
         prefix=SEED_PREFIX if args.retrieval_prefix else args.prefix, batch_size=args.batch_size,
-        device=args.device, index=args.index, nlist=args.nlist, nprobe=args.nprobe, seed=args.seed,
+        device=args.device, index=args.index, nlist=args.nlist, nprobe=args.nprobe,
+        dedup_method=args.dedup_method, seed=args.seed,
         progress=not args.no_progress)
     t = time.perf_counter()
     write_jsonl(args.out, examples)

@@ -69,7 +69,7 @@ def test_exact_ties_match_brute_force(n_k, n, d, target, threshold):
     want, prio, cand = brute_force(kshot_emb, pool_emb, target, threshold)
     assert len(set(prio)) < n // 2  # heavy ties, or the test would not exercise tie-breaks
     report = run(kshot_emb, pool_emb, target, threshold)
-    assert report["selected"] == want
+    assert report["selected"] == want and report["dedup"]["method"] == "exact"
     c = report["counts"]
     assert (c["candidates"], c["kept"], c["duplicates_removed"]) == (len(cand), len(want), len(cand) - len(want))
     assert c["output"] == n_k + len(want) and c["kshot_included"] == n_k and c["pool"] == n
@@ -95,8 +95,9 @@ def test_ivf_probing_every_list_is_exact():
     ivf = retrieve(kshot_emb, pool_emb, 300, index="ivf", nlist=16, nprobe=16)
     assert np.array_equal(flat[0], ivf[0]) and np.allclose(flat[1], ivf[1])
     assert ivf[2]["index"] == "ivf" and (ivf[2]["nlist"], ivf[2]["nprobe"]) == (16, 16)
-    approx = run(kshot_emb, pool_emb, 304, 0.9, index="ivf", nlist=16, nprobe=2)
+    approx = run(kshot_emb, pool_emb, 304, 0.9, index="ivf", nlist=16, nprobe=2, dedup_method="knn")
     assert approx["retrieval"]["nprobe"] == 2 and approx["counts"]["candidates"] == 300
+    assert approx["dedup"]["method"] == "knn" and approx["counts"]["duplicates_removed"] > 0
 
 
 def test_top_c_is_decided_in_float64():
