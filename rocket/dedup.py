@@ -28,7 +28,7 @@ from rocket import _C
 from rocket.errors import RocketError
 
 # method="auto" switches to the kNN path above these pool sizes (the exact join is O(n²·d)).
-AUTO_EXACT_MAX = {"cuda": 4_000_000, "cpu": 200_000}
+AUTO_EXACT_MAX = {"cuda": 2_000_000, "cpu": 200_000}
 _UNIT_ROUNDOFF = {torch.float16: 2.0 ** -11, torch.bfloat16: 2.0 ** -8, torch.float32: 2.0 ** -24,
                   torch.float64: 2.0 ** -53}
 

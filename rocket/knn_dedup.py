@@ -123,13 +123,17 @@ def nearest_lists(x: torch.Tensor, cent: torch.Tensor, nprobe: int, chunk: int =
     return out
 
 
-def ivf_dropped(ranked: torch.Tensor, threshold: float, nlist: int | None = None, nprobe: int = 2, iters: int = 10,
+def ivf_dropped(ranked: torch.Tensor, threshold: float, nlist: int | None = None, nprobe: int = 4, iters: int = 10,
                 backend: str | None = None, info: dict | None = None) -> torch.Tensor:
     """Dropped flags (bool [n], rank positions) by the exact join restricted to pairs that share one
     of their nprobe nearest k-means lists: every list's members (kept in rank order) go through the
     exact join (rocket.dedup.exact_codes: the fused kernel on CUDA), codes are max-combined per row,
     and rows left uncertain are re-decided in float64 against all earlier rows. Like the kNN path it
-    only misses pairs, never drops what the exact rule keeps. Work ≈ n²·d·nprobe²/nlist."""
+    only misses pairs, never drops what the exact rule keeps. Work ≈ n²·d·nprobe²/nlist.
+
+    nprobe: on unit vectors in d = 1024 (nlist ≈ √n..1000), pairs at cos ≈ 0.9998 share a list
+    at nprobe 2 (H100, 1e7: recall 0.9998), pairs at cos ≈ 0.96 need more: the share of such
+    pairs with a common list was 0.93-0.95 at nprobe 2, 0.997 at 4 and 1.0 at 8 (CPU, 2e5 rows)."""
     from rocket.dedup import exact_codes, max_sq_norm, recheck_float64
     n, d = ranked.shape
     nlist = max(1, min(nlist or int(n ** 0.5), n))
