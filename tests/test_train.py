@@ -241,3 +241,13 @@ def test_load_balancing_loss_reaches_the_routers(tiny_llama, tiny_tokenizer, exa
     assert aux.losses == plain.losses  # the logged loss is the language-model loss alone
     a, b = moe_state_dict(plain.model), moe_state_dict(aux.model)
     assert any(not torch.equal(a[k], b[k]) for k in a if k.endswith("router.weight"))
+
+
+def test_auto_backend_is_torch_for_one_process_and_deepspeed_with_a_config(tiny_llama, tiny_tokenizer, examples,
+                                                                           lora_bank_dir, tmp_path):
+    kw = dict(backend="auto", max_steps=1, batch_size=4)
+    assert _run(copy.deepcopy(tiny_llama), tiny_tokenizer, examples, lora_bank_dir, tmp_path / "a",
+                **kw).backend == "torch"
+    with_config = _run(tiny_llama, tiny_tokenizer, examples, lora_bank_dir, tmp_path / "b", deepspeed_config="zero2",
+                       **kw)
+    assert with_config.backend == ("deepspeed" if HAVE_DS else "torch")
