@@ -75,15 +75,15 @@ def kshot_priority(kshot_emb: torch.Tensor, pool_emb: torch.Tensor, use_gpu: boo
     return scores[:, 0]
 
 
-def priority64(kshot_emb: torch.Tensor, pool_emb: torch.Tensor, rows: np.ndarray,
+def priority64(kshot_emb: torch.Tensor, pool_emb: torch.Tensor, rows: np.ndarray | None,
                device: torch.device, chunk: int = 65536) -> np.ndarray:
-    """prio of the pool rows `rows` in float64 (exact for practical purposes), in chunks on `device`."""
+    """prio of the pool rows `rows` (None: all) in float64, in chunks sent to `device` as float32."""
     kshot64 = kshot_emb.to(device, torch.float64)
-    out = torch.empty(len(rows), dtype=torch.float64)
-    rows = torch.from_numpy(rows)
-    for start in range(0, len(rows), chunk):
-        block = pool_emb[rows[start:start + chunk]].to(device, torch.float64)
-        out[start:start + chunk] = (block @ kshot64.T).amax(dim=1).cpu()
+    n = pool_emb.shape[0] if rows is None else len(rows)
+    out = torch.empty(n, dtype=torch.float64)
+    for start in range(0, n, chunk):
+        block = pool_emb[start:start + chunk] if rows is None else pool_emb[torch.from_numpy(rows[start:start + chunk])]
+        out[start:start + chunk] = (block.to(device).double() @ kshot64.T).amax(dim=1).cpu()
     return out.numpy()
 
 
@@ -153,7 +153,7 @@ def retrieve(kshot_emb: torch.Tensor, pool_emb: torch.Tensor, c: int, index: str
     n = pool_emb.shape[0]
     c = min(c, n)
     if index == "flat" and use_gpu and not faiss_has_gpu():
-        prio = priority64(kshot_emb, pool_emb, np.arange(n), device)
+        prio = priority64(kshot_emb, pool_emb, None, device)
         top = np.sort(rank_by_priority(prio)[:c])
         return top, prio[top], {"index": "flat", "search": "torch float64 (cuda)"}
     search = "faiss-gpu" if use_gpu and faiss_has_gpu() else "faiss-cpu"
