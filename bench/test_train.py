@@ -14,7 +14,6 @@ CPU: tiny shapes, a correctness run of the same code.
 """
 import json
 import statistics
-import tempfile
 import time
 from pathlib import Path
 

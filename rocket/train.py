@@ -678,7 +678,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     a = parser.add_argument
     a("--base-model", "--base_model", required=True, help="HF model directory of the base model")
     a("--data", "--data_path", required=True, help="training examples (JSONL or JSON array), e.g. aug.jsonl")
-    a("--experts", "--expert_manifest", required=True,
+    a("--experts", required=True,
       help="the selected adapters: a manifest .txt (rocket select's experts.txt) or a directory of adapters")
     a("--out", "--output_dir", required=True, help="output directory (checkpoints/, moe.safetensors)")
     a("--deepspeed", default=None,
