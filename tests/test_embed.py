@@ -46,6 +46,16 @@ def test_padded_batches_match_one_text_at_a_time(pooling):
         assert F.cosine_similarity(got[i].double(), want, dim=0) > 1 - 1e-5, (pooling, i)
 
 
+def test_max_length_truncates():
+    emb = Embedder(None, "cpu", max_length=10)  # not a multiple of 16: no padding past the limit
+    got = emb.encode([TEXTS[4], TEXTS[0]], progress=False)
+    enc = emb.tokenizer(TEXTS[4], truncation=True, max_length=10, return_tensors="pt")
+    assert enc["input_ids"].shape[1] == 10
+    with torch.no_grad():
+        want = emb.model(**enc).last_hidden_state[0].double().mean(0)
+    assert F.cosine_similarity(got[0].double(), want, dim=0) > 1 - 1e-5
+
+
 def test_agrees_with_sentence_transformers(minilm):
     st = load_embedder(str(default_model_dir()), "cpu", None, None, "sentence-transformers")
     assert st.backend == "sentence-transformers"
