@@ -204,7 +204,7 @@ def select_data(kshot: list[dict], pool: list[dict], target: int = 1000, thresho
     n_k, n_pool = len(kshot), len(pool)
     if n_k == 0 or n_pool == 0:
         raise SelectionError(f"select_data needs K-shot and pool examples, got {n_k} and {n_pool}")
-    if not isinstance(target, int) or target < n_k:
+    if not isinstance(target, (int, np.integer)) or target < n_k:
         raise SelectionError(f"target {target} is smaller than the {n_k} K-shot items it includes")
     if not (isinstance(threshold, (int, float)) and -1.0 <= threshold <= 1.0):
         raise SelectionError(f"threshold must be a cosine in [-1, 1], got {threshold!r}")
@@ -251,7 +251,7 @@ def select_data(kshot: list[dict], pool: list[dict], target: int = 1000, thresho
                    "candidates_near_kshot": int((cand_prio > threshold).sum()),
                    "duplicates_removed": int(len(cand) - len(kept)), "kept": int(len(kept)),
                    "kshot_included": n_k, "output": len(out)},
-        "target": target, "threshold": float(threshold),
+        "target": int(target), "threshold": float(threshold),
         "priority": ({"max": float(cand_prio.max()), "min": float(cand_prio.min()),
                       "mean": float(cand_prio.mean())} if len(cand) else None),
         "retrieval": index_info,

@@ -119,6 +119,8 @@ def test_precomputed_embeddings_are_normalised_and_checked():
     kshot_emb, pool_emb = torch.randn(3, 8, generator=gen), torch.randn(50, 8, generator=gen)
     scaled = run(kshot_emb * 3.0, pool_emb * 0.2, 23, 0.5)
     assert scaled["selected"] == brute_force(F.normalize(kshot_emb, dim=1), F.normalize(pool_emb, dim=1), 23, 0.5)[0]
+    only_kshot = run(kshot_emb, pool_emb, np.int64(3), 0.5)  # target = K: no open item, nothing to dedup
+    assert only_kshot["selected"] == [] and only_kshot["counts"]["output"] == 3 and only_kshot["priority"] is None
     kshot, pool = examples(3, "k"), examples(50, "p")
     for kw, msg in [(dict(pool_embeddings=pool_emb[:, :5]), r"pool_embeddings has shape \(50, 5\), expected \[50, 8\]"),
                     (dict(pool_embeddings=pool_emb[:49]), r"pool_embeddings has shape \(49, 8\)"),
