@@ -18,7 +18,7 @@ from tqdm.auto import tqdm
 
 from rocket.errors import RocketError
 
-# The instruction the seed prepends to every text before embedding (its --prefix in rocket augment).
+# The instruction the seed prepends to every text before embedding (`rocket augment --retrieval-prefix`).
 SEED_PREFIX = "Represent the following sentence for similar task retrieval: "
 POOLINGS = ("mean", "cls", "lasttoken")
 BACKENDS = ("auto", "hf", "sentence-transformers")
