@@ -48,7 +48,9 @@ def _methods(v, k):
     rocket = lambda x, A, B, G: K.lora_moe(x, W, b, A, B, s, G, k)  # noqa: E731
     return {
         "base": (lambda x, A, B, G: F.linear(x, W, b), (0,)),
-        "rocket": (_with_backend("triton", rocket), (0, 1, 2, 3)),
+        "rocket": (_with_backend("auto", rocket), (0, 1, 2, 3)),
+        "rocket_triton": (_with_backend("triton", rocket), (0, 1, 2, 3)),
+        "rocket_tma": (_with_backend("tma", rocket), (0, 1, 2, 3)),
         "rocket_cublas": (_with_backend("cublas", rocket), (0, 1, 2, 3)),
         "dense_einsum": (lambda x, A, B, G: lora_moe_dense_einsum(x, W, b, A, B, s, G, k), (0, 1, 2, 3)),
         "grouped_triton": (lambda x, A, B, G: lora_moe_grouped(x, W, b, A, B, s, G, k), (0, 1, 2, 3)),
@@ -103,7 +105,7 @@ def test_lora_moe_layer(recorder, device, on_gpu):
             ref = outs["rocket_cublas"]
         errs = {name: [rel_err(o, rf) for o, rf in zip(out, ref)] for name, out in outs.items() if name != "single_lora"}
         tol = 3e-2 if on_gpu else 1e-4
-        for name in ("rocket", "rocket_cublas"):
+        for name in ("rocket", "rocket_triton", "rocket_tma", "rocket_cublas"):
             assert max(errs[name]) < tol, (name, errs[name])
         del outs, ref
 
@@ -120,14 +122,20 @@ def test_lora_moe_layer(recorder, device, on_gpu):
         extra = {}
         if on_gpu and (T, d_in, d_out, E) == HEADLINE:
             # where the time goes: the GEMMs alone (Triton fused GEMM with no extra K vs cuBLAS), and a profile
-            zero = v["x"][:, :0]
-            Wt = v["W"].t()
-            extra["gemm_only_ms"] = {
-                "cublas_fwd": median_ms(lambda: F.linear(v["x"], v["W"], v["b"]), device),
-                "triton_fwd": median_ms(lambda: K.dual_mm(v["x"], Wt, zero, v["B"][0, :, :0].t(), v["b"]), device),
-                "cublas_bwd": median_ms(lambda: v["gy"] @ v["W"], device),
-                "triton_bwd": median_ms(lambda: K.dual_mm(v["gy"], v["W"], v["gy"][:, :0], v["W"][:0]), device),
-            }
+            # the base GEMM with E·r = 128 extra K, each implementation, fwd and bwd layouts, vs cuBLAS base alone
+            gen = torch.Generator().manual_seed(1)
+            h = torch.randn(T, 128, generator=gen).to(dtype).to(device)
+            Bc = torch.randn(d_out, 128, generator=gen).to(dtype).to(device)
+            AGc = torch.randn(128, d_in, generator=gen).to(dtype).to(device)
+            extra["gemm_only_ms"] = {"cublas_base_fwd": median_ms(lambda: F.linear(v["x"], v["W"], v["b"]), device),
+                                     "cublas_base_bwd": median_ms(lambda: v["gy"] @ v["W"], device)}
+            for impl, fn in K._IMPLS.items():
+                out_f = torch.empty(T, d_out, device=device, dtype=dtype)
+                out_b = torch.empty(T, d_in, device=device, dtype=dtype)
+                extra["gemm_only_ms"][f"{impl}_fwd"] = median_ms(
+                    lambda: fn(v["x"], v["W"].t(), h, Bc.t(), v["b"], out_f), device)  # noqa: B023
+                extra["gemm_only_ms"][f"{impl}_bwd"] = median_ms(
+                    lambda: fn(v["gy"], v["W"], h, AGc, None, out_b), device)  # noqa: B023
             with torch.no_grad():
                 print(_profile(lambda: methods["rocket"][0](v["x"], v["A"], v["B"], v["G"])))
             print(_profile(_fwd_bwd(*methods["rocket"], v)))
@@ -138,3 +146,6 @@ def test_lora_moe_layer(recorder, device, on_gpu):
         print(f"T={T} {d_in}->{d_out} E={E}: fwd " + " ".join(f"{n}={x:.3f}" for n, x in ratio_fwd.items())
               + " | fwd+bwd " + " ".join(f"{n}={x:.3f}" for n, x in ratio_fwdbwd.items())
               + f" | base fwd {fwd['base']:.3f} ms, fwd+bwd {fwdbwd['base']:.3f} ms", row.get("gemm_only_ms", ""))
+    if on_gpu:  # what GEMM_BACKEND="auto" measured and chose per GEMM shape
+        recorder.rows[-1]["auto_gemm_choices"] = {str(k_): c for k_, c in K.CHOICES.items()}
+        print({str(k_): c for k_, c in K.CHOICES.items()})

@@ -30,9 +30,8 @@ from rocket.kernels import use_triton
 
 _INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 PAD_K = 64  # the K block of the GEMM configs
-# Which GEMM carries the base product: "triton" (fused extra-K GEMM) or "cublas" (cuBLAS with the
-# LoRA product written first and read back as C). The bench times both.
-GEMM_BACKEND = os.environ.get("ROCKET_MOE_GEMM", "triton")
+# Which GEMM carries the base product (see dual_mm): "auto", "triton", "tma" or "cublas".
+GEMM_BACKEND = os.environ.get("ROCKET_MOE_GEMM", "auto")
 
 
 def _flags(dtype):
@@ -339,25 +338,17 @@ def _dual_mm(a1_ptr, b1_ptr, a2_ptr, b2_ptr, bias_ptr, out_ptr, M, N, K1, K2,
 
 def _mm_configs():
     return [triton.Config({"BM": bm, "BN": bn, "BK": PAD_K, "GROUP_M": 8, "UNIFIED": u}, num_warps=w, num_stages=st)
-            for bm, bn, w, st in ((128, 256, 8, 3), (128, 256, 8, 4), (256, 128, 8, 3), (128, 128, 8, 4))
-            for u in (0, 1)]
+            for bm, bn, w, st, u in ((128, 256, 8, 3, 0), (128, 256, 8, 3, 1), (128, 256, 8, 4, 1), (128, 128, 8, 4, 0))]
 
 
 _dual_mm_tuned = triton.autotune(configs=_mm_configs(), key=["M", "N", "K1", "K2", "sb1k", "sb1n"],
                                  do_bench=_quick_bench)(_dual_mm)
 
 
-def dual_mm(a1, b1, a2, b2, bias=None, out_dtype=None):
-    """a1 @ b1 + a2 @ b2 (+ bias) with one fp32 accumulator; b's are [K, N] views (any strides)."""
+def _dual_mm_pointers(a1, b1, a2, b2, bias, out):
     M, K1 = a1.shape
     N = b1.shape[1]
     K2 = a2.shape[1]
-    out = torch.empty(M, N, device=a1.device, dtype=out_dtype or a1.dtype)
-    if M == 0 or N == 0:
-        return out
-    if GEMM_BACKEND == "cublas" and not _INTERPRET:
-        out = torch.mm(a2, b2) if bias is None else torch.addmm(bias.to(a1.dtype), a2, b2)
-        return out.addmm_(a1, b1)
     ieee, dot_f32 = _flags(a1.dtype)
     bk2 = PAD_K if K2 % PAD_K == 0 else max(16, min(PAD_K, triton.next_power_of_2(K2)))
     args = (a1, b1, a2, b2, bias if bias is not None else out, out, M, N, K1, K2,
@@ -375,6 +366,154 @@ def dual_mm(a1, b1, a2, b2, bias=None, out_dtype=None):
     _dual_mm_tuned[grid](*args, BK2=bk2, HAS_BIAS=bias is not None, EVEN_K1=K1 % PAD_K == 0, IEEE=ieee,
                          DOT_F32=dot_f32)
     return out
+
+
+# --------------------------------------------------------------------------- the same GEMM through TMA
+@triton.jit
+def _dual_mm_tma(a1_d, b1_d, a2_d, b2_d, bias_ptr, out_d, M, N, K1, K2,
+                 BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, GROUP_M: tl.constexpr,
+                 B1_KMAJOR: tl.constexpr, B2_KMAJOR: tl.constexpr, HAS_BIAS: tl.constexpr, DOT_F32: tl.constexpr):
+    """_dual_mm with tiles moved by the tensor-memory accelerator (bounds handled by the descriptors);
+    a b operand stored [N, K] (K-major, as x Wᵀ needs W) is loaded as such and transposed in the dot."""
+    pid = tl.program_id(0)
+    n_m = tl.cdiv(M, BM)
+    n_n = tl.cdiv(N, BN)
+    group = pid // (GROUP_M * n_n)
+    first_m = group * GROUP_M
+    size_m = min(n_m - first_m, GROUP_M)
+    off_m = (first_m + (pid % (GROUP_M * n_n)) % size_m) * BM
+    off_n = ((pid % (GROUP_M * n_n)) // size_m) * BN
+    acc = tl.zeros((BM, BN), dtype=tl.float32)
+    for k in range(0, K1, BK):
+        a = a1_d.load([off_m, k])
+        if B1_KMAJOR:
+            b = b1_d.load([off_n, k]).T
+        else:
+            b = b1_d.load([k, off_n])
+        acc = _dot(a, b, acc, False, DOT_F32)
+    for k in range(0, K2, BK):
+        a = a2_d.load([off_m, k])
+        if B2_KMAJOR:
+            b = b2_d.load([off_n, k]).T
+        else:
+            b = b2_d.load([k, off_n])
+        acc = _dot(a, b, acc, False, DOT_F32)
+    if HAS_BIAS:
+        rn = off_n + tl.arange(0, BN)
+        acc += tl.load(bias_ptr + rn, mask=rn < N, other=0.0).to(tl.float32)[None, :]
+    out_d.store([off_m, off_n], acc.to(out_d.dtype))
+
+
+def _tma_blocks(nargs):
+    BM, BN, BK = nargs["BM"], nargs["BN"], nargs["BK"]
+    nargs["a1_d"].block_shape = nargs["a2_d"].block_shape = [BM, BK]
+    nargs["b1_d"].block_shape = [BN, BK] if nargs["B1_KMAJOR"] else [BK, BN]
+    nargs["b2_d"].block_shape = [BN, BK] if nargs["B2_KMAJOR"] else [BK, BN]
+    nargs["out_d"].block_shape = [BM, BN]
+
+
+_dual_mm_tma_tuned = triton.autotune(
+    configs=[triton.Config({"BM": bm, "BN": bn, "BK": PAD_K, "GROUP_M": 8}, num_warps=w, num_stages=st,
+                           pre_hook=_tma_blocks)
+             for bm, bn, w, st in ((128, 256, 8, 3), (128, 256, 8, 4), (128, 128, 8, 4))],
+    key=["M", "N", "K1", "K2", "B1_KMAJOR", "B2_KMAJOR"], do_bench=_quick_bench)(_dual_mm_tma)
+
+
+def _kn_descriptor(b, block_k, block_n):
+    """(descriptor, K-major?) of a [K, N] operand view, or None where TMA cannot read it."""
+    from triton.tools.tensor_descriptor import TensorDescriptor
+    if b.stride(0) == 1 and b.t().is_contiguous():
+        return TensorDescriptor.from_tensor(b.t(), [block_n, block_k]), True
+    if b.is_contiguous():
+        return TensorDescriptor.from_tensor(b, [block_k, block_n]), False
+    return None
+
+
+def _tma_ok(*ts) -> bool:
+    return all(t.dtype in (torch.bfloat16, torch.float16) and t.data_ptr() % 16 == 0
+               and all(st * t.element_size() % 16 == 0 for st, n in zip(t.stride(), t.shape) if st != 1)
+               for t in ts)
+
+
+def _dual_mm_tensor_memory(a1, b1, a2, b2, bias, out):
+    from triton.tools.tensor_descriptor import TensorDescriptor
+    M, K1 = a1.shape
+    N, K2 = b1.shape[1], a2.shape[1]
+    bm, bn, bk = (32, 32, 32) if _INTERPRET else (128, 256, PAD_K)  # the tuned run resets the blocks
+    d1, d2 = _kn_descriptor(b1, bk, bn), _kn_descriptor(b2, bk, bn)
+    args = (TensorDescriptor.from_tensor(a1, [bm, bk]), d1[0], TensorDescriptor.from_tensor(a2, [bm, bk]), d2[0],
+            bias if bias is not None else out, TensorDescriptor.from_tensor(out, [bm, bn]), M, N, K1, K2)
+    meta = dict(B1_KMAJOR=d1[1], B2_KMAJOR=d2[1], HAS_BIAS=bias is not None, DOT_F32=_INTERPRET)
+    if _INTERPRET:
+        _dual_mm_tma[(triton.cdiv(M, bm) * triton.cdiv(N, bn),)](*args, BM=bm, BN=bn, BK=bk, GROUP_M=8, **meta)
+    else:
+        grid = lambda m: (triton.cdiv(M, m["BM"]) * triton.cdiv(N, m["BN"]),)  # noqa: E731
+        _dual_mm_tma_tuned[grid](*args, **meta)
+    return out
+
+
+def _tma_usable(a1, b1, a2, b2, out) -> bool:
+    if not _tma_ok(a1, a2, out, b1, b2) or a1.stride(1) != 1 or a2.stride(1) != 1:
+        return False
+    return all(b.stride(0) == 1 and b.t().is_contiguous() or b.is_contiguous() for b in (b1, b2))
+
+
+def _dual_mm_cublas(a1, b1, a2, b2, bias, out):
+    # the LoRA product first (with the bias), then the base product reads it back as C (beta = 1)
+    if bias is None:
+        torch.mm(a2, b2, out=out)
+    else:
+        torch.addmm(bias.to(out.dtype), a2, b2, out=out)
+    return out.addmm_(a1, b1)
+
+
+_IMPLS = {"triton": _dual_mm_pointers, "tma": _dual_mm_tensor_memory, "cublas": _dual_mm_cublas}
+_CHOSEN: dict[tuple, str] = {}
+
+
+def _choose(a1, b1, a2, b2, bias, out) -> str:
+    """GEMM_BACKEND "auto": time every usable implementation once per shape and layout (like an
+    autotuner, on the real operands), keep the fastest whose result agrees with cuBLAS."""
+    key = (tuple(a1.shape), tuple(b1.shape), tuple(b1.stride()), tuple(a2.shape), a1.dtype, bias is None)
+    if key not in _CHOSEN:
+        names = ["cublas", "triton"] + (["tma"] if _tma_usable(a1, b1, a2, b2, out) else [])
+        ref = _dual_mm_cublas(a1, b1, a2, b2, bias, torch.empty_like(out)).float()
+        times = {}
+        for name in names:
+            try:
+                got = _IMPLS[name](a1, b1, a2, b2, bias, torch.empty_like(out)).float()
+                if not bool(((got - ref).norm() <= 1e-2 * ref.norm().clamp_min(1e-30))):
+                    continue
+                times[name] = triton.testing.do_bench(
+                    lambda: _IMPLS[name](a1, b1, a2, b2, bias, out), warmup=10, rep=50)  # noqa: B023
+            except Exception:  # an implementation this GPU/Triton cannot build is simply not a candidate
+                continue
+        _CHOSEN[key] = min(times, key=times.get)
+        CHOICES[key] = dict(times, chosen=_CHOSEN[key])
+    return _CHOSEN[key]
+
+
+CHOICES: dict[tuple, dict] = {}  # what "auto" measured and chose, per GEMM key (reported by the bench)
+
+
+def dual_mm(a1, b1, a2, b2, bias=None, out_dtype=None):
+    """a1 @ b1 + a2 @ b2 (+ bias) with one fp32 accumulator; b's are [K, N] views (any strides).
+
+    GEMM_BACKEND: "auto" (default on CUDA: fastest of the below per shape), "triton" (pointer
+    loads, one-loop variant), "tma" (tensor-memory-accelerator tiles), "cublas" (two cuBLAS calls)."""
+    M, K1 = a1.shape
+    N = b1.shape[1]
+    out = torch.empty(M, N, device=a1.device, dtype=out_dtype or a1.dtype)
+    if M == 0 or N == 0:
+        return out
+    backend = GEMM_BACKEND
+    if backend == "cublas" and _INTERPRET:
+        backend = "triton"
+    if backend == "tma" and not _tma_usable(a1, b1, a2, b2, out):
+        backend = "triton"
+    if backend == "auto":
+        backend = "triton" if (_INTERPRET or a1.dtype == torch.float32) else _choose(a1, b1, a2, b2, bias, out)
+    return _IMPLS[backend](a1, b1, a2, b2, bias, out)
 
 
 # --------------------------------------------------------------------------- autograd

@@ -146,7 +146,7 @@ def test_every_output_element_is_written(monkeypatch):
         return t.fill_(float("nan")) if t.is_floating_point() else t.fill_(-7)
 
     gy = torch.randn(67, 29, generator=gen).to(DEVICE)
-    ref = _grads(_reference, *_double(x, W, b, A, B, s, G), 2, gy, torch.zeros(67, 5))
+    ref = _grads(_reference, *_double(x, W, b, A, B, s, G), 2, gy, torch.zeros(67, 5).to(DEVICE))
     monkeypatch.setattr(torch, "empty", nan_empty)
     got = _grads(_kernel, x, W, b, A, B, s, G, 2, gy, torch.zeros(67, 5).to(DEVICE))
     monkeypatch.undo()
@@ -167,11 +167,22 @@ def test_router_only_training_skips_expert_grads_and_trainable_base_uses_referen
     assert rel_err(Wt.grad, torch.ones(31, 14, dtype=torch.float64).t() @ x.double().cpu()) < 1e-5
 
 
-@pytest.mark.gpu
-@pytest.mark.parametrize("backend", ["triton", "cublas"])
-@pytest.mark.parametrize("T, d_in, d_out, E, r, k", [(4096, 1024, 2752, 8, 16, 2), (1000, 4096, 1000, 4, 16, 2),
-                                                     (3, 512, 384, 64, 8, 7)])
-def test_gpu_bf16_large_shapes(monkeypatch, backend, T, d_in, d_out, E, r, k):
+@pytest.mark.parametrize("backend", ["triton", "tma"])
+def test_fused_gemm_variants_bf16(monkeypatch, backend):
+    """Both Triton GEMMs (pointer loads; TMA descriptors) in forward and backward layouts."""
+    monkeypatch.setattr(K, "GEMM_BACKEND", backend)
+    gen = torch.Generator().manual_seed(17)
+    T, d_in, d_out, E, r, k = 70, 64, 40, 4, 16, 2
+    x, W, b, A, B, s, G = _inputs(T, d_in, d_out, E, r, torch.bfloat16, gen)
+    gy = torch.randn(T, d_out, generator=gen).to(torch.bfloat16).to(DEVICE)
+    gp = torch.randn(T, E, generator=gen).to(DEVICE)
+    got = _grads(_kernel, x, W, b, A, B, s, G, k, gy, gp)
+    ref = _grads(_reference, *_double(x, W, b, A, B, s, G), k, gy, gp)
+    for name, g, r_ in zip(["y", "probs", "dx", "dA", "dB", "dG"], got, ref):
+        assert rel_err(g, r_) < TOL[torch.bfloat16], name
+
+
+def _gpu_case(monkeypatch, backend, T, d_in, d_out, E, r, k):
     monkeypatch.setattr(K, "GEMM_BACKEND", backend)
     gen = torch.Generator().manual_seed(T + E)
     x, W, b, A, B, s, G = _inputs(T, d_in, d_out, E, r, torch.bfloat16, gen)
@@ -180,4 +191,17 @@ def test_gpu_bf16_large_shapes(monkeypatch, backend, T, d_in, d_out, E, r, k):
     got = _grads(_kernel, x, W, b, A, B, s, G, k, gy, gp)
     ref = _grads(_reference, *[None if t is None else t.float() for t in (x, W, b, A, B, s, G)], k, gy.float(), gp)
     for name, g, r_ in zip(["y", "probs", "dx", "dA", "dB", "dG"], got, ref):
-        assert rel_err(g, r_) < TOL[torch.bfloat16], name
+        assert rel_err(g, r_) < TOL[torch.bfloat16], (backend, name)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("backend", ["auto", "triton", "tma", "cublas"])
+def test_gpu_bf16_every_gemm_backend(monkeypatch, backend):
+    _gpu_case(monkeypatch, backend, 4096, 1024, 2752, 8, 16, 2)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("T, d_in, d_out, E, r, k", [(1000, 4096, 1000, 4, 16, 2), (3, 512, 384, 64, 8, 7),
+                                                     (777, 1000, 1100, 5, 12, 3)])
+def test_gpu_bf16_odd_shapes(monkeypatch, T, d_in, d_out, E, r, k):
+    _gpu_case(monkeypatch, "auto", T, d_in, d_out, E, r, k)
