@@ -71,7 +71,9 @@ def linear_cross_entropy_per_example(hidden, lm_weight, targets, example_ids, n_
         h, tgt, ids = hidden[keep], tgt[keep], ids[keep]
         if bool(((tgt < 0) | (tgt >= V)).any()):
             raise ValueError(f"linear_cross_entropy_per_example: a target is outside the vocabulary [0, {V})")
-    counts = torch.bincount(ids, minlength=n_examples)
+    # index_add_, not bincount: bincount reads its maximum back to the host (a sync per call)
+    counts = torch.zeros(n_examples, dtype=torch.float32, device=hidden.device).index_add_(
+        0, ids, torch.ones(ids.shape[0], dtype=torch.float32, device=hidden.device))
     if validate and bool((counts == 0).any()):
         raise ValueError("linear_cross_entropy_per_example: an example has no label tokens")
     chunk = chunk_rows or max(1, CHUNK_ELEMENTS // V)
@@ -81,4 +83,4 @@ def linear_cross_entropy_per_example(hidden, lm_weight, targets, example_ids, n_
         logits = h[s:s + chunk] @ weight.t()
         tok[s:s + chunk] = row_cross_entropy(logits, tgt[s:s + chunk])
     sums = torch.zeros(n_examples, dtype=torch.float32, device=hidden.device).index_add_(0, ids, tok)
-    return sums / counts.float()
+    return sums / counts

@@ -77,23 +77,29 @@ def _sgmv_shrink_expand(x_ptr, y_ptr, a_ptr, b_ptr, s_ptr, tiles_ptr, n_tiles, d
         tl.store(y_ptrs, (y + d).to(y_ptr.dtype.element_ty), mask=y_mask)
 
 
-def segment_tiles(row_adapters, tokens_per_row: int = 1, device=None, block_m: int = BLOCK_M) -> torch.Tensor:
+def segment_tiles(row_adapters, tokens_per_row=1, device=None, block_m: int = BLOCK_M) -> torch.Tensor:
     """Tile table [3, n_tiles] int32 (adapter, first token, end token) for rows whose adapter ids are
-    grouped in contiguous runs; each row spans `tokens_per_row` consecutive tokens. Rows with id < 0
-    get no tile (no delta)."""
+    grouped in contiguous runs; row i spans `tokens_per_row` consecutive tokens (an int for all rows, or
+    one length per row for packed rows). Rows with id < 0 get no tile (no delta)."""
     ids = [int(a) for a in (row_adapters.tolist() if torch.is_tensor(row_adapters) else row_adapters)]
+    if isinstance(tokens_per_row, int):
+        lengths = [tokens_per_row] * len(ids)
+    else:
+        lengths = [int(n) for n in tokens_per_row]
+        if len(lengths) != len(ids):
+            raise ValueError(f"segment_tiles: {len(ids)} rows but {len(lengths)} row lengths")
     adapters, starts, ends = [], [], []
-    i = 0
+    i = tok = 0
     while i < len(ids):
-        j = i
+        j, seg_start = i, tok
         while j < len(ids) and ids[j] == ids[i]:
+            tok += lengths[j]
             j += 1
         if ids[i] >= 0:
-            seg_end = j * tokens_per_row
-            for s in range(i * tokens_per_row, seg_end, block_m):
+            for s in range(seg_start, tok, block_m):
                 adapters.append(ids[i])
                 starts.append(s)
-                ends.append(min(s + block_m, seg_end))
+                ends.append(min(s + block_m, tok))
         i = j
     return torch.tensor([adapters, starts, ends], dtype=torch.int32).reshape(3, -1).to(device)
 
@@ -144,3 +150,40 @@ def multi_lora(x, lora_A, lora_B, scaling, adapter_ids) -> torch.Tensor:
     multi_lora_add_(out, xs, lora_A.to(x.dtype).contiguous(), lora_B.to(x.dtype).contiguous(),
                     scaling.to(device=x.device, dtype=torch.float32), tiles)
     return torch.empty_like(out).index_copy_(0, order, out)
+
+
+@triton.jit
+def _merge(w0_ptr, a_ptr, b_ptr, out_ptr, d_out, d_in, rank, scale,
+           BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr, IEEE: tl.constexpr):
+    rows = (tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)).to(tl.int64)
+    cols = (tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)).to(tl.int64)
+    rr = tl.arange(0, BLOCK_R)
+    row_ok, col_ok, r_ok = rows < d_out, cols < d_in, rr < rank
+    b = tl.load(b_ptr + rows[:, None] * rank + rr[None, :], mask=row_ok[:, None] & r_ok[None, :], other=0.0)
+    a = tl.load(a_ptr + rr[:, None] * d_in + cols[None, :], mask=r_ok[:, None] & col_ok[None, :], other=0.0)
+    if IEEE:
+        d = tl.dot(b.to(tl.float32), a.to(tl.float32), input_precision="ieee")
+    else:
+        d = tl.dot(b, a)
+    mask = row_ok[:, None] & col_ok[None, :]
+    w = tl.load(w0_ptr + rows[:, None] * d_in + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+    tl.store(out_ptr + rows[:, None] * d_in + cols[None, :], (w + scale * d).to(out_ptr.dtype.element_ty), mask=mask)
+
+
+def lora_merge(out: torch.Tensor, base: torch.Tensor, lora_A: torch.Tensor, lora_B: torch.Tensor,
+               scaling: float) -> torch.Tensor:
+    """out = base + scaling · B A (float32 accumulation, one rounding), written in place into `out`.
+    base/out: [d_out, d_in]; lora_A: [r, d_in]; lora_B: [d_out, r]; all contiguous, one dtype."""
+    if not use_triton(out, base):
+        return out.copy_(R.lora_merge(base, lora_A, lora_B, scaling))
+    d_out, d_in = base.shape
+    rank = lora_A.shape[0]
+    if out.shape != base.shape or lora_A.shape != (rank, d_in) or lora_B.shape != (d_out, rank) \
+            or not all(t.is_contiguous() for t in (out, base, lora_A, lora_B)):
+        raise ValueError(f"lora_merge: W {tuple(base.shape)}, A {tuple(lora_A.shape)}, B {tuple(lora_B.shape)} "
+                         "must compose and be contiguous")
+    grid = (triton.cdiv(d_out, 128), triton.cdiv(d_in, 128))
+    _merge[grid](base, lora_A, lora_B, out, d_out, d_in, rank, float(scaling), BLOCK_M=128, BLOCK_N=128,
+                 BLOCK_R=max(16, triton.next_power_of_2(rank)), IEEE=base.dtype == torch.float32 or _INTERPRET,
+                 num_warps=8)
+    return out

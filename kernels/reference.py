@@ -99,6 +99,31 @@ def multi_lora(x, lora_A, lora_B, scaling, adapter_ids):
     return out
 
 
+# --------------------------------------------------------------------------- Llama layer glue (scoring)
+def rms_norm(h: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """transformers' LlamaRMSNorm: float32 statistics, normalised value rounded to h's dtype, times weight."""
+    x = h.float()
+    n = (x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps)).to(h.dtype)
+    return weight * n
+
+
+def rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """HF apply_rotary_pos_emb on x [T, heads, d] with cos/sin [T, d]: x·cos + rotate_half(x)·sin."""
+    half = x.shape[-1] // 2
+    rot = torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+    return x * cos[:, None, :] + rot * sin[:, None, :]
+
+
+def silu_mul(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
+    """Gated MLP activation: silu(gate) · up."""
+    return F.silu(gate) * up
+
+
+def lora_merge(weight, lora_A, lora_B, scaling):
+    """A LoRA merged into its base weight: W + s · B A, accumulated in float32, in W's dtype."""
+    return (weight.float() + float(scaling) * (lora_B.float() @ lora_A.float())).to(weight.dtype)
+
+
 # --------------------------------------------------------------------------- losses
 def masked_cross_entropy_per_example(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     """Mean next-token cross-entropy (nats) per example over label tokens, HF shift convention.

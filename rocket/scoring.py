@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import json
 import math
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -17,7 +17,9 @@ from rocket.errors import RocketError
 from rocket.kernels import reference as R
 from rocket.kernels import use_triton
 from rocket.kernels.linear_ce import linear_cross_entropy_per_example
-from rocket.kernels.multi_lora import multi_lora_add_, segment_tiles
+from rocket.kernels.multi_lora import lora_merge, multi_lora_add_, segment_tiles
+from rocket.fastpath import fast_forward, supports_fast_path
+from rocket.packing import PackedBatch, pack_rows, packed_attention, supports_packing
 
 
 @dataclass
@@ -84,36 +86,43 @@ class AdapterRows:
     """Which adapter each row of the current batch runs under (shared by all wrapped layers).
 
     Rows of one adapter must be contiguous (callers sort them), so every layer finds its adapter
-    segments in a tile table built once per batch and token count, not once per layer."""
+    segments in a tile table built once per batch and token count, not once per layer. Rows either
+    all span the same number of tokens (padded batches, decode steps) or have given lengths (packed)."""
 
     def __init__(self, device):
         self.device = torch.device(device)
         self.rows: list[int] | None = None
+        self.lengths: list[int] | None = None
         self._tiles: dict[int, torch.Tensor] = {}
         self._ids: dict[int, torch.Tensor] = {}
 
-    def set(self, rows: list[int]) -> None:
+    def set(self, rows: list[int], lengths: list[int] | None = None) -> None:
         self.rows = list(rows)
+        self.lengths = None if lengths is None else list(lengths)
         self._tiles.clear()
         self._ids.clear()
 
-    def tokens_per_row(self, n_tokens: int) -> int:
+    def _per_row(self, n_tokens: int):
+        if self.lengths is not None:
+            if sum(self.lengths) != n_tokens:
+                raise RocketError(f"multi-adapter batch: {n_tokens} tokens but packed rows hold {sum(self.lengths)}")
+            return self.lengths
         if not self.rows or n_tokens % len(self.rows):
             raise RocketError(f"multi-adapter batch: {n_tokens} tokens do not split into "
                               f"{len(self.rows or [])} adapter rows")
         return n_tokens // len(self.rows)
 
     def tiles(self, n_tokens: int) -> torch.Tensor:
-        per_row = self.tokens_per_row(n_tokens)
-        if per_row not in self._tiles:
-            self._tiles[per_row] = segment_tiles(self.rows, per_row, self.device)
-        return self._tiles[per_row]
+        if n_tokens not in self._tiles:
+            self._tiles[n_tokens] = segment_tiles(self.rows, self._per_row(n_tokens), self.device)
+        return self._tiles[n_tokens]
 
     def token_ids(self, n_tokens: int) -> torch.Tensor:
-        per_row = self.tokens_per_row(n_tokens)
-        if per_row not in self._ids:
-            self._ids[per_row] = torch.tensor(self.rows, device=self.device).repeat_interleave(per_row)
-        return self._ids[per_row]
+        if n_tokens not in self._ids:
+            per_row = self._per_row(n_tokens)
+            reps = torch.tensor(per_row) if isinstance(per_row, list) else per_row
+            self._ids[n_tokens] = torch.tensor(self.rows).repeat_interleave(reps).to(self.device)
+        return self._ids[n_tokens]
 
 
 class MultiLoraLinear(nn.Module):
@@ -165,7 +174,79 @@ def multi_lora_model(model: nn.Module, bank: LoraBank, indices=None):
             setattr(parent, child, base)
 
 
+class MergedAdapters:
+    """The other way to run adapters: merge one adapter at a time into the base weights, in place
+    (W ← W₀ + s·B A, one memory-bound kernel per module, W₀ kept aside and restored on `restore`). When every adapter
+    has thousands of tokens to score, one merge per adapter costs far less than a LoRA pass per layer
+    and lets the base model run untouched (cuBLAS GEMMs only)."""
+
+    def __init__(self, model: nn.Module, bank: LoraBank, indices=None):
+        bank.validate(model)
+        chosen = list(range(len(bank))) if indices is None else list(indices)
+        names = sorted(set().union(*(bank[i].weights for i in chosen)))
+        self.layers = {n: model.get_submodule(n) for n in names}
+        self.original = {n: layer.weight.detach().clone() for n, layer in self.layers.items()}
+        self.stacks = {n: bank.stack(n, chosen, dtype=layer.weight.dtype, device=layer.weight.device)
+                       for n, layer in self.layers.items()}
+        self.scaling = {n: st.scaling.tolist() for n, st in self.stacks.items()}
+        self.present = {n: st.present.tolist() for n, st in self.stacks.items()}
+        self.dirty: set[str] = set()
+
+    @torch.no_grad()
+    def merge(self, a: int) -> None:
+        """Base weights + adapter a (local index); modules it does not cover get W₀ back."""
+        for n, layer in self.layers.items():
+            st = self.stacks[n]
+            if self.present[n][a]:
+                lora_merge(layer.weight.data, self.original[n], st.A[a], st.B[a], self.scaling[n][a])
+                self.dirty.add(n)
+            elif n in self.dirty:
+                layer.weight.data.copy_(self.original[n])
+                self.dirty.discard(n)
+
+    @torch.no_grad()
+    def restore(self) -> None:
+        for n in list(self.dirty):
+            self.layers[n].weight.data.copy_(self.original[n])
+        self.dirty.clear()
+
+
+@contextmanager
+def merged_adapters(model: nn.Module, bank: LoraBank, indices=None):
+    merger = MergedAdapters(model, bank, indices)
+    try:
+        yield merger
+    finally:
+        merger.restore()
+
+
+@contextmanager
+def compiled_layers(model: nn.Module, enabled: bool = True):
+    """torch.compile each decoder layer (regional compilation: one layer's graph serves all of them),
+    restored on exit. Fuses the norms, rotary and activation around the GEMMs."""
+    layers = getattr(model.get_decoder(), "layers", None)
+    if not enabled or layers is None:
+        yield
+        return
+    originals = list(layers)
+    try:
+        for i, layer in enumerate(originals):
+            layers[i] = torch.compile(layer, dynamic=True)
+        yield
+    finally:
+        for i, layer in enumerate(originals):
+            layers[i] = layer
+
+
 # --------------------------------------------------------------------------- scoring
+@dataclass
+class ScoringExample:
+    """One tokenized example ready to pack: its ids and the positions whose next token is a label."""
+    ids: torch.Tensor        # [L] int64
+    label_pos: torch.Tensor  # [n] int64: position p predicts targets[i] = token p+1
+    targets: torch.Tensor    # [n] int64
+
+
 def context_length(model) -> int | None:
     return getattr(getattr(model, "config", None), "max_position_embeddings", None)
 
@@ -188,21 +269,16 @@ def tokenize_for_scoring(examples, tokenizer, template, max_length) -> list[Toke
     return out
 
 
-def plan_batches(lengths: list[int], n_adapters: int, max_tokens: int) -> list[list[tuple[int, int]]]:
-    """(adapter, example) rows, longest examples first so neighbours share a padded length; each
-    batch holds ≤ max_tokens padded tokens (at least one row) and is ordered by adapter."""
-    rows = sorted(((a, e) for e in range(len(lengths)) for a in range(n_adapters)),
-                  key=lambda p: (-lengths[p[1]], p[1], p[0]))
-    batches, cur = [], []
-    for row in rows:
-        width = lengths[cur[0][1]] if cur else lengths[row[1]]
-        if cur and (len(cur) + 1) * width > max_tokens:
-            batches.append(sorted(cur))
-            cur = []
-        cur.append(row)
-    if cur:
-        batches.append(sorted(cur))
-    return batches
+def prepare_examples(tokenized: list[Tokenized], vocab_size: int) -> list[ScoringExample]:
+    out = []
+    for i, t in enumerate(tokenized):
+        labels = torch.tensor(t.labels[1:], dtype=torch.long)
+        pos = torch.nonzero(labels != IGNORE_INDEX, as_tuple=True)[0]
+        targets = labels[pos]
+        if int(targets.min()) < 0 or int(targets.max()) >= vocab_size:
+            raise DataError(f"example {i}: a label token id is outside the model's vocabulary of {vocab_size}")
+        out.append(ScoringExample(torch.tensor(t.input_ids, dtype=torch.long), pos, targets))
+    return out
 
 
 def _default_max_tokens(device: torch.device) -> int:
@@ -218,96 +294,142 @@ def _shard(n: int, distributed: bool | None) -> tuple[list[int], bool]:
     return list(range(dist.get_rank(), n, dist.get_world_size())), True
 
 
+def _batch_losses(model, batch: PackedBatch, path: str, prune: bool) -> torch.Tensor:
+    """Mean label loss [rows] of one packed batch: a base-model pass, logits only at label positions.
+    path: 'fast' (rocket.fastpath; `prune`: the last layer's MLP on label rows only), 'packed'
+    (transformers' forward, varlen attention) or 'single' (one row, transformers' own attention)."""
+    if path == "fast":
+        hidden = fast_forward(model, batch, keep=batch.label_pos if prune else None)
+        if not prune:
+            hidden = hidden[batch.label_pos]
+    else:
+        kwargs = batch.forward_kwargs() if path == "packed" else dict(
+            input_ids=batch.input_ids, position_ids=batch.position_ids, use_cache=False)
+        hidden = model.get_decoder()(**kwargs).last_hidden_state[0][batch.label_pos]
+    return linear_cross_entropy_per_example(hidden, model.get_output_embeddings().weight, batch.targets,
+                                            batch.label_row, len(batch.rows), validate=False)
+
+
 @torch.no_grad()
-def adapter_losses(model, rows: AdapterRows, tokenized: list[Tokenized], n_adapters: int,
-                   max_tokens: int | None = None, progress: bool = True) -> torch.Tensor:
-    """loss [n_adapters, K] (float32, on the model's device) of a model wrapped by multi_lora_model:
-    one base-model pass per batch of (adapter, example) rows; logits only at label positions."""
-    decoder = model.get_decoder()
-    lm_weight = model.get_output_embeddings().weight
-    device = lm_weight.device
-    V = lm_weight.shape[0]
+def adapter_losses(model, adapters: "AdapterRows | MergedAdapters", examples: list[ScoringExample], n_adapters: int,
+                   max_tokens: int | None = None, progress: bool = True, fast: bool | None = None) -> torch.Tensor:
+    """loss [n_adapters, K] (float32, on the model's device) of every (adapter, example) pair.
+
+    adapters: the AdapterRows of a model wrapped by multi_lora_model (rows of many adapters share a
+    pass, SGMV), or a MergedAdapters (one adapter merged at a time; the packed batches, built once,
+    are reused for every adapter). Rows are packed without padding into passes of ≤ max_tokens tokens
+    when the model's attention allows it (else one row per pass). fast: use rocket.fastpath for
+    Llama-family models (default: whenever it supports the model)."""
+    device = model.get_output_embeddings().weight.device
     max_tokens = max_tokens or _default_max_tokens(device)
-    lengths = [len(t.input_ids) for t in tokenized]
-    batches = plan_batches(lengths, n_adapters, max_tokens)
-    loss = torch.full((n_adapters, len(tokenized)), float("nan"), dtype=torch.float32, device=device)
-    bar = tqdm(total=n_adapters * len(tokenized), desc="scoring", unit="pair", disable=not progress)
-    for batch in batches:
-        B, L = len(batch), max(lengths[e] for _, e in batch)
-        ids = torch.zeros(B, L, dtype=torch.long)
-        positions, targets, owners = [], [], []
-        for b, (_, e) in enumerate(batch):
-            t = tokenized[e]
-            ids[b, :len(t.input_ids)] = torch.tensor(t.input_ids)
-            for pos in range(len(t.labels) - 1):  # position pos predicts token pos+1
-                if t.labels[pos + 1] != IGNORE_INDEX:
-                    positions.append(b * L + pos)
-                    targets.append(t.labels[pos + 1])
-                    owners.append(b)
-        if min(targets) < 0 or max(targets) >= V:
-            raise DataError(f"scoring: a label token id is outside the model's vocabulary of {V}")
-        rows.set([a for a, _ in batch])
-        # right padding under a plain causal mask is exact for the real tokens (they never see the
-        # padding), and it keeps attention on the flash/is_causal path
-        hidden = decoder(input_ids=ids.to(device), use_cache=False).last_hidden_state.reshape(B * L, -1)
-        pos_t = torch.tensor(positions).to(device, non_blocking=True)
-        per_row = linear_cross_entropy_per_example(
-            hidden[pos_t], lm_weight, torch.tensor(targets).to(device, non_blocking=True),
-            torch.tensor(owners).to(device, non_blocking=True), B, validate=False)
-        a_idx = torch.tensor([a for a, _ in batch]).to(device, non_blocking=True)
-        e_idx = torch.tensor([e for _, e in batch]).to(device, non_blocking=True)
-        loss[a_idx, e_idx] = per_row
-        bar.update(B)
+    lengths = [len(ex.ids) for ex in examples]
+    packed = supports_packing(model)
+    if fast is None or fast:
+        fast = supports_fast_path(model, max(lengths))
+    path = "fast" if fast else "packed" if packed else "single"
+    budget = max_tokens if path != "single" else 0
+    merged = isinstance(adapters, MergedAdapters)
+    K = len(examples)
+    loss = torch.full((n_adapters, K), float("nan"), dtype=torch.float32, device=device)
+    bar = tqdm(total=n_adapters * K, desc="scoring", unit="pair", disable=not progress)
+    with packed_attention(model) if path == "packed" else nullcontext():
+        if merged:
+            batches = [PackedBatch(b, examples, device) for b in pack_rows([(0, e) for e in range(K)], lengths, budget)]
+            for a in range(n_adapters):
+                adapters.merge(a)
+                for batch in batches:
+                    loss[a, batch.example_ids] = _batch_losses(model, batch, path, prune=True)
+                bar.update(K)
+            adapters.restore()
+        else:
+            rows = [(a, e) for a in range(n_adapters) for e in range(K)]  # adapter-major: long segments
+            for rows_b in pack_rows(rows, lengths, budget):
+                batch = PackedBatch(rows_b, examples, device)
+                adapters.set([a for a, _ in rows_b], batch.lengths)
+                loss[batch.adapters, batch.example_ids] = _batch_losses(model, batch, path, prune=False)
+                bar.update(len(rows_b))
     bar.close()
     return loss
+
+
+def choose_strategy(strategy: str, device: torch.device, tokens_per_adapter: int) -> str:
+    """'auto': merge adapters one at a time on a GPU when each has ≥ 4096 tokens to score (one merge
+    then costs a few % of its pass), else run many adapters per pass with the SGMV kernel."""
+    if strategy not in ("auto", "merged", "sgmv"):
+        raise RocketError(f"scoring: unknown strategy {strategy!r}: use auto, merged or sgmv")
+    if strategy != "auto":
+        return strategy
+    return "merged" if device.type == "cuda" and tokens_per_adapter >= 4096 else "sgmv"
 
 
 def score_adapters(model, tokenizer, bank: LoraBank, examples, template="alpaca", *,
                    accuracy: str | None = None, accuracy_file: str | Path | None = None,
                    max_new_tokens: int = 64, max_tokens: int | None = None, progress: bool = True,
-                   distributed: bool | None = None) -> Scores:
-    """Stage 1: loss/ppl [N, K] of every adapter of `bank` on `examples`, in one batched pass.
+                   distributed: bool | None = None, strategy: str = "auto", compile: bool = False) -> Scores:
+    """Stage 1: loss/ppl [N, K] of every adapter of `bank` on `examples`, in batched passes.
 
     examples: dicts in the seed's schema (tokenized with `template`) or rocket.data.Tokenized.
     accuracy: an extractor ('choice', 'number', 'exact') to compute exact-match accuracy from greedy
     generations (max_new_tokens each); or accuracy_file: a JSON {adapter: accuracy}.
-    max_tokens: padded tokens per forward (default 32768 on CUDA, 4096 on CPU).
+    max_tokens: tokens per forward pass (default 32768 on CUDA, 4096 on CPU); rows are packed unpadded.
+    strategy: 'sgmv' (many adapters per pass, multi-adapter LoRA kernel), 'merged' (one adapter merged
+    into the weights at a time) or 'auto' (see choose_strategy). Llama-family models (Llama, Mistral,
+    Qwen2) run through rocket.fastpath; compile: instead torch.compile transformers' own decoder
+    layers (merged strategy only; for other architectures, on banks large enough to repay ~10 s).
     distributed: shard adapters over torch.distributed ranks (default: when a group of >1 is up).
     """
     import time
 
-    tokenized = tokenize_for_scoring(examples, tokenizer, template, context_length(model))
-    bank.validate(model)
     if accuracy is not None and accuracy_file is not None:
         raise RocketError("scoring: give either accuracy (an extractor) or accuracy_file, not both")
+    if accuracy is not None:
+        from rocket.generation import get_extractor
+        get_extractor(accuracy)
+    tokenized = tokenize_for_scoring(examples, tokenizer, template, context_length(model))
+    bank.validate(model)
+    head = next((n for n, m in model.named_modules() if m is model.get_output_embeddings()), None)
+    if head is not None and head in bank.modules:
+        raise RocketError(f"scoring: adapters on the output layer '{head}' are not supported")
+    acc_file = read_accuracy(accuracy_file, bank.names) if accuracy_file is not None else None
+    prepared = prepare_examples(tokenized, model.get_output_embeddings().weight.shape[0])
     mine, sharded = _shard(len(bank), distributed)
     N, K = len(bank), len(tokenized)
     device = next(model.parameters()).device
+    strategy = choose_strategy(strategy, device, sum(len(ex.ids) for ex in prepared))
     start = time.perf_counter()
     acc_local = None
-    with multi_lora_model(model, bank, mine) as rows:
-        local = adapter_losses(model, rows, tokenized, len(mine), max_tokens, progress)
+    if mine:
+        if strategy == "merged":
+            with merged_adapters(model, bank, mine) as merger, compiled_layers(model, compile):
+                local = adapter_losses(model, merger, prepared, len(mine), max_tokens, progress,
+                                       fast=False if compile else None)
+        else:
+            with multi_lora_model(model, bank, mine) as rows:
+                local = adapter_losses(model, rows, prepared, len(mine), max_tokens, progress)
         if accuracy is not None:
             from rocket.generation import adapter_accuracy
-            acc_local = adapter_accuracy(model, rows, tokenizer, examples, tokenized, len(mine), accuracy,
-                                         max_new_tokens, max_tokens, progress).to(device)
+            with multi_lora_model(model, bank, mine) as rows:
+                acc_local = adapter_accuracy(model, rows, tokenizer, examples, tokenized, len(mine), accuracy,
+                                             max_new_tokens, max_tokens, progress).to(device)
     loss = torch.zeros(N, K, dtype=torch.float32, device=device)
-    loss[mine] = local
+    if mine:
+        loss[mine] = local
     acc = None
-    if acc_local is not None:
+    if accuracy is not None:
         acc = torch.zeros(N, dtype=torch.float64, device=device)
-        acc[mine] = acc_local.double()
+        if acc_local is not None:
+            acc[mine] = acc_local.double()
     if sharded:
         import torch.distributed as dist
         dist.all_reduce(loss)
         if acc is not None:
             dist.all_reduce(acc)
-    if accuracy_file is not None:
-        acc = read_accuracy(accuracy_file, bank.names)
+    if acc_file is not None:
+        acc = acc_file
     seconds = time.perf_counter() - start
     meta = {"template": template if isinstance(template, str) else getattr(template, "name", str(template)),
-            "examples": K, "adapters": N, "label_tokens": sum(sum(l != IGNORE_INDEX for l in t.labels[1:])
-                                                             for t in tokenized),
+            "examples": K, "adapters": N, "label_tokens": sum(len(ex.targets) for ex in prepared),
+            "tokens": sum(len(ex.ids) for ex in prepared), "strategy": strategy, "compile": compile,
             "seconds": seconds, "pairs_per_s": N * K / seconds if seconds > 0 else None,
             "accuracy": accuracy or (str(accuracy_file) if accuracy_file else None)}
     return Scores(bank.names, loss.double().cpu(), None if acc is None else acc.cpu(), meta)
@@ -373,7 +495,15 @@ def add_arguments(parser) -> None:
                         "or a .json file (default: alpaca)")
     parser.add_argument("--heatmap", help="also write a loss heatmap PNG here")
     parser.add_argument("--max-tokens", type=int, default=None,
-                        help="padded tokens per forward pass (default: 32768 on CUDA, 4096 on CPU)")
+                        help="tokens per forward pass, rows packed without padding (default: 32768 on CUDA, "
+                        "4096 on CPU)")
+    parser.add_argument("--strategy", choices=["auto", "merged", "sgmv"], default="auto",
+                        help="sgmv: many adapters per pass (multi-adapter LoRA kernel); merged: one adapter "
+                        "merged into the weights at a time; auto: merged on a GPU when each adapter has "
+                        ">= 4096 tokens to score (default)")
+    parser.add_argument("--compile", action="store_true",
+                        help="torch.compile transformers' decoder layers for the loss passes instead of rocket's "
+                        "Llama fast path (for other architectures, on large banks)")
     parser.add_argument("--max-new-tokens", type=int, default=64, help="generation length for --accuracy")
     parser.add_argument("--dtype", choices=["auto", "float32", "bfloat16", "float16"], default="auto",
                         help="model dtype (auto: bfloat16 on CUDA, float32 on CPU)")
@@ -397,7 +527,8 @@ def main(args) -> int:
     model = model.to(device=args.device, dtype=dtype).eval()
     scores = score_adapters(model, tokenizer, bank, examples, args.template, accuracy=args.accuracy,
                             accuracy_file=args.accuracy_file, max_new_tokens=args.max_new_tokens,
-                            max_tokens=args.max_tokens, progress=not args.no_progress)
+                            max_tokens=args.max_tokens, progress=not args.no_progress, strategy=args.strategy,
+                            compile=args.compile)
     scores.meta.update(base_model=str(base), bank=str(args.bank), data=str(args.data), dtype=str(dtype))
     scores.save(args.out)
     if args.heatmap:

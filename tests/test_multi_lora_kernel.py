@@ -4,7 +4,7 @@ import torch
 
 from tests.helpers import poison_like, rel_err
 from rocket.kernels import reference as R
-from rocket.kernels.multi_lora import multi_lora, multi_lora_add_, segment_tiles
+from rocket.kernels.multi_lora import lora_merge, multi_lora, multi_lora_add_, segment_tiles
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 
@@ -62,3 +62,17 @@ def test_shape_mismatch_is_an_error():
     x, A, B, s = _inputs(4, 8, 8, 2, 2, torch.float32, torch.Generator().manual_seed(0))
     with pytest.raises(ValueError, match="do not compose"):
         multi_lora_add_(poison_like(torch.zeros(4, 9)), x, A, B, s, segment_tiles([0, 0, 1, 1]))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("d_out, d_in, r", [(1, 1, 1), (130, 200, 5), (64, 300, 16)])
+def test_lora_merge(dtype, d_out, d_in, r):
+    gen = torch.Generator().manual_seed(d_out + r)
+    W = torch.randn(d_out, d_in, generator=gen).to(dtype)
+    A, B = torch.randn(r, d_in, generator=gen).to(dtype), torch.randn(d_out, r, generator=gen).to(dtype)
+    out = poison_like(W).to(DEVICE)
+    lora_merge(out, W.to(DEVICE), A.to(DEVICE), B.to(DEVICE), 0.75)
+    want = W.double() + 0.75 * (B.double() @ A.double())
+    assert rel_err(out, want) < (1e-6 if dtype == torch.float32 else 1e-2)
+    with pytest.raises(ValueError, match="compose"):
+        lora_merge(out, W.to(DEVICE), torch.randn(r, d_in + 1).to(dtype).to(DEVICE), B.to(DEVICE), 1.0)

@@ -13,7 +13,8 @@ from rocket.data import DataError, tokenize_examples
 from rocket.errors import RocketError
 from rocket.generation import extract_choice, extract_number, greedy_generate
 from rocket.kernels import reference as R
-from rocket.scoring import Scores, multi_lora_model, plan_batches, score_adapters
+from rocket.packing import pack_rows
+from rocket.scoring import Scores, multi_lora_model, score_adapters
 from rocket.tiny import build_llama, make_random_adapter
 
 
@@ -60,42 +61,71 @@ def peft_generations(model, bank_dir, names, prompts, eos, pad, max_new_tokens):
     return out
 
 
-def test_losses_equal_peft_loop_fp32(reference_path, tiny_llama, tiny_tokenizer, lora_bank_dir, kshot_examples):
+@pytest.fixture(scope="module")
+def peft_reference(_tiny_llama, tiny_tokenizer, lora_bank_dir, kshot_examples):
+    """Losses [4, 10] of the per-adapter peft loop (set_adapter, batch 1), float32."""
+    names = LoraBank.load(lora_bank_dir).names
+    return peft_losses(copy.deepcopy(_tiny_llama), lora_bank_dir, names, tokenize_examples(kshot_examples, tiny_tokenizer))
+
+
+@pytest.mark.parametrize("strategy", ["sgmv", "merged"])
+def test_losses_equal_peft_loop_fp32(reference_path, strategy, tiny_llama, tiny_tokenizer, lora_bank_dir,
+                                     kshot_examples, peft_reference):
     bank = LoraBank.load(lora_bank_dir)
-    want = peft_losses(copy.deepcopy(tiny_llama), lora_bank_dir, bank.names,
-                       tokenize_examples(kshot_examples, tiny_tokenizer))
-    # a small token budget: several batches of mixed adapters and lengths
+    before = {k: v.clone() for k, v in tiny_llama.state_dict().items()}
+    # a small token budget: several packed passes, rows of mixed adapters and lengths
     scores = score_adapters(tiny_llama, tiny_tokenizer, bank, kshot_examples, "alpaca", max_tokens=700,
-                            progress=False)
-    assert scores.names == bank.names and scores.loss.shape == (4, 10)
+                            progress=False, strategy=strategy)
+    want = peft_reference
+    assert scores.names == bank.names and scores.loss.shape == (4, 10) and scores.meta["strategy"] == strategy
     assert torch.allclose(scores.loss, want, rtol=0, atol=2e-5)
     assert torch.allclose(scores.ppl_sum, torch.exp(want).sum(1), rtol=1e-4)
     assert torch.equal(scores.loss.argmin(0), want.argmin(0))  # adapters differ: the check can fail
     assert all(type(m).__name__ != "MultiLoraLinear" for m in tiny_llama.modules())  # unwrapped again
+    assert all(torch.equal(v, before[k]) for k, v in tiny_llama.state_dict().items())  # weights restored
+    assert tiny_llama.config._attn_implementation != "rocket_packed"
+
+
+def test_models_without_packing_score_one_row_per_pass(reference_path, monkeypatch, tiny_llama, tiny_tokenizer,
+                                                      lora_bank_dir, kshot_examples, peft_reference):
+    monkeypatch.setattr("rocket.scoring.supports_packing", lambda model: False)
+    scores = score_adapters(tiny_llama, tiny_tokenizer, LoraBank.load(lora_bank_dir).subset([0, 2]),
+                            kshot_examples[:4], progress=False, strategy="sgmv")
+    assert torch.allclose(scores.loss, peft_reference[[0, 2], :4], rtol=0, atol=2e-5)
+
+
+def test_progress_bar_counts_pairs(reference_path, tiny_llama, tiny_tokenizer, lora_bank_dir, kshot_examples, capsys):
+    score_adapters(tiny_llama, tiny_tokenizer, LoraBank.load(lora_bank_dir), kshot_examples[:3], max_tokens=300)
+    err = capsys.readouterr().err
+    assert "scoring" in err and "12/12" in err
 
 
 def test_triton_kernels_in_scoring_equal_peft(tiny_llama, tiny_tokenizer, lora_bank_dir, kshot_examples):
     """The same comparison through the Triton kernels (interpreter on the CPU, GPU otherwise)."""
     bank = LoraBank.load(lora_bank_dir)
-    names, examples = [bank.names[1], bank.names[3]], kshot_examples[:3]
+    names, examples = [bank.names[1], bank.names[3]], kshot_examples[:2]
     want = peft_losses(copy.deepcopy(tiny_llama), lora_bank_dir, names, tokenize_examples(examples, tiny_tokenizer))
     device = "cuda" if torch.cuda.is_available() else "cpu"
     scores = score_adapters(tiny_llama.to(device), tiny_tokenizer, bank.subset([1, 3]), examples, max_tokens=300,
-                            progress=False)
+                            progress=False, strategy="sgmv")
     assert torch.allclose(scores.loss, want, rtol=0, atol=5e-5)
 
 
 @pytest.mark.gpu
-def test_bf16_on_gpu_close_to_fp32_peft(tiny_llama, tiny_tokenizer, lora_bank_dir, kshot_examples):
+@pytest.mark.parametrize("strategy", ["sgmv", "merged"])
+def test_bf16_on_gpu_close_to_fp32_peft(strategy, tiny_llama, tiny_tokenizer, lora_bank_dir, kshot_examples,
+                                        peft_reference):
+    """Packed passes with flash varlen attention, SGMV or merged weights, in bf16."""
     bank = LoraBank.load(lora_bank_dir)
-    want = peft_losses(copy.deepcopy(tiny_llama), lora_bank_dir, bank.names,
-                       tokenize_examples(kshot_examples, tiny_tokenizer))
-    scores = score_adapters(tiny_llama.cuda().bfloat16(), tiny_tokenizer, bank, kshot_examples, progress=False)
-    assert (scores.loss - want).abs().max() < 0.05
+    scores = score_adapters(tiny_llama.cuda().bfloat16(), tiny_tokenizer, bank, kshot_examples, progress=False,
+                            strategy=strategy, max_tokens=900)
+    assert (scores.loss - peft_reference).abs().max() < 0.05
 
 
-def test_generation_equals_peft_greedy_fp32(reference_path, tiny_llama, tiny_tokenizer, lora_bank_dir,
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)])
+def test_generation_equals_peft_greedy_fp32(reference_path, device, tiny_llama, tiny_tokenizer, lora_bank_dir,
                                             kshot_examples):
+    """Token for token, mixed-rank adapters, rows stopping at different steps (cuda: the Triton SGMV)."""
     bank = LoraBank.load(lora_bank_dir)
     tok = tokenize_examples(kshot_examples[:5], tiny_tokenizer)
     prompts = [t.input_ids[:t.prompt_len] for t in tok]
@@ -106,6 +136,7 @@ def test_generation_equals_peft_greedy_fp32(reference_path, tiny_llama, tiny_tok
     eos = max(set(sum(sum(free, []), [])), key=lambda t: sum(sum(free, []), []).count(t))
     want = peft_generations(copy.deepcopy(tiny_llama), lora_bank_dir, bank.names, prompts, eos, pad, 10)
     assert len({len(g) for g in sum(want, [])}) > 1
+    tiny_llama.to(device)
     with multi_lora_model(tiny_llama, bank) as rows:
         got = greedy_generate(tiny_llama, rows, prompts, len(bank), eos, pad, max_new_tokens=10, max_tokens=200,
                               progress=False)
@@ -139,15 +170,15 @@ def test_extractors():
     assert extract_number("no digits") is None
 
 
-def test_plan_batches_respects_budget_and_groups_adapters():
+def test_pack_rows_respects_budget_in_order():
     lengths = [30, 100, 55, 100, 7]
-    batches = plan_batches(lengths, 3, max_tokens=320)
-    rows = sorted(r for b in batches for r in b)
-    assert rows == sorted((a, e) for a in range(3) for e in range(5))
+    rows = [(a, e) for a in range(3) for e in range(5)]
+    batches = pack_rows(rows, lengths, max_tokens=160)
+    assert [r for b in batches for r in b] == rows  # order kept: adapter segments stay contiguous
     for b in batches:
-        assert len(b) * max(lengths[e] for _, e in b) <= 320
-        assert [a for a, _ in b] == sorted(a for a, _ in b)
-    assert plan_batches([500], 2, max_tokens=100) == [[(0, 0)], [(1, 0)]]  # one row per batch at least
+        assert sum(lengths[e] for _, e in b) <= 160
+    assert pack_rows([(0, 0), (1, 0)], [500], max_tokens=100) == [[(0, 0)], [(1, 0)]]  # a long row goes alone
+    assert len(pack_rows(rows, lengths, max_tokens=0)) == len(rows)
 
 
 def test_bad_inputs(reference_path, tiny_llama, tiny_tokenizer, lora_bank_dir, kshot_examples, tmp_path):
@@ -186,6 +217,15 @@ def test_cli_score_writes_json_and_heatmap(reference_path, tiny_model_dir, lora_
     assert torch.allclose(scores.ppl_sum, torch.tensor(obj["ppl_sum"], dtype=torch.float64))
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert "lowest PPL_R" in capsys.readouterr().out
+    out2 = tmp_path / "acc_scores.json"
+    rc = cli_main(["score", "--base-model", str(tiny_model_dir), "--bank", str(lora_bank_dir), "--data", data,
+                   "--out", str(out2), "--accuracy", "choice", "--max-new-tokens", "3", "--strategy", "merged",
+                   "--max-tokens", "2000", "--no-progress", "--device", "cpu"])
+    obj2 = json.loads(out2.read_text())
+    assert rc == 0 and obj2["meta"]["strategy"] == "merged" and obj2["meta"]["accuracy"] == "choice"
+    assert torch.allclose(torch.tensor(obj2["loss"]), torch.tensor(obj["loss"]), atol=2e-5)
+    assert len(obj2["accuracy"]) == 4 and all(0 <= a <= 1 for a in obj2["accuracy"])
+    capsys.readouterr()
     empty = tmp_path / "empty.jsonl"
     empty.write_text("\n")
     rc = cli_main(["score", "--base-model", str(tiny_model_dir), "--bank", str(lora_bank_dir), "--data", str(empty),

@@ -1,0 +1,114 @@
+"""Fused elementwise kernels of a Llama-family decoder layer, for rocket's packed scoring passes.
+
+In a scoring pass the GEMMs run near the tensor-core peak and the time lost is in the
+memory-bound glue between them, which eager transformers spreads over ~20 kernels per layer
+(RMSNorm alone upcasts, squares, reduces, scales and downcasts in separate passes). These kernels
+read and write each tensor once:
+
+  add_rms_norm   residual stream h ← h + delta, and RMSNorm(h) · w (one row per program)
+  rotary_        rotate q and k in place with the rows' cos/sin (HF's rotate_half convention)
+  silu_mul       silu(gate) · up
+
+Rounding follows transformers' eager Llama (bf16 results rounded where HF rounds them), so the
+outputs agree with it to the last bit or one bf16 ulp. Forward only. References: kernels/reference.py.
+"""
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from rocket.kernels import reference as R
+from rocket.kernels import use_triton
+
+
+@triton.jit
+def _add_rms_norm(h_ptr, d_ptr, w_ptr, out_ptr, H, eps, HAS_DELTA: tl.constexpr, BLOCK: tl.constexpr):
+    row = tl.program_id(0).to(tl.int64)
+    cols = tl.arange(0, BLOCK)
+    ok = cols < H
+    h = tl.load(h_ptr + row * H + cols, mask=ok, other=0.0)
+    if HAS_DELTA:
+        h = (h.to(tl.float32) + tl.load(d_ptr + row * H + cols, mask=ok, other=0.0).to(tl.float32)).to(h.dtype)
+        tl.store(h_ptr + row * H + cols, h, mask=ok)
+    x = h.to(tl.float32)
+    inv = 1.0 / tl.sqrt(tl.sum(x * x, axis=0) / H + eps)
+    n = (x * inv).to(h.dtype).to(tl.float32)
+    w = tl.load(w_ptr + cols, mask=ok, other=0.0).to(tl.float32)
+    tl.store(out_ptr + row * H + cols, (w * n).to(out_ptr.dtype.element_ty), mask=ok)
+
+
+def add_rms_norm(h: torch.Tensor, delta: torch.Tensor | None, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """h ← h + delta in place (when delta is given), returns RMSNorm(h) · weight. h, delta: [T, H]."""
+    if not use_triton(h, weight):
+        if delta is not None:
+            h.add_(delta)
+        return R.rms_norm(h, weight, eps)
+    T, H = h.shape
+    out = torch.empty_like(h)
+    if T:
+        block = triton.next_power_of_2(H)
+        _add_rms_norm[(T,)](h, h if delta is None else delta, weight, out, H, eps, HAS_DELTA=delta is not None,
+                            BLOCK=block, num_warps=8 if block >= 4096 else 4)
+    return out
+
+
+@triton.jit
+def _rotary(x_ptr, cos_ptr, sin_ptr, n_heads, row_stride, head_dim, HALF: tl.constexpr, BLOCK_H: tl.constexpr):
+    t = tl.program_id(0).to(tl.int64)
+    hh = tl.program_id(1) * BLOCK_H + tl.arange(0, BLOCK_H)
+    jj = tl.arange(0, HALF)
+    ok = (hh < n_heads)[:, None]
+    c1 = tl.load(cos_ptr + t * head_dim + jj).to(tl.float32)[None, :]
+    c2 = tl.load(cos_ptr + t * head_dim + HALF + jj).to(tl.float32)[None, :]
+    s1 = tl.load(sin_ptr + t * head_dim + jj).to(tl.float32)[None, :]
+    s2 = tl.load(sin_ptr + t * head_dim + HALF + jj).to(tl.float32)[None, :]
+    p1 = x_ptr + t * row_stride + hh[:, None] * head_dim + jj[None, :]
+    x1 = tl.load(p1, mask=ok, other=0.0)
+    x2 = tl.load(p1 + HALF, mask=ok, other=0.0)
+    dt = x1.dtype
+    f1, f2 = x1.to(tl.float32), x2.to(tl.float32)
+    # HF: q*cos + rotate_half(q)*sin, each product rounded to the input dtype, then the sum
+    o1 = ((f1 * c1).to(dt).to(tl.float32) + (-f2 * s1).to(dt).to(tl.float32)).to(dt)
+    o2 = ((f2 * c2).to(dt).to(tl.float32) + (f1 * s2).to(dt).to(tl.float32)).to(dt)
+    tl.store(p1, o1, mask=ok)
+    tl.store(p1 + HALF, o2, mask=ok)
+
+
+def rotary_(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotate x [T, n_heads, head_dim] in place by cos/sin [T, head_dim] (HF rotate_half convention)."""
+    if not use_triton(x, cos):
+        x.copy_(R.rotary(x, cos, sin))
+        return x
+    T, n_heads, d = x.shape
+    if x.stride(2) != 1 or x.stride(1) != d or cos.stride() != (d, 1) or sin.stride() != (d, 1):
+        raise ValueError("rotary_: x must be [T, heads, head_dim] with contiguous heads, cos/sin contiguous")
+    if T:
+        block_h = min(16, triton.next_power_of_2(n_heads))
+        _rotary[(T, triton.cdiv(n_heads, block_h))](x, cos, sin, n_heads, x.stride(0), d, HALF=d // 2,
+                                                    BLOCK_H=block_h, num_warps=4)
+    return x
+
+
+@triton.jit
+def _silu_mul(g_ptr, u_ptr, out_ptr, n, BLOCK: tl.constexpr):
+    offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    ok = offs < n
+    g = tl.load(g_ptr + offs, mask=ok, other=0.0)
+    u = tl.load(u_ptr + offs, mask=ok, other=0.0).to(tl.float32)
+    gf = g.to(tl.float32)
+    s = (gf / (1.0 + tl.exp(-gf))).to(g.dtype).to(tl.float32)
+    tl.store(out_ptr + offs, (s * u).to(out_ptr.dtype.element_ty), mask=ok)
+
+
+def silu_mul(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
+    """silu(gate) · up for contiguous tensors of one shape."""
+    if not use_triton(gate, up):
+        return R.silu_mul(gate, up)
+    if gate.shape != up.shape or not gate.is_contiguous() or not up.is_contiguous():
+        raise ValueError(f"silu_mul: gate {tuple(gate.shape)} and up {tuple(up.shape)} must be contiguous, one shape")
+    out = torch.empty_like(gate)
+    n = gate.numel()
+    if n:
+        _silu_mul[(triton.cdiv(n, 4096),)](gate, up, out, n, BLOCK=4096, num_warps=8)
+    return out

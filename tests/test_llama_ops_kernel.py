@@ -1,0 +1,83 @@
+"""Fused Llama glue kernels (kernels/llama_ops.py) vs the references, and rocket.fastpath vs
+transformers' own forward of the tiny Llama."""
+import copy
+
+import pytest
+import torch
+
+from tests.helpers import poison_like, rel_err
+from rocket.kernels import reference as R
+from rocket.kernels.llama_ops import add_rms_norm, rotary_, silu_mul
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("T, H", [(1, 16), (37, 72)])
+def test_add_rms_norm(dtype, T, H):
+    gen = torch.Generator().manual_seed(T * H)
+    h0 = (torch.randn(T, H, generator=gen) * 3).to(dtype)
+    d = torch.randn(T, H, generator=gen).to(dtype)
+    w = (torch.rand(H, generator=gen) + 0.5).to(dtype)
+    h = h0.clone().to(DEVICE)
+    out = add_rms_norm(h, d.to(DEVICE), w.to(DEVICE), 1e-6)
+    want_h = (h0.float() + d.float()).to(dtype)
+    want = R.rms_norm(want_h, w, 1e-6)
+    tol = 1e-6 if dtype == torch.float32 else 1e-2
+    assert rel_err(h, want_h) < tol and rel_err(out, want) < tol
+    # no delta: a plain norm, h untouched
+    out2 = add_rms_norm(h, None, w.to(DEVICE), 1e-6)
+    assert rel_err(out2, want) < tol and rel_err(h, want_h) < tol
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("T, heads, d", [(1, 1, 16), (29, 5, 32), (8, 20, 16)])
+def test_rotary_in_place(dtype, T, heads, d):
+    gen = torch.Generator().manual_seed(T + heads)
+    x0 = torch.randn(T, heads, d, generator=gen).to(dtype)
+    ang = torch.rand(T, d // 2, generator=gen) * 20
+    cos, sin = torch.cat([ang.cos()] * 2, -1).to(dtype), torch.cat([ang.sin()] * 2, -1).to(dtype)
+    x = x0.clone().to(DEVICE)
+    rotary_(x, cos.to(DEVICE), sin.to(DEVICE))
+    want = R.rotary(x0.double(), cos.double(), sin.double())
+    assert rel_err(x, want) < (1e-6 if dtype == torch.float32 else 1e-2)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_silu_mul(dtype):
+    gen = torch.Generator().manual_seed(7)
+    g, u = (torch.randn(33, 301, generator=gen) * 4).to(dtype), torch.randn(33, 301, generator=gen).to(dtype)
+    out = silu_mul(g.to(DEVICE), u.to(DEVICE))
+    assert rel_err(out, R.silu_mul(g.double(), u.double())) < (1e-6 if dtype == torch.float32 else 1e-2)
+
+
+def test_bad_shapes():
+    with pytest.raises(ValueError, match="contiguous"):
+        rotary_(torch.randn(4, 16, 2).transpose(1, 2).to(DEVICE), torch.randn(4, 16).to(DEVICE),
+                torch.randn(4, 16).to(DEVICE))
+    with pytest.raises(ValueError, match="one shape"):
+        silu_mul(torch.randn(4, 8).to(DEVICE), torch.randn(4, 9).to(DEVICE))
+
+
+def test_fast_forward_equals_transformers(tiny_llama, tiny_tokenizer, kshot_examples):
+    """Packed rows through rocket.fastpath (all rows, and label rows only) vs each row alone through
+    the HF model (float32)."""
+    from rocket.data import tokenize_examples
+    from rocket.fastpath import fast_forward, supports_fast_path
+    from rocket.packing import PackedBatch
+    from rocket.scoring import prepare_examples
+
+    model = tiny_llama.to(DEVICE)
+    short = sorted(kshot_examples, key=lambda e: len(e["instruction"]) + len(e["output"]))[:2]
+    ex = prepare_examples(tokenize_examples(short, tiny_tokenizer), model.config.vocab_size)
+    assert supports_fast_path(model, 100)
+    batch = PackedBatch([(0, 1), (0, 0)], ex, DEVICE)
+    with torch.no_grad():
+        full = fast_forward(model, batch)
+        labels_only = fast_forward(model, batch, keep=batch.label_pos)
+        want = torch.cat([model.model(input_ids=ex[e].ids[None].to(DEVICE)).last_hidden_state[0] for e in (1, 0)])
+    assert full.shape == want.shape and rel_err(full, want) < 1e-5
+    assert rel_err(labels_only, want[batch.label_pos]) < 1e-5
+    other = copy.deepcopy(model)
+    other.config.hidden_act = "gelu"
+    assert not supports_fast_path(other, 100)
