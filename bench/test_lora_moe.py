@@ -68,6 +68,18 @@ def _fwd_bwd(fn, wrt, v):
     return step
 
 
+def _host_ms(step, reps=20):
+    import statistics
+    import time
+    times = []
+    for _ in range(reps):
+        torch.cuda.synchronize()
+        t = time.perf_counter()
+        step()
+        times.append((time.perf_counter() - t) * 1e3)
+    return statistics.median(times)
+
+
 def _profile(step, n=16):
     from torch.profiler import ProfilerActivity, profile
     step()
@@ -120,6 +132,8 @@ def test_lora_moe_layer(recorder, device, on_gpu):
         ratio_fwd = {n: t / fwd["base"] for n, t in fwd.items()}
         ratio_fwdbwd = {n: t / fwdbwd["base"] for n, t in fwdbwd.items()}
         extra = {}
+        if on_gpu:  # host (CPU) time to issue one fwd+bwd: where it exceeds the GPU time, launches bound the step
+            extra["host_issue_ms"] = {n: _host_ms(_fwd_bwd(*methods[n], v)) for n in ("base", "rocket", "single_lora")}
         if on_gpu and (T, d_in, d_out, E) == HEADLINE:
             # where the time goes: the GEMMs alone (Triton fused GEMM with no extra K vs cuBLAS), and a profile
             # the base GEMM with E·r = 128 extra K, each implementation, fwd and bwd layouts, vs cuBLAS base alone
@@ -145,7 +159,8 @@ def test_lora_moe_layer(recorder, device, on_gpu):
                               base_gemm_tflops=2 * T * d_in * d_out / fwd["base"] / 1e9, **extra)
         print(f"T={T} {d_in}->{d_out} E={E}: fwd " + " ".join(f"{n}={x:.3f}" for n, x in ratio_fwd.items())
               + " | fwd+bwd " + " ".join(f"{n}={x:.3f}" for n, x in ratio_fwdbwd.items())
-              + f" | base fwd {fwd['base']:.3f} ms, fwd+bwd {fwdbwd['base']:.3f} ms", row.get("gemm_only_ms", ""))
+              + f" | base fwd {fwd['base']:.3f} ms, fwd+bwd {fwdbwd['base']:.3f} ms", row.get("gemm_only_ms", ""),
+              row.get("host_issue_ms", ""))
     if on_gpu:  # what GEMM_BACKEND="auto" measured and chose per GEMM shape
         recorder.rows[-1]["auto_gemm_choices"] = {str(k_): c for k_, c in K.CHOICES.items()}
         print({str(k_): c for k_, c in K.CHOICES.items()})

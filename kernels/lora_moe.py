@@ -6,12 +6,16 @@ routing a mask on its [T, E·r] intermediate:
 
   forward   [logits | h] = x [G; A_cat]ᵀ                     one skinny GEMM, one read of x (fp32 out)
             p, top-k, w, hm = h · (w·s)[expert of column]    a row kernel; hm is 0 off the top-k
-            y = [x | hm] [W | B_cat]ᵀ + b                     the base GEMM with E·r extra K (≈3% FLOPs)
+            y = [x | hm] [W | B_cat]ᵀ + b                     the base GEMM with E·r extra K (≈3% FLOPs)*
   backward  ghm = g B_cat                                     skinny GEMM over g (fp32 out)
             ∂B_cat = gᵀ hm                                    K = T, cuBLAS
             gh = ghm·(w·s), ∂logits via top-k/renorm/softmax  a row kernel → gcat = [gh | ∂logits]
             [∂A_cat; ∂G] = gcatᵀ x                            K = T, cuBLAS, one read of x
             ∂x = [g | gcat] [W; A_cat; G]                     the base backward GEMM with extra K
+
+* dual_mm: one Triton GEMM with two K segments (pointer loads, or TMA descriptors), or cuBLAS (the
+  LoRA product first, read back as C by the base product); GEMM_BACKEND="auto" times the three once
+  per shape on the real operands and keeps the fastest that agrees with cuBLAS.
 
 No [T, E, d] tensor exists; the only per-token intermediates are [T, E·r] and [T, E]. Every big
 operand is read the minimum number of times except g (twice: ghm and ∂B). The reference
@@ -185,7 +189,8 @@ def _route_fwd(logit_ptr, h_ptr, s_ptr, probs_ptr, w_ptr, e_ptr, hm_ptr, M, E, E
 
 @triton.jit
 def _route_bwd(ghm_ptr, h_ptr, s_ptr, probs_ptr, e_ptr, dprobs_ptr, gcat_ptr, M, E, ER, R, sgc, sghm,
-               BM: tl.constexpr, EP: tl.constexpr, BER: tl.constexpr, TOPK: tl.constexpr, HAS_DP: tl.constexpr):
+               BM: tl.constexpr, EP: tl.constexpr, RP: tl.constexpr, BER: tl.constexpr, TOPK: tl.constexpr,
+               HAS_DP: tl.constexpr):
     """From ghm = ∂y B_cat (fp32) and the saved h, probs, experts: gcat[:, :ER] = ghm·(w·s)[expert
     of column] (∂ of the shrink) and gcat[:, ER:ER+E] = ∂logits through top-k renorm and softmax
     (plus ∂probs when the load-balancing loss used probs); columns past ER+E up to sgc are zeroed."""
@@ -203,18 +208,15 @@ def _route_bwd(ghm_ptr, h_ptr, s_ptr, probs_ptr, e_ptr, dprobs_ptr, gcat_ptr, M,
     s = tl.load(s_ptr + re, mask=e_ok, other=0.0).to(tl.float32)
     w = tl.where(chosen, p / tot[:, None], 0.0)
     gate = w * s[None, :]
-    dgate = tl.zeros((BM, EP), dtype=tl.float32)
-    for c0 in range(0, ER, BER):
-        cols = c0 + tl.arange(0, BER)
-        c_ok = cols < ER
-        onehot = tl.where(((cols // R)[None, :] == re[:, None]) & c_ok[None, :], 1.0, 0.0)  # [EP, BER]
-        msk = m_ok[:, None] & c_ok[None, :]
-        ghm = tl.load(ghm_ptr + rm[:, None] * sghm + cols[None, :], mask=msk, other=0.0)
-        h = tl.load(h_ptr + rm[:, None] * ER + cols[None, :], mask=msk, other=0.0)
-        gate_col = tl.dot(gate, onehot, input_precision="ieee")
-        tl.store(gcat_ptr + rm[:, None] * sgc + cols[None, :], (ghm * gate_col).to(gcat_ptr.dtype.element_ty),
-                 mask=msk)
-        dgate = tl.dot(ghm * h, tl.trans(onehot), dgate, input_precision="ieee")  # Σ over each expert's r
+    # the row's [E, r] block as a 3-D tile [BM, EP, RP]: gates broadcast over r, ∂gate sums over r
+    rr = tl.arange(0, RP)
+    cols = re[:, None] * R + rr[None, :]
+    msk = m_ok[:, None, None] & (e_ok[:, None] & (rr < R)[None, :])[None, :, :]
+    ghm = tl.load(ghm_ptr + rm[:, None, None] * sghm + cols[None, :, :], mask=msk, other=0.0)
+    h = tl.load(h_ptr + rm[:, None, None] * ER + cols[None, :, :], mask=msk, other=0.0)
+    tl.store(gcat_ptr + rm[:, None, None] * sgc + cols[None, :, :],
+             (ghm * gate[:, :, None]).to(gcat_ptr.dtype.element_ty), mask=msk)
+    dgate = tl.sum(ghm * h, axis=2)
     dw = tl.where(chosen, dgate * s[None, :], 0.0)
     # w_e = p_e / Σ_chosen p  ⇒  ∂p_e = (∂w_e − Σ_j ∂w_j w_j) / Σ_chosen p   (chosen e only)
     dp = tl.where(chosen, (dw - tl.sum(dw * w, axis=1)[:, None]) / tot[:, None], 0.0)
@@ -259,12 +261,14 @@ def route_backward(ghm, h, scaling, probs, experts, dprobs, r, out_dtype):
     T, E = probs.shape
     ER = h.shape[1]
     gcat = torch.empty(T, _pad(ER + E), device=h.device, dtype=out_dtype)
-    BM, EP, BER = _route_blocks(E, ER)
+    EP, RP = triton.next_power_of_2(E), triton.next_power_of_2(r)
+    BM = max(1, min(64, 4096 // (EP * RP)))  # a [BM, EP, RP] tile of ~4K elements
+    BER = 64
     if T:
         dp = dprobs.contiguous() if dprobs is not None else probs
         _route_bwd[(triton.cdiv(T, BM),)](ghm, h, scaling, probs, experts, dp, gcat, T, E, ER, r, gcat.stride(0),
                                           ghm.stride(0),
-                                          BM=BM, EP=EP, BER=BER, TOPK=experts.shape[1],
+                                          BM=BM, EP=EP, RP=RP, BER=BER, TOPK=experts.shape[1],
                                           HAS_DP=dprobs is not None, num_warps=4)
     return gcat
 
@@ -533,8 +537,11 @@ class LoraMoEFunction(torch.autograd.Function):
             h, logits = skinny_mm(x_lora, A_cat.t()), skinny_mm(x, router_weight.t())
         probs, weights, experts, hm = route_forward(logits, h, scaling, top_k, r, x.dtype)
         # [d_out, pad(E·r)]: expert-major columns, zero pad (hm's pad columns are zero too)
-        B_cat = lora_B.new_zeros(d_out, hm.shape[1])
-        B_cat[:, :ER].view(d_out, E, r).copy_(lora_B.permute(1, 0, 2))
+        if hm.shape[1] == ER:
+            B_cat = lora_B.permute(1, 0, 2).reshape(d_out, ER)
+        else:
+            B_cat = lora_B.new_zeros(d_out, hm.shape[1])
+            B_cat[:, :ER].view(d_out, E, r).copy_(lora_B.permute(1, 0, 2))
         y = dual_mm(x, weight.t(), hm, B_cat.t(), bias)
         ctx.save_for_backward(x, x_lora, weight, lora_A, B_cat, router_weight, scaling, h, hm, probs, experts)
         ctx.mark_non_differentiable(weights, experts)
