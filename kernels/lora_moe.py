@@ -189,8 +189,7 @@ def _route_fwd(logit_ptr, h_ptr, s_ptr, probs_ptr, w_ptr, e_ptr, hm_ptr, M, E, E
 
 @triton.jit
 def _route_bwd(ghm_ptr, h_ptr, s_ptr, probs_ptr, e_ptr, dprobs_ptr, gcat_ptr, M, E, ER, R, sgc, sghm,
-               BM: tl.constexpr, EP: tl.constexpr, RP: tl.constexpr, BER: tl.constexpr, TOPK: tl.constexpr,
-               HAS_DP: tl.constexpr):
+               BM: tl.constexpr, EP: tl.constexpr, BER: tl.constexpr, TOPK: tl.constexpr, HAS_DP: tl.constexpr):
     """From ghm = ∂y B_cat (fp32) and the saved h, probs, experts: gcat[:, :ER] = ghm·(w·s)[expert
     of column] (∂ of the shrink) and gcat[:, ER:ER+E] = ∂logits through top-k renorm and softmax
     (plus ∂probs when the load-balancing loss used probs); columns past ER+E up to sgc are zeroed."""
@@ -208,15 +207,18 @@ def _route_bwd(ghm_ptr, h_ptr, s_ptr, probs_ptr, e_ptr, dprobs_ptr, gcat_ptr, M,
     s = tl.load(s_ptr + re, mask=e_ok, other=0.0).to(tl.float32)
     w = tl.where(chosen, p / tot[:, None], 0.0)
     gate = w * s[None, :]
-    # the row's [E, r] block as a 3-D tile [BM, EP, RP]: gates broadcast over r, ∂gate sums over r
-    rr = tl.arange(0, RP)
-    cols = re[:, None] * R + rr[None, :]
-    msk = m_ok[:, None, None] & (e_ok[:, None] & (rr < R)[None, :])[None, :, :]
-    ghm = tl.load(ghm_ptr + rm[:, None, None] * sghm + cols[None, :, :], mask=msk, other=0.0)
-    h = tl.load(h_ptr + rm[:, None, None] * ER + cols[None, :, :], mask=msk, other=0.0)
-    tl.store(gcat_ptr + rm[:, None, None] * sgc + cols[None, :, :],
-             (ghm * gate[:, :, None]).to(gcat_ptr.dtype.element_ty), mask=msk)
-    dgate = tl.sum(ghm * h, axis=2)
+    dgate = tl.zeros((BM, EP), dtype=tl.float32)
+    for c0 in range(0, ER, BER):
+        cols = c0 + tl.arange(0, BER)
+        c_ok = cols < ER
+        onehot = tl.where(((cols // R)[None, :] == re[:, None]) & c_ok[None, :], 1.0, 0.0)  # [EP, BER]
+        msk = m_ok[:, None] & c_ok[None, :]
+        ghm = tl.load(ghm_ptr + rm[:, None] * sghm + cols[None, :], mask=msk, other=0.0)
+        h = tl.load(h_ptr + rm[:, None] * ER + cols[None, :], mask=msk, other=0.0)
+        gate_col = tl.dot(gate, onehot, input_precision="ieee")
+        tl.store(gcat_ptr + rm[:, None] * sgc + cols[None, :], (ghm * gate_col).to(gcat_ptr.dtype.element_ty),
+                 mask=msk)
+        dgate = tl.dot(ghm * h, tl.trans(onehot), dgate, input_precision="ieee")  # Σ over each expert's r
     dw = tl.where(chosen, dgate * s[None, :], 0.0)
     # w_e = p_e / Σ_chosen p  ⇒  ∂p_e = (∂w_e − Σ_j ∂w_j w_j) / Σ_chosen p   (chosen e only)
     dp = tl.where(chosen, (dw - tl.sum(dw * w, axis=1)[:, None]) / tot[:, None], 0.0)
@@ -261,14 +263,12 @@ def route_backward(ghm, h, scaling, probs, experts, dprobs, r, out_dtype):
     T, E = probs.shape
     ER = h.shape[1]
     gcat = torch.empty(T, _pad(ER + E), device=h.device, dtype=out_dtype)
-    EP, RP = triton.next_power_of_2(E), triton.next_power_of_2(r)
-    BM = max(1, min(64, 4096 // (EP * RP)))  # a [BM, EP, RP] tile of ~4K elements
-    BER = 64
+    BM, EP, BER = _route_blocks(E, ER)
     if T:
         dp = dprobs.contiguous() if dprobs is not None else probs
         _route_bwd[(triton.cdiv(T, BM),)](ghm, h, scaling, probs, experts, dp, gcat, T, E, ER, r, gcat.stride(0),
                                           ghm.stride(0),
-                                          BM=BM, EP=EP, RP=RP, BER=BER, TOPK=experts.shape[1],
+                                          BM=BM, EP=EP, BER=BER, TOPK=experts.shape[1],
                                           HAS_DP=dprobs is not None, num_warps=4)
     return gcat
 
