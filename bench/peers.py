@@ -123,3 +123,110 @@ def delta_cos_explicit(modules, chunk: int = 16):
         total += (flat @ flat.T).double()
         del flat
     return total / len(modules)
+
+
+# --------------------------------------------------------------------------- LoRA-MoE layer (issue 3)
+# One LoRA-MoE layer y = xWᵀ + b + Σ_topk w·s_e·B_e A_e x (2-D x), gradients by autograd.
+# The seed's algorithm: softmax → top-k → renorm, one masked pass per expert with index_add.
+lora_moe_loop = R.lora_moe_loop
+
+
+def lora_moe_dense_einsum(x, weight, bias, lora_A, lora_B, scaling, router_weight, top_k):
+    """Every expert on every token in x's dtype, the gate zero off the top-k: two einsums (the
+    second contracts experts and ranks together, so it is one [T, E·r] × [E·r, d_out] GEMM)."""
+    import torch
+    import torch.nn.functional as F
+    weights, experts, _ = R.route_topk(x, router_weight, top_k)
+    gate = torch.zeros(x.shape[0], lora_A.shape[0], device=x.device).scatter(1, experts, weights) * scaling
+    h = torch.einsum("td,erd->ter", x, lora_A) * gate.to(x.dtype)[:, :, None]
+    return F.linear(x, weight, bias) + torch.einsum("ter,eor->to", h, lora_B)
+
+
+def lora_single(x, weight, bias, lora_A, lora_B, scaling):
+    """One peft-style LoRA (lora_A [r, d_in], lora_B [d_out, r]): base(x) + B(A x)·s."""
+    import torch.nn.functional as F
+    return F.linear(x, weight, bias) + F.linear(F.linear(x, lora_A), lora_B) * scaling
+
+
+def _expert_tiles(sorted_experts, n_experts, block_m=64):
+    """SGMV tile table [3, n_tiles] (expert, start, end) of expert-sorted assignment rows, and each
+    expert's row range (one host sync, as generic MoE layers do)."""
+    import torch
+    counts = torch.bincount(sorted_experts, minlength=n_experts).cpu()
+    ends = torch.cumsum(counts, 0)
+    rows = []
+    for e, (c, end) in enumerate(zip(counts.tolist(), ends.tolist())):
+        starts = torch.arange(end - c, end, block_m)
+        rows.append(torch.stack([torch.full_like(starts, e), starts, (starts + block_m).clamp(max=end)]))
+    bounds = [(end - c, end) for c, end in zip(counts.tolist(), ends.tolist())]
+    return torch.cat(rows, 1).to(torch.int32).to(sorted_experts.device), bounds
+
+
+def lora_moe_grouped(x, weight, bias, lora_A, lora_B, scaling, router_weight, top_k):
+    """A generic grouped MoE in Triton: the T·k (token, expert) assignments are sorted by expert,
+    gathered, run through the segmented (SGMV) shrink/expand kernel, weighted and scattered back
+    with index_add; the backward runs the same kernel transposed for ∂x and per-expert segment
+    GEMMs for ∂A, ∂B. Routing (and its gradient) by autograd of reference.route_topk."""
+    import torch
+    import torch.nn.functional as F
+    weights, experts, _ = R.route_topk(x, router_weight, top_k)
+    order = torch.argsort(experts.reshape(-1), stable=True)
+    tiles, bounds = _expert_tiles(experts.reshape(-1)[order], lora_A.shape[0])
+    delta = _GroupedLoraMoE.apply(x, lora_A, lora_B, scaling.float().contiguous(), weights, order, tiles, top_k,
+                                  bounds)
+    return F.linear(x, weight, bias) + delta
+
+
+def _grouped_cls():
+    import torch
+    from rocket.kernels.multi_lora import multi_lora_add_
+
+    class GroupedLoraMoE(torch.autograd.Function):
+        @staticmethod
+        def forward(ctx, x, A, B, scaling, weights, order, tiles, top_k, bounds):
+            rows = order // top_k
+            xs = x[rows].contiguous()
+            d = torch.zeros(xs.shape[0], B.shape[1], device=x.device, dtype=torch.float32)
+            multi_lora_add_(d, xs, A.contiguous(), B.contiguous(), scaling, tiles)
+            w = weights.reshape(-1)[order]
+            out = torch.zeros(x.shape[0], B.shape[1], device=x.device, dtype=torch.float32)
+            out.index_add_(0, rows, d * w[:, None])
+            ctx.save_for_backward(xs, d, w, rows, order, tiles, A, B, scaling)
+            ctx.shape, ctx.bounds, ctx.scales = (x.shape[0], top_k), bounds, scaling.tolist()
+            return out.to(x.dtype)
+
+        @staticmethod
+        def backward(ctx, g):
+            xs, d, w, rows, order, tiles, A, B, scaling = ctx.saved_tensors
+            T, k = ctx.shape
+            gs = g[rows]
+            gw = torch.zeros(T * k, device=g.device, dtype=torch.float32)
+            gw[order] = (gs.float() * d).sum(1)
+            gsw = (gs.float() * w[:, None]).to(g.dtype)
+            gxs = torch.zeros(xs.shape[0], xs.shape[1], device=g.device, dtype=torch.float32)
+            multi_lora_add_(gxs, gsw, B.transpose(1, 2).contiguous(), A.transpose(1, 2).contiguous(), scaling, tiles)
+            gx = torch.zeros(T, xs.shape[1], device=g.device, dtype=torch.float32).index_add_(0, rows, gxs)
+            gA, gB = torch.zeros_like(A), torch.zeros_like(B)
+            for e, (lo, hi) in enumerate(ctx.bounds):
+                if hi > lo:
+                    h = xs[lo:hi] @ A[e].t()
+                    u = gsw[lo:hi] @ B[e]
+                    gB[e] = (gsw[lo:hi].t() @ h) * ctx.scales[e]
+                    gA[e] = (u.t() @ xs[lo:hi]) * ctx.scales[e]
+            return gx.to(g.dtype), gA, gB, None, gw.view(T, k), None, None, None, None
+
+    return GroupedLoraMoE
+
+
+class _LazyGrouped:
+    """Builds the autograd Function on first use (the kernel import needs triton)."""
+    cls = None
+
+    @classmethod
+    def apply(cls, *args):
+        if cls.cls is None:
+            cls.cls = _grouped_cls()
+        return cls.cls.apply(*args)
+
+
+_GroupedLoraMoE = _LazyGrouped
