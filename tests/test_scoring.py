@@ -246,6 +246,7 @@ def _sharded_worker(rank, world, init, model_dir, bank_dir, data, out):
     scores = score_adapters(model, tok, LoraBank.load(bank_dir), load_examples(data)[:4], progress=False)
     if rank == 0:
         scores.save(out)
+    dist.barrier()  # no rank tears gloo down while the other still runs (that aborts it)
     dist.destroy_process_group()
 
 
