@@ -55,7 +55,12 @@ def _similarity(bank: LoraBank, device=None, block_rows: int = 4096, progress: b
         valid = norm2 > 0
         cos = inner / (norm2.clamp_min(1e-300).sqrt()[:, None] * norm2.clamp_min(1e-300).sqrt()[None, :])
         pair = valid[:, None] & valid[None, :]
-        sel = torch.tensor(idx, device=device)
+        if len(idx) == n:  # every adapter covers the module: no index (and no host→device copy)
+            cos_sum += torch.where(pair, cos.clamp(-1, 1), 0.0)
+            shared += pair.long()
+            continue
+        sel = torch.tensor(idx)
+        sel = (sel.pin_memory() if device.type == "cuda" else sel).to(device, non_blocking=True)
         cos_sum[sel[:, None], sel[None, :]] += torch.where(pair, cos.clamp(-1, 1), 0.0)
         shared[sel[:, None], sel[None, :]] += pair.long()
     cos = torch.where(shared > 0, cos_sum / shared.clamp_min(1), float("nan"))
@@ -83,9 +88,10 @@ def _stack_rows(adapters: list[LoraAdapter], idx: list[int], module: str, device
     dtype = _compute_dtype({t.dtype for i in idx for t in adapters[i].weights[module]}, device)
     ranks = [adapters[i].rank(module) for i in idx]
     r = max(ranks)
-    if min(ranks) == r:  # the common case: one batched copy each
-        XA = torch.stack([adapters[i].weights[module][0].to(dtype) for i in idx]).to(device)
-        XB = torch.stack([adapters[i].weights[module][1].to(dtype) for i in idx]).to(device).transpose(1, 2)
+    if min(ranks) == r:  # the common case: one batched copy each, no per-adapter conversions
+        pairs = [adapters[i].weights[module] for i in idx]
+        XA = torch.stack([A for A, _ in pairs]).to(device=device, dtype=dtype)
+        XB = torch.stack([B for _, B in pairs]).to(device=device, dtype=dtype).transpose(1, 2)
         return XA, XB.contiguous(), r
     XA = torch.zeros(len(idx), r, d_in, dtype=dtype, device=device)
     XB = torch.zeros(len(idx), r, d_out, dtype=dtype, device=device)
@@ -123,7 +129,8 @@ def _block_inner(XA: torch.Tensor, XB: torch.Tensor, r: int, block_rows: int) ->
             j1 = min(j0 + step, n)
             P = _gram(flatA[i0 * r:i1 * r], flatA[j0 * r:j1 * r])
             P *= _gram(flatB[i0 * r:i1 * r], flatB[j0 * r:j1 * r])
-            block = P.view(i1 - i0, r, j1 - j0, r).sum(dim=(1, 3), dtype=torch.float64)
+            # r² terms per pair: float32 sums, innermost (contiguous) dimension first
+            block = P.view(i1 - i0, r, j1 - j0, r).sum(dim=3).sum(dim=1).double()
             out[i0:i1, j0:j1] = block
             out[j0:j1, i0:i1] = block.T
     return (out + out.T) / 2  # diagonal tiles are symmetric only up to GEMM rounding: make it exact
@@ -421,9 +428,9 @@ def add_arguments(parser) -> None:
     parser.add_argument("--scores", required=True, help="scores JSON written by `rocket score`")
     parser.add_argument("--bank", required=True, help="directory of peft adapters, or a manifest .txt")
     parser.add_argument("--out", required=True, help="manifest to write: one adapter weights path per line")
-    parser.add_argument("--n-experts", type=int, default=4, help="experts to choose (N, default: 4)")
-    parser.add_argument("--top-m", type=int, default=8, help="prefilter size M by R_P + R_A (default: 8)")
-    parser.add_argument("--accuracy-file", help="JSON {adapter: accuracy} overriding the scores' accuracy")
+    parser.add_argument("--n-experts", type=int, default=4, metavar="N", help="experts to choose (N, default: 4)")
+    parser.add_argument("--top-m", type=int, default=8, metavar="M", help="prefilter size M by R_P + R_A (default: 8)")
+    parser.add_argument("--accuracy-file", metavar="JSON", help="JSON {adapter: accuracy} overriding the scores' accuracy")
     parser.add_argument("--report", help="JSON report (default: the --out path with .json)")
     parser.add_argument("--plot", help="similarity PNG (default: the --out path with .png)")
     parser.add_argument("--no-plot", action="store_true", help="do not write the PNG")
