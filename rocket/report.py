@@ -1,0 +1,245 @@
+"""report.html of a run directory: one self-contained page (PNG plots embedded as base64).
+
+Sections: the loss heatmap of stage 1, the ranking table and ΔW similarity matrix of stage 2, the
+data-selection counts of stage 3, and for stage 4 the training curve and a routing histogram per
+layer (the share of tokens each expert receives in the top-k of every MoE layer, measured on the
+K-shot examples by `routing_stats`).
+"""
+from __future__ import annotations
+
+import base64
+import html
+import io
+import json
+import os
+from pathlib import Path
+
+import torch
+
+from rocket.errors import RocketError
+
+
+# --------------------------------------------------------------------------- routing statistics
+@torch.no_grad()
+def routing_counts(model, tokenized, batch: int = 16) -> dict[str, list[list[int]]]:
+    """Per MoE layer and expert: how many tokens choose it at each top-k slot ([E][k] counts), over
+    the real (unpadded) tokens of `tokenized`. Uses each layer's router exactly as its forward does
+    (softmax in float32, top-k)."""
+    from rocket.moe import moe_layers
+
+    layers = moe_layers(model)
+    if not layers:
+        raise RocketError("routing statistics: the model has no LoRA-MoE layers")
+    counts = {name: torch.zeros(layer.n_experts, layer.top_k, dtype=torch.long) for name, layer in layers.items()}
+    mask_box = {}
+
+    def hook(name, layer):
+        def fn(_module, args):
+            x = args[0].reshape(-1, layer.in_features)[mask_box["mask"]]
+            probs = torch.softmax(x.float() @ layer.router.weight.float().t(), dim=-1)
+            top = probs.topk(layer.top_k, dim=-1).indices.cpu()
+            for slot in range(layer.top_k):
+                counts[name][:, slot] += torch.bincount(top[:, slot], minlength=layer.n_experts)
+        return fn
+
+    handles = [layer.register_forward_pre_hook(hook(n, layer)) for n, layer in layers.items()]
+    device = next(model.parameters()).device
+    pad = getattr(model.config, "pad_token_id", 0) or 0
+    try:
+        for start in range(0, len(tokenized), batch):
+            rows = tokenized[start:start + batch]
+            L = max(len(t.input_ids) for t in rows)
+            ids = torch.full((len(rows), L), pad, dtype=torch.long)
+            mask = torch.zeros((len(rows), L), dtype=torch.long)
+            for b, t in enumerate(rows):
+                ids[b, :len(t.input_ids)] = torch.tensor(t.input_ids)
+                mask[b, :len(t.input_ids)] = 1
+            mask_box["mask"] = mask.reshape(-1).bool().to(device)
+            model(input_ids=ids.to(device), attention_mask=mask.to(device))
+    finally:
+        for h in handles:
+            h.remove()
+    return {name: c.tolist() for name, c in counts.items()}
+
+
+def routing_stats(pipeline) -> dict:
+    """Routing counts of the trained MoE of a run on its K-shot examples (see routing_counts)."""
+    import copy
+
+    from rocket.data import load_examples, tokenize_examples
+    from rocket.moe import moe_config
+    from rocket.train import load_moe
+
+    c = pipeline.cfg
+    base, tokenizer = pipeline.base()
+    model = load_moe(copy.deepcopy(base), pipeline.p("checkpoint")).eval()
+    limit = getattr(model.config, "max_position_embeddings", None)
+    tokenized = [t for t in tokenize_examples(load_examples(c.kshot), tokenizer, c.template, limit, "truncate")
+                 if t is not None]
+    counts = routing_counts(model, tokenized)
+    return {"experts": moe_config(model).get("experts"), "top_k": moe_config(model)["top_k"],
+            "tokens": sum(len(t.input_ids) for t in tokenized), "counts": counts}
+
+
+# --------------------------------------------------------------------------- plots
+def _plt():
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    return plt
+
+
+def _png(fig) -> bytes:
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=100)
+    _plt().close(fig)
+    return buf.getvalue()
+
+
+def plot_routing(routing: dict) -> bytes:
+    """One small bar chart per MoE layer: share of routed tokens per expert (stacked by top-k slot)."""
+    plt = _plt()
+    names = list(routing["counts"])
+    experts = routing.get("experts") or [f"expert {e}" for e in range(len(next(iter(routing["counts"].values()))))]
+    cols = min(7, len(names))
+    rows = (len(names) + cols - 1) // cols
+    fig, axes = plt.subplots(rows, cols, figsize=(2.2 * cols, 1.9 * rows + 0.6), squeeze=False, sharey=True)
+    for ax, name in zip(axes.flat, names):
+        c = torch.tensor(routing["counts"][name], dtype=torch.float64)     # [E, k]
+        share = c / c.sum().clamp_min(1)
+        bottom = torch.zeros(c.shape[0], dtype=torch.float64)
+        for slot in range(c.shape[1]):
+            ax.bar(range(c.shape[0]), share[:, slot].numpy(), bottom=bottom.numpy(),
+                   color=f"C{slot}", label=f"top-{slot + 1}")
+            bottom += share[:, slot]
+        ax.set_title(name.replace("model.layers.", "L").replace(".self_attn", "").replace(".mlp", ""), fontsize=7)
+        ax.set_xticks(range(c.shape[0]), [e[:8] for e in experts], rotation=60, fontsize=6)
+        ax.tick_params(axis="y", labelsize=6)
+    for ax in list(axes.flat)[len(names):]:
+        ax.axis("off")
+    axes.flat[0].legend(fontsize=6)
+    fig.suptitle("share of routed tokens per expert, per MoE layer (K-shot examples)", fontsize=9)
+    fig.tight_layout()
+    return _png(fig)
+
+
+def plot_curve(history: list[dict]) -> bytes:
+    """Training loss per logged step (and evaluation loss where logged)."""
+    plt = _plt()
+    fig, ax = plt.subplots(figsize=(6, 3.2))
+    pts = [(h["step"], h["loss"]) for h in history if h.get("loss") is not None]
+    ax.plot([p[0] for p in pts], [p[1] for p in pts], label="train loss")
+    ev = [(h["step"], h["eval_loss"]) for h in history if h.get("eval_loss") is not None]
+    if ev:
+        ax.plot([p[0] for p in ev], [p[1] for p in ev], "o-", label="eval loss")
+    ax.set_xlabel("step")
+    ax.set_ylabel("loss (nats)")
+    ax.set_title("training curve")
+    ax.legend()
+    fig.tight_layout()
+    return _png(fig)
+
+
+def training_history(checkpoint: Path) -> list[dict]:
+    """The loss per optimizer step of a `rocket train` output directory (losses.json) as
+    [{step, loss}]; empty when there is none."""
+    path = checkpoint / "losses.json"
+    if not path.is_file():
+        return []
+    losses = json.loads(path.read_text())
+    return [{"step": i + 1, "loss": float(v)} for i, v in enumerate(losses)]
+
+
+# --------------------------------------------------------------------------- HTML
+def _img(data: bytes, alt: str) -> str:
+    return f'<img alt="{html.escape(alt)}" src="data:image/png;base64,{base64.b64encode(data).decode()}">'
+
+
+def _table(head: list[str], rows: list[list], mark=None) -> str:
+    out = ["<table><tr>" + "".join(f"<th>{html.escape(h)}</th>" for h in head) + "</tr>"]
+    for i, row in enumerate(rows):
+        cls = ' class="mark"' if mark and mark(i) else ""
+        out.append(f"<tr{cls}>" + "".join(f"<td>{html.escape(str(v))}</td>" for v in row) + "</tr>")
+    return "\n".join(out) + "</table>"
+
+
+def _load(path: Path):
+    return json.loads(path.read_text()) if path.is_file() else None
+
+
+def ranking_rows(selection: dict) -> list[list]:
+    rows = sorted(selection["ranking"], key=lambda r: (r["R_P"] + (r["R_A"] or 0), r["R_P"], r["name"]))
+    return [[r["name"], f"{r['ppl_sum']:.4g}", "-" if r["accuracy"] is None else f"{r['accuracy']:.3f}", r["R_P"],
+             "-" if r["R_A"] is None else r["R_A"], r["rank_sum"], r["top_m"] or "", "★" if r["chosen"] else ""]
+            for r in rows]
+
+
+CSS = """body{font-family:system-ui,sans-serif;max-width:1100px;margin:2em auto;color:#222}
+table{border-collapse:collapse;margin:.5em 0}td,th{border:1px solid #ccc;padding:2px 8px;text-align:right}
+th{background:#f3f3f3}tr.mark td{background:#fff4c2}img{max-width:100%;border:1px solid #eee}
+code{background:#f5f5f5;padding:0 3px}h2{border-bottom:1px solid #ddd}"""
+
+
+def render_report(run_dir: str | Path, extra_sections: list[tuple[str, str]] | None = None) -> str:
+    """The HTML of report.html for a run directory (sections for the stages that have outputs)."""
+    run = Path(run_dir)
+    parts = [f"<!doctype html><html><head><meta charset='utf-8'><title>rocket run {html.escape(run.name)}</title>"
+             f"<style>{CSS}</style></head><body><h1>rocket run <code>{html.escape(str(run))}</code></h1>"]
+    for title, body in extra_sections or []:
+        parts.append(f"<h2>{html.escape(title)}</h2>{body}")
+
+    scores = _load(run / "scores.json")
+    if scores:
+        meta = scores.get("meta", {})
+        parts.append(f"<h2>1 · Scoring</h2><p>{len(scores['adapters'])} adapters × {scores['examples']} K-shot "
+                     f"examples, template <code>{html.escape(str(meta.get('template')))}</code>, "
+                     f"{meta.get('seconds', 0):.2f} s.</p>")
+        if (run / "heatmap.png").is_file():
+            parts.append(_img((run / "heatmap.png").read_bytes(), "loss heatmap"))
+
+    selection = _load(run / "experts.json")
+    if selection:
+        parts.append("<h2>2 · Expert selection</h2>")
+        parts.append(f"<p>Chosen: <b>{html.escape(', '.join(selection['experts']))}</b> "
+                     f"(objective {selection['objective']}). " + " ".join(html.escape(n) for n in selection["notes"])
+                     + "</p>")
+        parts.append(_table(["adapter", "PPL_R", "acc", "R_P", "R_A", "R_P+R_A", "top-M", "chosen"],
+                            ranking_rows(selection), mark=lambda i: ranking_rows(selection)[i][-1] == "★"))
+        tuples = selection.get("tuples", [])[:10]
+        if tuples:
+            parts.append("<p>Best tuples (objective = Σ(R_P+R_A) + R_D):</p>" + _table(
+                ["adapters", "Σ ranks", "similarity", "R_D", "objective"],
+                [[", ".join(t["adapters"]), t["rank_sum"], f"{t['similarity']:.3f}", t["R_D"], t["objective"]]
+                 for t in tuples], mark=lambda i: i == 0))
+        if (run / "similarity.png").is_file():
+            parts.append(_img((run / "similarity.png").read_bytes(), "similarity matrix"))
+
+    aug = _load(run / "aug.json")
+    if aug:
+        c = aug["counts"]
+        parts.append("<h2>3 · Data selection</h2>" + _table(
+            ["pool", "candidates", "near-duplicates removed", "kept", "K-shot", "output", "threshold", "embedder"],
+            [[c["pool"], c["candidates"], c["duplicates_removed"], c["kept"], c["kshot"], c["output"],
+              aug["threshold"], aug.get("embedder", "")]]))
+
+    ckpt = run / "checkpoint"
+    if ckpt.is_dir():
+        parts.append("<h2>4 · Mixture of experts</h2>")
+        history = training_history(ckpt)
+        if history:
+            parts.append(_img(plot_curve(history), "training curve"))
+        routing = _load(run / "routing.json")
+        if routing:
+            parts.append(f"<p>Routing of {routing['tokens']} K-shot tokens, top-{routing['top_k']}:</p>")
+            parts.append(_img(plot_routing(routing), "routing histogram per layer"))
+    parts.append("</body></html>")
+    return "\n".join(parts)
+
+
+def write_report(run_dir: str | Path, out: str | Path, extra_sections=None) -> Path:
+    """Write report.html atomically."""
+    out = Path(out)
+    tmp = out.with_name(out.name + ".tmp")
+    tmp.write_text(render_report(run_dir, extra_sections), encoding="utf-8")
+    os.replace(tmp, out)
+    return out
