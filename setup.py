@@ -31,6 +31,7 @@ def extension():
 setup(
     packages=["rocket", "rocket.kernels"],
     package_dir={"rocket": "rocket", "rocket.kernels": "kernels"},
+    package_data={"rocket": ["configs/*.json"]},  # the shipped DeepSpeed ZeRO-2/3 configs
     ext_modules=[extension()],
     cmdclass={"build_ext": BuildExtension.with_options(use_ninja=True)},
 )

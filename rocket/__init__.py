@@ -12,6 +12,9 @@ _API = {
     "LoraAdapter": "rocket.bank",
     "LoraMoELinear": "rocket.moe",
     "inject_lora_moe": "rocket.moe",
+    "moe_aux_loss": "rocket.moe",
+    "save_moe_state": "rocket.moe",
+    "load_moe_state": "rocket.moe",
     "load_moe": "rocket.train",
     "score_adapters": "rocket.scoring",
     "Scores": "rocket.scoring",
@@ -23,6 +26,8 @@ _API = {
     "dedup": "rocket.dedup",
     "train": "rocket.train",
     "load_examples": "rocket.data",
+    "run_pipeline": "rocket.pipeline",
+    "RunConfig": "rocket.pipeline",
 }
 
 __all__ = sorted(_API)

@@ -25,6 +25,7 @@ import time
 import torch
 
 from rocket import _C
+from rocket._namesake import make_module_callable
 from rocket.errors import RocketError
 
 # method="auto" switches to the kNN path above these pool sizes (the exact join is O(n²·d)).
@@ -195,14 +196,4 @@ def recheck_pairs_float64(ranked: torch.Tensor, p: torch.Tensor, q: torch.Tensor
     return out
 
 
-class _CallableModule(type(torch)):
-    """`rocket.dedup` names both this module and its function (DESIGN §4): once the module is
-    imported, Python binds the package attribute to the module, so the module itself calls dedup."""
-
-    def __call__(self, *args, **kwargs):
-        return dedup(*args, **kwargs)
-
-
-import sys  # noqa: E402
-
-sys.modules[__name__].__class__ = _CallableModule
+make_module_callable(__name__, dedup)

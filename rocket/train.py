@@ -40,6 +40,7 @@ import torch
 import torch.nn.functional as F
 
 from rocket.data import IGNORE_INDEX, DataError, Tokenized, load_examples, tokenize_examples
+from rocket._namesake import make_module_callable
 from rocket.errors import RocketError
 
 log = logging.getLogger("rocket.train")
@@ -737,3 +738,6 @@ def main(args) -> int:
         print(f"trained {result.steps} steps ({result.backend}); loss {first:.4f} → {last:.4f}; "
               f"wrote {Path(args.out) / MOE_FILE}")
     return 0
+
+
+make_module_callable(__name__, train)
