@@ -4,22 +4,26 @@ Design: the experts are few and thin (E·r = 128 at E=8, r=16, against d = 4096)
 gathering tokens per expert we treat the E experts as ONE concatenated LoRA of rank E·r and make
 routing a mask on its [T, E·r] intermediate:
 
-  forward   [logits | h] = x [G; A_cat]ᵀ                     one skinny GEMM, one read of x (fp32 out)
-            p, top-k, w, hm = h · (w·s)[expert of column]    a row kernel; hm is 0 off the top-k
+  forward   route_fwd: [logits | h] = x [G; A_cat]ᵀ, then in the same kernel p, top-k, w and
+            hm = h · (w·s)[expert of column]                 one read of x, fp32 accumulators
             y = [x | hm] [W | B_cat]ᵀ + b                     the base GEMM with E·r extra K (≈3% FLOPs)*
-  backward  ghm = g B_cat                                     skinny GEMM over g (fp32 out)
+  backward  route_bwd: ghm = g B_cat, then in the same kernel gh = ghm·(w·s) and ∂logits via
+            top-k/renorm/softmax → gcat = [gh | ∂logits]      one read of g
             ∂B_cat = gᵀ hm                                    K = T, cuBLAS
-            gh = ghm·(w·s), ∂logits via top-k/renorm/softmax  a row kernel → gcat = [gh | ∂logits]
             [∂A_cat; ∂G] = gcatᵀ x                            K = T, cuBLAS, one read of x
             ∂x = [g | gcat] [W; A_cat; G]                     the base backward GEMM with extra K
 
 * dual_mm: one Triton GEMM with two K segments (pointer loads, or TMA descriptors), or cuBLAS (the
-  LoRA product first, read back as C by the base product); GEMM_BACKEND="auto" times the three once
-  per shape on the real operands and keeps the fastest that agrees with cuBLAS.
+  LoRA product first, read back as C by the base product); GEMM_BACKEND="auto" takes cuBLAS up to
+  SMALL_M tokens and above times the three once per shape and keeps the fastest.
 
-No [T, E, d] tensor exists; the only per-token intermediates are [T, E·r] and [T, E]. Every big
-operand is read the minimum number of times except g (twice: ghm and ∂B). The reference
-(kernels/reference.py: lora_moe, route_topk) is the CPU path and the oracle.
+Small token counts (training micro-batches) are bound by host launch time, not by the GPU: the
+layer is 2 Triton + 6 cuBLAS launches forward and backward together plus 4 small copies, float32
+master weights are rounded inside the kernels (no cast nodes in the autograd graph), and autotuning
+keys bucket the token count to a power of two (variable-length batches do not retune).
+
+No [T, E, d] tensor exists; the only per-token intermediates are [T, E·r] and [T, E]. The
+reference (kernels/reference.py: lora_moe, route_topk) is the CPU path and the oracle.
 """
 from __future__ import annotations
 
@@ -59,82 +63,7 @@ def _dot(a, b, acc, IEEE: tl.constexpr, DOT_F32: tl.constexpr):
         return tl.dot(a, b, acc)
 
 
-# --------------------------------------------------------------------------- skinny GEMM (fp32 out)
-@triton.jit
-def _skinny_mm(a_ptr, b1_ptr, b2_ptr, o1_ptr, o2_ptr, M, K, N1, N2,
-               sam, sak, sb1k, sb1n, sb2k, sb2n, so1m, so2m,
-               BM: tl.constexpr, BK: tl.constexpr, BN1: tl.constexpr, BN2: tl.constexpr, HAS2: tl.constexpr,
-               EVEN_K: tl.constexpr, IEEE: tl.constexpr, DOT_F32: tl.constexpr):
-    """o1 = a @ b1 (and o2 = a @ b2 from program column 0) in float32; a [M, K] is read once per
-    column block of o1, so N1 ≤ BN1 reads it exactly once."""
-    pid_m = tl.program_id(0)
-    pid_n = tl.program_id(1)
-    rm = (pid_m * BM + tl.arange(0, BM)).to(tl.int64)
-    m_ok = rm < M
-    rn1 = pid_n * BN1 + tl.arange(0, BN1)
-    n1_ok = rn1 < N1
-    rn2 = tl.arange(0, BN2)
-    n2_ok = rn2 < N2
-    acc1 = tl.zeros((BM, BN1), dtype=tl.float32)
-    acc2 = tl.zeros((BM, BN2), dtype=tl.float32)
-    rk = tl.arange(0, BK)
-    a_p = a_ptr + rm[:, None] * sam + rk[None, :] * sak
-    b1_p = b1_ptr + rk[:, None] * sb1k + rn1[None, :] * sb1n
-    b2_p = b2_ptr + rk[:, None] * sb2k + rn2[None, :] * sb2n
-    for k0 in range(0, K, BK):
-        if EVEN_K:
-            k_ok = rk < BK
-        else:
-            k_ok = rk < K - k0
-        a = tl.load(a_p, mask=m_ok[:, None] & k_ok[None, :], other=0.0)
-        b1 = tl.load(b1_p, mask=k_ok[:, None] & n1_ok[None, :], other=0.0)
-        acc1 = _dot(a, b1, acc1, IEEE, DOT_F32)
-        if HAS2:
-            b2 = tl.load(b2_p, mask=k_ok[:, None] & n2_ok[None, :], other=0.0)
-            acc2 = _dot(a, b2, acc2, IEEE, DOT_F32)
-        a_p += BK * sak
-        b1_p += BK * sb1k
-        b2_p += BK * sb2k
-    tl.store(o1_ptr + rm[:, None] * so1m + rn1[None, :], acc1, mask=m_ok[:, None] & n1_ok[None, :])
-    if HAS2:
-        n2_ok = rn2 < tl.where(pid_n == 0, N2, 0)  # column block 0 writes o2
-        tl.store(o2_ptr + rm[:, None] * so2m + rn2[None, :], acc2, mask=m_ok[:, None] & n2_ok[None, :])
-
-
-_skinny_mm_tuned = triton.autotune(
-    configs=[triton.Config({"BM": bm, "BK": bk}, num_warps=w, num_stages=st)
-             for bm, bk, w, st in ((128, 64, 8, 4), (64, 64, 4, 4), (128, 128, 8, 3), (64, 128, 4, 3), (64, 64, 4, 6))],
-    key=["M", "K", "N1", "N2"], do_bench=_quick_bench)(_skinny_mm)
-
-
-def skinny_mm(a: torch.Tensor, b1: torch.Tensor, b2: torch.Tensor | None = None):
-    """(a @ b1, a @ b2) in float32 for thin b's (b as [K, N] views, any strides); a [M, K]."""
-    M, K = a.shape
-    N1 = b1.shape[1]
-    o1 = torch.empty(M, N1, device=a.device, dtype=torch.float32)
-    N2 = 0 if b2 is None else b2.shape[1]
-    o2 = torch.empty(M, max(N2, 1), device=a.device, dtype=torch.float32)
-    if M == 0:
-        return (o1, o2[:, :N2]) if b2 is not None else o1
-    ieee, dot_f32 = _flags(a.dtype)
-    BN1 = max(16, min(128, triton.next_power_of_2(N1)))
-    BN2 = max(16, triton.next_power_of_2(max(N2, 1)))
-    b2_ = b1 if b2 is None else b2
-    args = (a, b1, b2_, o1, o2, M, K, N1, N2, a.stride(0), a.stride(1), b1.stride(0), b1.stride(1),
-            b2_.stride(0), b2_.stride(1), o1.stride(0), o2.stride(0))
-    if _INTERPRET or a.dtype == torch.float32:
-        BM, BK = (32, 32) if _INTERPRET else (64, 32)
-        _skinny_mm[(triton.cdiv(M, BM), triton.cdiv(N1, BN1))](
-            *args, BM=BM, BK=BK, BN1=BN1, BN2=BN2, HAS2=b2 is not None, EVEN_K=K % BK == 0,
-            IEEE=ieee, DOT_F32=dot_f32, num_warps=4, num_stages=2)
-    else:
-        grid = lambda meta: (triton.cdiv(M, meta["BM"]), triton.cdiv(N1, BN1))  # noqa: E731
-        _skinny_mm_tuned[grid](*args, BN1=BN1, BN2=BN2, HAS2=b2 is not None, EVEN_K=K % 128 == 0,
-                               IEEE=ieee, DOT_F32=dot_f32)
-    return (o1, o2[:, :N2]) if b2 is not None else o1
-
-
-# --------------------------------------------------------------------------- routing, forward and backward
+# --------------------------------------------------------------------------- routing fused with its skinny GEMMs
 @triton.jit
 def _topk_rows(p, re, e_ok, TOPK: tl.constexpr, EP: tl.constexpr):
     """Chosen mask [BM, EP] of the TOPK largest p per row (ties → lower index) and their sum."""
@@ -152,49 +81,89 @@ def _topk_rows(p, re, e_ok, TOPK: tl.constexpr, EP: tl.constexpr):
 
 
 @triton.jit
-def _route_fwd(logit_ptr, h_ptr, s_ptr, probs_ptr, w_ptr, e_ptr, hm_ptr, M, E, ER, R, KP,
-               BM: tl.constexpr, EP: tl.constexpr, BER: tl.constexpr, TOPK: tl.constexpr):
-    """probs = softmax(logits) (fp32), top-k experts and renormalised weights, and
-    hm = h · (w·s)[expert of column] in hm's dtype (0 outside the top-k), zero-padded to KP columns."""
+def _per_column(gate, cols, re, R, c_ok):
+    """[BM, BER] value of the [BM, EP] per-expert `gate` at each column's expert (column // R)."""
+    onehot = tl.where(((cols // R)[None, :] == re[:, None]) & c_ok[None, :], 1.0, 0.0)  # [EP, BER]
+    return tl.dot(gate, onehot, input_precision="ieee"), onehot  # exact: one nonzero term per column
+
+
+@triton.jit
+def _route_fwd(x_ptr, xl_ptr, a_ptr, g_ptr, s_ptr, probs_ptr, e_ptr, h_ptr, hm_ptr, M, MB, K, E, ER, R, KP,
+               sxm, sxlm, sam, sgm, shm,
+               BM: tl.constexpr, BK: tl.constexpr, EP: tl.constexpr, BER: tl.constexpr, TOPK: tl.constexpr,
+               HAS_XL: tl.constexpr, EVEN_K: tl.constexpr, IEEE: tl.constexpr, DOT_F32: tl.constexpr):
+    """One block of BM rows: logits = x Gᵀ and h = x_lora A_catᵀ (fp32 accumulators, A and G read in
+    any float dtype and rounded to x's), p = softmax(logits), the top-k experts (descending, as
+    torch.topk), and hm = h · (w·s)[expert of column] in hm's dtype (0 outside the top-k and in the
+    pad columns up to KP). Writes probs [M, E] fp32, experts [M, k] int32, h [M, ER] fp32, hm [M, KP]."""
     rm = (tl.program_id(0) * BM + tl.arange(0, BM)).to(tl.int64)
     m_ok = rm < M
+    rk = tl.arange(0, BK)
     re = tl.arange(0, EP)
     e_ok = re < E
-    z = tl.load(logit_ptr + rm[:, None] * E + re[None, :], mask=m_ok[:, None] & e_ok[None, :], other=0.0)
-    z = tl.where(e_ok[None, :], z, -float("inf"))
+    rc = tl.arange(0, BER)
+    c_ok = rc < ER
+    accz = tl.zeros((BM, EP), dtype=tl.float32)
+    acch = tl.zeros((BM, BER), dtype=tl.float32)
+    for k0 in range(0, K, BK):  # the logits and the first column block of h share the reads of x
+        if EVEN_K:
+            k_ok = rk < BK
+        else:
+            k_ok = rk < K - k0
+        xt = tl.load(x_ptr + rm[:, None] * sxm + (k0 + rk)[None, :], mask=m_ok[:, None] & k_ok[None, :], other=0.0)
+        gt = tl.load(g_ptr + re[None, :] * sgm + (k0 + rk)[:, None], mask=k_ok[:, None] & e_ok[None, :], other=0.0)
+        accz = _dot(xt, gt.to(xt.dtype), accz, IEEE, DOT_F32)
+        if HAS_XL:
+            xt = tl.load(xl_ptr + rm[:, None] * sxlm + (k0 + rk)[None, :], mask=m_ok[:, None] & k_ok[None, :],
+                         other=0.0)
+        at = tl.load(a_ptr + rc[None, :] * sam + (k0 + rk)[:, None], mask=k_ok[:, None] & c_ok[None, :], other=0.0)
+        acch = _dot(xt, at.to(xt.dtype), acch, IEEE, DOT_F32)
+    z = tl.where(e_ok[None, :], accz, -float("inf"))
     z = z - tl.max(z, axis=1)[:, None]
     ez = tl.where(e_ok[None, :], tl.exp(z), 0.0)
     p = ez / tl.sum(ez, axis=1)[:, None]
     tl.store(probs_ptr + rm[:, None] * E + re[None, :], p, mask=m_ok[:, None] & e_ok[None, :])
     chosen, tot = _topk_rows(p, re, e_ok, TOPK, EP)
-    # weights and experts in descending order (as torch.topk), renormalised by the same sum
     remaining = tl.where(e_ok[None, :], p, -1.0)
-    for j in tl.static_range(TOPK):
+    for j in tl.static_range(TOPK):  # experts in descending order of p, ties → lower index
         best = tl.max(remaining, axis=1)
         idx = tl.min(tl.where(remaining == best[:, None], re[None, :], EP), axis=1)
         remaining = tl.where(re[None, :] == idx[:, None], -1.0, remaining)
-        tl.store(w_ptr + rm * TOPK + j, best / tot, mask=m_ok)
         tl.store(e_ptr + rm * TOPK + j, idx, mask=m_ok)
     s = tl.load(s_ptr + re, mask=e_ok, other=0.0).to(tl.float32)
     gate = tl.where(chosen, p / tot[:, None], 0.0) * s[None, :]  # [BM, EP]
     for c0 in range(0, KP, BER):
-        cols = c0 + tl.arange(0, BER)
+        cols = c0 + rc
         c_ok = cols < ER
-        onehot = tl.where(((cols // R)[None, :] == re[:, None]) & c_ok[None, :], 1.0, 0.0)  # [EP, BER]
-        gate_col = tl.dot(gate, onehot, input_precision="ieee")  # exact: one nonzero term per column
-        h = tl.load(h_ptr + rm[:, None] * ER + cols[None, :], mask=m_ok[:, None] & c_ok[None, :], other=0.0)
-        tl.store(hm_ptr + rm[:, None] * KP + cols[None, :], (h * gate_col).to(hm_ptr.dtype.element_ty),
+        if c0 > 0:  # further column blocks of h (E·r > BER): x_lora is read again
+            acch = tl.zeros((BM, BER), dtype=tl.float32)
+            for k0 in range(0, K, BK):
+                if EVEN_K:
+                    k_ok = rk < BK
+                else:
+                    k_ok = rk < K - k0
+                xt = tl.load(xl_ptr + rm[:, None] * sxlm + (k0 + rk)[None, :], mask=m_ok[:, None] & k_ok[None, :],
+                             other=0.0)
+                at = tl.load(a_ptr + cols[None, :] * sam + (k0 + rk)[:, None], mask=k_ok[:, None] & c_ok[None, :],
+                             other=0.0)
+                acch = _dot(xt, at.to(xt.dtype), acch, IEEE, DOT_F32)
+        gate_col, _ = _per_column(gate, cols, re, R, c_ok)
+        tl.store(h_ptr + rm[:, None] * ER + cols[None, :], acch, mask=m_ok[:, None] & c_ok[None, :])
+        tl.store(hm_ptr + rm[:, None] * shm + cols[None, :], (acch * gate_col).to(hm_ptr.dtype.element_ty),
                  mask=m_ok[:, None] & (cols < KP)[None, :])
 
 
 @triton.jit
-def _route_bwd(ghm_ptr, h_ptr, s_ptr, probs_ptr, e_ptr, dprobs_ptr, gcat_ptr, M, E, ER, R, sgc, sghm,
-               BM: tl.constexpr, EP: tl.constexpr, BER: tl.constexpr, TOPK: tl.constexpr, HAS_DP: tl.constexpr):
-    """From ghm = ∂y B_cat (fp32) and the saved h, probs, experts: gcat[:, :ER] = ghm·(w·s)[expert
-    of column] (∂ of the shrink) and gcat[:, ER:ER+E] = ∂logits through top-k renorm and softmax
-    (plus ∂probs when the load-balancing loss used probs); columns past ER+E up to sgc are zeroed."""
+def _route_bwd(g_ptr, b_ptr, h_ptr, s_ptr, probs_ptr, e_ptr, dprobs_ptr, gcat_ptr, M, MB, N, E, ER, R, sgm, sbn, sgc,
+               BM: tl.constexpr, BK: tl.constexpr, EP: tl.constexpr, BER: tl.constexpr, TOPK: tl.constexpr,
+               HAS_DP: tl.constexpr, EVEN_K: tl.constexpr, IEEE: tl.constexpr, DOT_F32: tl.constexpr):
+    """One block of BM rows: ghm = ∂y B_cat (fp32 accumulator; B_cat [N, ER] row stride sbn), then
+    gcat[:, :ER] = ghm·(w·s)[expert of column] (∂ of the shrink) and gcat[:, ER:ER+E] = ∂logits
+    through top-k renorm and softmax (plus ∂probs when the balancing loss used probs); the pad
+    columns up to sgc are zeroed. h, probs, experts are the forward's."""
     rm = (tl.program_id(0) * BM + tl.arange(0, BM)).to(tl.int64)
     m_ok = rm < M
+    rk = tl.arange(0, BK)
     re = tl.arange(0, EP)
     e_ok = re < E
     p = tl.load(probs_ptr + rm[:, None] * E + re[None, :], mask=m_ok[:, None] & e_ok[None, :], other=0.0)
@@ -211,11 +180,19 @@ def _route_bwd(ghm_ptr, h_ptr, s_ptr, probs_ptr, e_ptr, dprobs_ptr, gcat_ptr, M,
     for c0 in range(0, ER, BER):
         cols = c0 + tl.arange(0, BER)
         c_ok = cols < ER
-        onehot = tl.where(((cols // R)[None, :] == re[:, None]) & c_ok[None, :], 1.0, 0.0)  # [EP, BER]
+        ghm = tl.zeros((BM, BER), dtype=tl.float32)
+        for k0 in range(0, N, BK):
+            if EVEN_K:
+                k_ok = rk < BK
+            else:
+                k_ok = rk < N - k0
+            gt = tl.load(g_ptr + rm[:, None] * sgm + (k0 + rk)[None, :], mask=m_ok[:, None] & k_ok[None, :], other=0.0)
+            bt = tl.load(b_ptr + (k0 + rk)[:, None] * sbn + cols[None, :], mask=k_ok[:, None] & c_ok[None, :],
+                         other=0.0)
+            ghm = _dot(gt, bt.to(gt.dtype), ghm, IEEE, DOT_F32)
         msk = m_ok[:, None] & c_ok[None, :]
-        ghm = tl.load(ghm_ptr + rm[:, None] * sghm + cols[None, :], mask=msk, other=0.0)
         h = tl.load(h_ptr + rm[:, None] * ER + cols[None, :], mask=msk, other=0.0)
-        gate_col = tl.dot(gate, onehot, input_precision="ieee")
+        gate_col, onehot = _per_column(gate, cols, re, R, c_ok)
         tl.store(gcat_ptr + rm[:, None] * sgc + cols[None, :], (ghm * gate_col).to(gcat_ptr.dtype.element_ty),
                  mask=msk)
         dgate = tl.dot(ghm * h, tl.trans(onehot), dgate, input_precision="ieee")  # Σ over each expert's r
@@ -233,49 +210,78 @@ def _route_bwd(ghm_ptr, h_ptr, s_ptr, probs_ptr, e_ptr, dprobs_ptr, gcat_ptr, M,
                  mask=m_ok[:, None] & (cols < sgc)[None, :])
 
 
-def _route_blocks(E, ER):
-    return 32, max(16, triton.next_power_of_2(E)), max(16, min(128, triton.next_power_of_2(ER)))
-
-
 def _pad(n: int) -> int:
     """Extra-K widths are padded to the GEMM's K block, so its unified K loop needs no masks."""
     return triton.cdiv(n, PAD_K) * PAD_K
 
 
-def route_forward(logits, h, scaling, top_k, r, out_dtype):
-    """(probs [T, E] fp32, weights [T, k] fp32, experts [T, k] int32, hm [T, pad(E·r)] out_dtype
-    with zero pad columns)."""
-    T, E = logits.shape
-    ER = h.shape[1]
-    probs = torch.empty(T, E, device=h.device, dtype=torch.float32)
-    weights = torch.empty(T, top_k, device=h.device, dtype=torch.float32)
-    experts = torch.empty(T, top_k, device=h.device, dtype=torch.int32)
-    hm = torch.empty(T, _pad(ER), device=h.device, dtype=out_dtype)
-    BM, EP, BER = _route_blocks(E, ER)
+def _bucket(m: int) -> int:
+    """Autotuning key of a token count: the next power of two, so variable-length batches (a new T
+    almost every step) reuse a tuned config instead of tuning again."""
+    return triton.next_power_of_2(max(int(m), 1))
+
+
+def _route_configs():
+    return [triton.Config({"BM": bm, "BK": bk}, num_warps=w, num_stages=st)
+            for bm, bk, w, st in ((64, 64, 4, 4), (128, 64, 8, 4), (64, 128, 4, 3), (32, 64, 4, 4))]
+
+
+_route_fwd_tuned = triton.autotune(configs=_route_configs(), key=["MB", "K", "E", "ER", "TOPK", "HAS_XL"],
+                                   do_bench=_quick_bench)(_route_fwd)
+_route_bwd_tuned = triton.autotune(configs=_route_configs(), key=["MB", "N", "E", "ER", "TOPK", "HAS_DP"],
+                                   do_bench=_quick_bench)(_route_bwd)
+
+
+def _launch(kernel, tuned, x, T, E, width, args, **kw):
+    """Run a route kernel over row blocks: autotuned (bucketed key) for half precision on the GPU,
+    one fixed config for float32 (exact IEEE dots) and the interpreter."""
+    ieee, dot_f32 = _flags(x.dtype)
+    kw.update(EP=max(16, triton.next_power_of_2(E)), BER=max(16, min(128, triton.next_power_of_2(width))),
+              IEEE=ieee, DOT_F32=dot_f32)
+    if _INTERPRET or x.dtype == torch.float32:
+        bm, bk, warps, stages = (16, 32, 4, 1) if _INTERPRET else (32, 32, 4, 2)
+        kernel[(triton.cdiv(T, bm),)](*args, BM=bm, BK=bk, num_warps=warps, num_stages=stages, **kw)
+    else:
+        tuned[lambda meta: (triton.cdiv(T, meta["BM"]),)](*args, **kw)
+
+
+def route_forward(x, x_lora, A_cat, G, scaling, top_k, r):
+    """(probs [T, E] fp32, experts [T, k] int32, h [T, E·r] fp32, hm [T, pad(E·r)] x.dtype, zero pad
+    columns) of the routing and the expert shrink; one kernel, x (and x_lora) read once when E·r ≤ 128."""
+    T, d_in = x.shape
+    E, ER = G.shape[0], A_cat.shape[0]
+    dev = x.device
+    probs = torch.empty(T, E, device=dev, dtype=torch.float32)
+    experts = torch.empty(T, top_k, device=dev, dtype=torch.int32)
+    h = torch.empty(T, ER, device=dev, dtype=torch.float32)
+    hm = torch.empty(T, _pad(ER), device=dev, dtype=x.dtype)
     if T:
-        _route_fwd[(triton.cdiv(T, BM),)](logits, h, scaling, probs, weights, experts, hm, T, E, ER, r, hm.shape[1],
-                                          BM=BM, EP=EP, BER=BER, TOPK=top_k, num_warps=4)
-    return probs, weights, experts, hm
+        xl = x if x_lora is None else x_lora
+        _launch(_route_fwd, _route_fwd_tuned, x, T, E, hm.shape[1],
+                (x, xl, A_cat, G, scaling, probs, experts, h, hm, T, _bucket(T), d_in, E, ER, r, hm.shape[1],
+                 x.stride(0), xl.stride(0), A_cat.stride(0), G.stride(0), hm.stride(0)),
+                TOPK=top_k, HAS_XL=x_lora is not None, EVEN_K=d_in % 128 == 0)
+    return probs, experts, h, hm
 
 
-def route_backward(ghm, h, scaling, probs, experts, dprobs, r, out_dtype):
-    """gcat [T, pad(E·r + E)] out_dtype: [∂h | ∂logits | zeros] (see _route_bwd)."""
-    T, E = probs.shape
+def route_backward(g, B_cat, h, scaling, probs, experts, dprobs, r):
+    """gcat [T, pad(E·r + E)] g.dtype = [∂h | ∂logits | zeros] from ∂y (see _route_bwd); one kernel."""
+    T, d_out = g.shape
+    E = probs.shape[1]
     ER = h.shape[1]
-    gcat = torch.empty(T, _pad(ER + E), device=h.device, dtype=out_dtype)
-    BM, EP, BER = _route_blocks(E, ER)
+    gcat = torch.empty(T, _pad(ER + E), device=g.device, dtype=g.dtype)
     if T:
         dp = dprobs.contiguous() if dprobs is not None else probs
-        _route_bwd[(triton.cdiv(T, BM),)](ghm, h, scaling, probs, experts, dp, gcat, T, E, ER, r, gcat.stride(0),
-                                          ghm.stride(0),
-                                          BM=BM, EP=EP, BER=BER, TOPK=experts.shape[1],
-                                          HAS_DP=dprobs is not None, num_warps=4)
+        _launch(_route_bwd, _route_bwd_tuned, g, T, E, ER,
+                (g, B_cat, h, scaling, probs, experts, dp, gcat, T, _bucket(T), d_out, E, ER, r, g.stride(0),
+                 B_cat.stride(0), gcat.stride(0)),
+                TOPK=experts.shape[1], HAS_DP=dprobs is not None, EVEN_K=d_out % 128 == 0)
     return gcat
 
 
 # --------------------------------------------------------------------------- base GEMM with extra K
 @triton.jit
-def _dual_mm(a1_ptr, b1_ptr, a2_ptr, b2_ptr, bias_ptr, out_ptr, M, N, K1, K2,
+def _dual_mm(a1_ptr, b1_ptr, a2_ptr, b2_ptr, bias_ptr, out_ptr, M, MB, N, K1, K2,
              sa1m, sa1k, sb1k, sb1n, sa2m, sa2k, sb2k, sb2n, som,
              BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, BK2: tl.constexpr, GROUP_M: tl.constexpr,
              HAS_BIAS: tl.constexpr, EVEN_K1: tl.constexpr, IEEE: tl.constexpr, DOT_F32: tl.constexpr,
@@ -345,7 +351,7 @@ def _mm_configs():
             for bm, bn, w, st, u in ((128, 256, 8, 3, 0), (128, 256, 8, 3, 1), (128, 256, 8, 4, 1), (128, 128, 8, 4, 0))]
 
 
-_dual_mm_tuned = triton.autotune(configs=_mm_configs(), key=["M", "N", "K1", "K2", "sb1k", "sb1n"],
+_dual_mm_tuned = triton.autotune(configs=_mm_configs(), key=["MB", "N", "K1", "K2", "sb1k", "sb1n"],
                                  do_bench=_quick_bench)(_dual_mm)
 
 
@@ -355,7 +361,7 @@ def _dual_mm_pointers(a1, b1, a2, b2, bias, out):
     K2 = a2.shape[1]
     ieee, dot_f32 = _flags(a1.dtype)
     bk2 = PAD_K if K2 % PAD_K == 0 else max(16, min(PAD_K, triton.next_power_of_2(K2)))
-    args = (a1, b1, a2, b2, bias if bias is not None else out, out, M, N, K1, K2,
+    args = (a1, b1, a2, b2, bias if bias is not None else out, out, M, _bucket(M), N, K1, K2,
             a1.stride(0), a1.stride(1), b1.stride(0), b1.stride(1), a2.stride(0), a2.stride(1),
             b2.stride(0), b2.stride(1), out.stride(0))
     if _INTERPRET or a1.dtype == torch.float32:
@@ -374,7 +380,7 @@ def _dual_mm_pointers(a1, b1, a2, b2, bias, out):
 
 # --------------------------------------------------------------------------- the same GEMM through TMA
 @triton.jit
-def _dual_mm_tma(a1_d, b1_d, a2_d, b2_d, bias_ptr, out_d, M, N, K1, K2,
+def _dual_mm_tma(a1_d, b1_d, a2_d, b2_d, bias_ptr, out_d, M, MB, N, K1, K2,
                  BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, GROUP_M: tl.constexpr,
                  B1_KMAJOR: tl.constexpr, B2_KMAJOR: tl.constexpr, HAS_BIAS: tl.constexpr, DOT_F32: tl.constexpr):
     """_dual_mm with tiles moved by the tensor-memory accelerator (bounds handled by the descriptors);
@@ -420,7 +426,7 @@ _dual_mm_tma_tuned = triton.autotune(
     configs=[triton.Config({"BM": bm, "BN": bn, "BK": PAD_K, "GROUP_M": 8}, num_warps=w, num_stages=st,
                            pre_hook=_tma_blocks)
              for bm, bn, w, st in ((128, 256, 8, 3), (128, 256, 8, 4), (128, 128, 8, 4))],
-    key=["M", "N", "K1", "K2", "B1_KMAJOR", "B2_KMAJOR"], do_bench=_quick_bench)(_dual_mm_tma)
+    key=["MB", "N", "K1", "K2", "B1_KMAJOR", "B2_KMAJOR"], do_bench=_quick_bench)(_dual_mm_tma)
 
 
 def _kn_descriptor(b, block_k, block_n):
@@ -446,7 +452,7 @@ def _dual_mm_tensor_memory(a1, b1, a2, b2, bias, out):
     bm, bn, bk = (32, 32, 32) if _INTERPRET else (128, 256, PAD_K)  # the tuned run resets the blocks
     d1, d2 = _kn_descriptor(b1, bk, bn), _kn_descriptor(b2, bk, bn)
     args = (TensorDescriptor.from_tensor(a1, [bm, bk]), d1[0], TensorDescriptor.from_tensor(a2, [bm, bk]), d2[0],
-            bias if bias is not None else out, TensorDescriptor.from_tensor(out, [bm, bn]), M, N, K1, K2)
+            bias if bias is not None else out, TensorDescriptor.from_tensor(out, [bm, bn]), M, _bucket(M), N, K1, K2)
     meta = dict(B1_KMAJOR=d1[1], B2_KMAJOR=d2[1], HAS_BIAS=bias is not None, DOT_F32=_INTERPRET)
     if _INTERPRET:
         _dual_mm_tma[(triton.cdiv(M, bm) * triton.cdiv(N, bn),)](*args, BM=bm, BN=bn, BK=bk, GROUP_M=8, **meta)
@@ -475,10 +481,17 @@ _IMPLS = {"triton": _dual_mm_pointers, "tma": _dual_mm_tensor_memory, "cublas": 
 _CHOSEN: dict[tuple, str] = {}
 
 
+SMALL_M = 4096  # "auto" takes cuBLAS up to this many tokens without timing (measured on H200, see bench/results)
+
+
 def _choose(a1, b1, a2, b2, bias, out) -> str:
-    """GEMM_BACKEND "auto": time every usable implementation once per shape and layout (like an
-    autotuner, on the real operands), keep the fastest whose result agrees with cuBLAS."""
-    key = (tuple(a1.shape), tuple(b1.shape), tuple(b1.stride()), tuple(a2.shape), a1.dtype, bias is None)
+    """GEMM_BACKEND "auto": up to SMALL_M rows cuBLAS (it won every timing there, and the step is
+    bound by host launch time, which two cuBLAS calls keep lowest); above, time every usable
+    implementation once per shape (token count bucketed to a power of two) and layout, on the real
+    operands, and keep the fastest whose result agrees with cuBLAS."""
+    if a1.shape[0] <= SMALL_M:
+        return "cublas"
+    key = (_bucket(a1.shape[0]), a1.shape[1], tuple(b1.shape), tuple(b1.stride()), a2.shape[1], a1.dtype, bias is None)
     if key not in _CHOSEN:
         names = ["cublas", "triton"] + (["tma"] if _tma_usable(a1, b1, a2, b2, out) else [])
         ref = _dual_mm_cublas(a1, b1, a2, b2, bias, torch.empty_like(out)).float()
@@ -500,10 +513,18 @@ def _choose(a1, b1, a2, b2, bias, out) -> str:
 CHOICES: dict[tuple, dict] = {}  # what "auto" measured and chose, per GEMM key (reported by the bench)
 
 
+def _takes_cublas(M: int, dtype) -> bool:
+    """Whether dual_mm surely runs cuBLAS for M rows (then the extra K needs no zero padding)."""
+    if _INTERPRET or dtype == torch.float32:
+        return False
+    return GEMM_BACKEND == "cublas" or (GEMM_BACKEND == "auto" and M <= SMALL_M)
+
+
 def dual_mm(a1, b1, a2, b2, bias=None, out_dtype=None):
     """a1 @ b1 + a2 @ b2 (+ bias) with one fp32 accumulator; b's are [K, N] views (any strides).
 
-    GEMM_BACKEND: "auto" (default on CUDA: fastest of the below per shape), "triton" (pointer
+    GEMM_BACKEND: "auto" (default: cuBLAS up to SMALL_M rows, above the fastest of the below per
+    shape, timed once), "triton" (pointer
     loads, one-loop variant), "tma" (tensor-memory-accelerator tiles), "cublas" (two cuBLAS calls)."""
     M, K1 = a1.shape
     N = b1.shape[1]
@@ -521,66 +542,85 @@ def dual_mm(a1, b1, a2, b2, bias=None, out_dtype=None):
 
 
 # --------------------------------------------------------------------------- autograd
+_MM_OUT_DTYPE = hasattr(torch.ops.aten.mm, "dtype")  # torch.mm(..., out_dtype=) (CUDA, half → fp32)
+
+
+def _mm_as(a, b, dtype):
+    """a @ b as `dtype`: a float32 result of half operands comes straight out of cuBLAS where torch
+    can (no rounding to half, no cast kernel)."""
+    if dtype == a.dtype:
+        return torch.mm(a, b)
+    if _MM_OUT_DTYPE and a.is_cuda and dtype == torch.float32:
+        return torch.mm(a, b, out_dtype=dtype)
+    return torch.mm(a, b).to(dtype)
+
+
+def _b_cat(lora_B, width, dtype):
+    """[d_out, width] in `dtype`: B_cat = expert-major columns of lora_B [E, d_out, r], zero pad
+    columns; one cast-and-permute copy."""
+    E, d_out, r = lora_B.shape
+    out = torch.empty(d_out, width, device=lora_B.device, dtype=dtype)
+    out[:, :E * r].view(d_out, E, r).copy_(lora_B.permute(1, 0, 2))
+    if width > E * r:
+        out[:, E * r:].zero_()
+    return out
+
+
 class LoraMoEFunction(torch.autograd.Function):
-    """(y, probs, experts) of the LoRA-MoE layer on 2-D x; W and b frozen (no gradients)."""
+    """(y, probs, experts) of the LoRA-MoE layer on 2-D x; W and b frozen (no gradients).
+
+    lora_A, lora_B, router_weight may be in another float dtype than x (float32 masters of a bf16
+    model): they are rounded to x's dtype inside the kernels, and their gradients come back in their
+    own dtype, so the layer needs no cast nodes in the autograd graph."""
 
     @staticmethod
     def forward(ctx, x, weight, bias, lora_A, lora_B, scaling, router_weight, top_k, x_lora):
-        T, d_in = x.shape
-        E, r, _ = lora_A.shape
-        d_out = weight.shape[0]
-        ER = E * r
-        A_cat = lora_A.reshape(ER, d_in)
-        if x_lora is None:
-            h, logits = skinny_mm(x, A_cat.t(), router_weight.t())
-        else:
-            h, logits = skinny_mm(x_lora, A_cat.t()), skinny_mm(x, router_weight.t())
-        probs, weights, experts, hm = route_forward(logits, h, scaling, top_k, r, x.dtype)
-        # [d_out, pad(E·r)]: expert-major columns, zero pad (hm's pad columns are zero too)
-        if hm.shape[1] == ER:
-            B_cat = lora_B.permute(1, 0, 2).reshape(d_out, ER)
-        else:
-            B_cat = lora_B.new_zeros(d_out, hm.shape[1])
-            B_cat[:, :ER].view(d_out, E, r).copy_(lora_B.permute(1, 0, 2))
+        E, r, d_in = lora_A.shape
+        A_cat = lora_A.reshape(E * r, d_in)
+        probs, experts, h, hm = route_forward(x, x_lora, A_cat, router_weight, scaling, top_k, r)
+        B_cat = _b_cat(lora_B, hm.shape[1], x.dtype)  # hm's pad columns are zero too
         y = dual_mm(x, weight.t(), hm, B_cat.t(), bias)
-        ctx.save_for_backward(x, x_lora, weight, lora_A, B_cat, router_weight, scaling, h, hm, probs, experts)
-        ctx.mark_non_differentiable(weights, experts)
+        ctx.save_for_backward(x, x_lora, weight, lora_A, lora_B, B_cat, router_weight, scaling, h, hm, probs, experts)
+        ctx.mark_non_differentiable(experts)
         ctx.set_materialize_grads(False)  # an unused probs output gives None, not a zero tensor to read
-        return y, probs, weights, experts
+        return y, probs, experts
 
     @staticmethod
-    def backward(ctx, gy, gprobs, _gw, _ge):
-        x, x_lora, weight, lora_A, B_cat, G, scaling, h, hm, probs, experts = ctx.saved_tensors
+    def backward(ctx, gy, gprobs, _ge):
+        x, x_lora, weight, lora_A, lora_B, B_cat, G, scaling, h, hm, probs, experts = ctx.saved_tensors
         need = ctx.needs_input_grad
         T, d_in = x.shape
         E, r, _ = lora_A.shape
         ER = E * r
         d_out = weight.shape[0]
-        g = torch.zeros(T, d_out, device=x.device, dtype=x.dtype) if gy is None else gy.contiguous()
-        A_cat = lora_A.reshape(ER, d_in)
-        ghm = skinny_mm(g, B_cat[:, :ER])
-        gB = None
+        dt = x.dtype
+        g = torch.zeros(T, d_out, device=x.device, dtype=dt) if gy is None else gy.contiguous()
+        gcat = route_backward(g, B_cat, h, scaling, probs, experts, gprobs, r)
+        gA = gB = gG = gx = gxl = None
         if need[4]:
-            gB = torch.mm(g.t(), hm[:, :ER]).view(d_out, E, r).permute(1, 0, 2).contiguous()
-        gcat = route_backward(ghm, h, scaling, probs, experts, gprobs, r, x.dtype)
-        gA = gG = gx = gxl = None
-        if x_lora is None:
-            if need[3] or need[6]:
-                gAG = torch.mm(gcat[:, :ER + E].t(), x)
-                gA = gAG[:ER].view(E, r, d_in) if need[3] else None
-                gG = gAG[ER:] if need[6] else None
-            if need[0]:
-                AG = lora_A.new_zeros(gcat.shape[1], d_in)  # [A_cat; G; zero pad], matching gcat's columns
-                AG[:ER] = A_cat
-                AG[ER:ER + E] = G
-                gx = dual_mm(g, weight, gcat, AG)
+            gB = torch.empty_like(lora_B)
+            gB.permute(1, 0, 2).copy_(_mm_as(g.t(), hm[:, :ER], lora_B.dtype).view(d_out, E, r))
+        xl = x if x_lora is None else x_lora
+        if x_lora is None and need[3] and need[6] and lora_A.dtype == G.dtype:
+            gAG = _mm_as(gcat[:, :ER + E].t(), x, lora_A.dtype)  # one read of x for both
+            gA, gG = gAG[:ER].view(E, r, d_in), gAG[ER:]
         else:
-            gA = torch.mm(gcat[:, :ER].t(), x_lora).view(E, r, d_in) if need[3] else None
-            gG = torch.mm(gcat[:, ER:ER + E].t(), x) if need[6] else None
-            if need[0]:
-                gx = dual_mm(g, weight, gcat[:, ER:ER + E], G)
-            if need[8]:
-                gxl = gcat[:, :ER] @ A_cat
+            gA = _mm_as(gcat[:, :ER].t(), xl, lora_A.dtype).view(E, r, d_in) if need[3] else None
+            gG = _mm_as(gcat[:, ER:ER + E].t(), x, G.dtype) if need[6] else None
+        A_cat = lora_A.reshape(ER, d_in)
+        if need[0] and x_lora is None:
+            # [A_cat; G] in x's dtype, zero-padded as gcat's columns unless cuBLAS takes it (any K)
+            width = ER + E if _takes_cublas(T, dt) else gcat.shape[1]
+            AG = torch.empty(width, d_in, device=x.device, dtype=dt)
+            AG[:ER].copy_(A_cat)
+            AG[ER:ER + E].copy_(G)
+            if width > ER + E:
+                AG[ER + E:].zero_()
+            gx = dual_mm(g, weight, gcat[:, :width], AG)
+        elif need[0]:
+            gx = dual_mm(g, weight, gcat[:, ER:ER + E], G.to(dt))
+        if need[8]:
+            gxl = gcat[:, :ER] @ A_cat.to(dt)
         return gx, None, None, gA, gB, None, gG, None, gxl
 
 
@@ -590,7 +630,8 @@ def lora_moe(x, weight, bias, lora_A, lora_B, scaling, router_weight, top_k, x_l
     experts [T, k] int64) where probs carries gradients to x and the router (load-balancing loss).
 
     Triton path (CUDA, or the interpreter): W and b must be frozen (the MoE layer never trains them;
-    otherwise the reference runs); lora_A, lora_B, router_weight are cast to x's dtype.
+    otherwise the reference runs); lora_A, lora_B, router_weight may be float32 masters of a
+    half-precision x (rounded to x's dtype in the kernels, gradients in their own dtype).
     """
     frozen = not (weight.requires_grad or (bias is not None and bias.requires_grad))
     if not (frozen and use_triton(x, weight, lora_A, lora_B, router_weight)):
@@ -603,10 +644,10 @@ def lora_moe(x, weight, bias, lora_A, lora_B, scaling, router_weight, top_k, x_l
     dt = x.dtype
     x2 = x.reshape(-1, shape[-1]).contiguous()
     xl2 = None if x_lora is None else x_lora.reshape(-1, shape[-1]).to(dt).contiguous()
-    scaling = torch.as_tensor(scaling, device=x.device).to(torch.float32).contiguous()
-    y, probs, _, experts = LoraMoEFunction.apply(
+    if not (isinstance(scaling, torch.Tensor) and scaling.dtype == torch.float32 and scaling.device == x.device):
+        scaling = torch.as_tensor(scaling, device=x.device).to(torch.float32)
+    y, probs, experts = LoraMoEFunction.apply(
         x2, weight.to(dt).contiguous(), None if bias is None else bias.to(dt).contiguous(),
-        lora_A.to(dt).contiguous(), lora_B.to(dt).contiguous(), scaling, router_weight.to(dt).contiguous(),
-        int(top_k), xl2)
+        lora_A.contiguous(), lora_B.contiguous(), scaling.contiguous(), router_weight.contiguous(), int(top_k), xl2)
     y = y.reshape(*shape[:-1], weight.shape[0])
     return (y, probs, experts.long()) if return_routing else y

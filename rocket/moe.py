@@ -114,9 +114,10 @@ class LoraMoELinear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x_lora = None if isinstance(self.dropout, nn.Identity) else self.dropout(x)
-        out = lora_moe(x, self.base.weight, self.base.bias, self.lora_A.to(x.dtype), self.lora_B.to(x.dtype),
-                       self.scaling, self.router.weight.to(x.dtype), self.top_k, x_lora,
-                       return_routing=self.load_balancing)
+        # float32 masters go in as they are: the fused layer rounds them to x's dtype in its kernels
+        # (no cast nodes in the graph); the CPU reference computes in float32 anyway
+        out = lora_moe(x, self.base.weight, self.base.bias, self.lora_A, self.lora_B, self.scaling,
+                       self.router.weight, self.top_k, x_lora, return_routing=self.load_balancing)
         if not self.load_balancing:
             self.aux_loss = None
             return out

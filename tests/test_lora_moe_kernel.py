@@ -205,3 +205,41 @@ def test_gpu_bf16_every_gemm_backend(monkeypatch, backend):
                                                      (777, 1000, 1100, 5, 12, 3)])
 def test_gpu_bf16_odd_shapes(monkeypatch, T, d_in, d_out, E, r, k):
     _gpu_case(monkeypatch, "auto", T, d_in, d_out, E, r, k)
+
+
+@pytest.mark.parametrize("dtype, T, d_in, d_out, E, r, k, dropout", [
+    (torch.bfloat16, 53, 40, 24, 4, 6, 2, False),
+    (torch.float16, 1, 16, 20, 1, 3, 1, False),       # T=1, E=1
+    (torch.bfloat16, 29, 36, 18, 3, 5, 3, True),      # k=E, dropout input
+    (torch.bfloat16, 21, 24, 16, 2, 80, 1, False),    # E·r = 160 > one column block of the fused kernels
+])
+def test_float32_masters_with_half_activations(dtype, T, d_in, d_out, E, r, k, dropout):
+    """Trainable float32 masters go straight in (rounded to x's dtype inside the kernels): the same
+    function as rounding them first, every gradient in float32 and no cast node in the graph."""
+    gen = torch.Generator().manual_seed(21 + T)
+    x, W, b, _, _, s, _ = _inputs(T, d_in, d_out, E, r, dtype, gen)
+    A = (torch.randn(E, r, d_in, generator=gen) / d_in ** 0.5).to(DEVICE)
+    B = torch.randn(E, d_out, r, generator=gen).to(DEVICE)
+    G = torch.randn(E, d_in, generator=gen).div(d_in ** 0.5).to(DEVICE)
+    xl = (x * (torch.rand(x.shape, generator=gen).to(DEVICE) > 0.3)).to(dtype) if dropout else None
+    gy = torch.randn(T, d_out, generator=gen).to(dtype).to(DEVICE)
+    gp = torch.randn(T, E, generator=gen).to(DEVICE)
+    got = _grads(_kernel, x, W, b, A, B, s, G, k, gy, gp, x_lora=xl)
+    assert got[0].dtype == dtype and all(g.dtype == torch.float32 for g in got[3:6])
+    rounded = [t.to(dtype) for t in (A, B, G)]
+    ref = _grads(_reference, *_double(x, W, b, rounded[0], rounded[1], s, rounded[2]), k, gy, gp,
+                 x_lora=None if xl is None else xl.double())
+    for name, g, r_ in zip(["y", "probs", "dx", "dA", "dB", "dG", "dx_lora"], got, ref):
+        assert rel_err(g, r_) < TOL[dtype], name
+    y = K.lora_moe(x, W, b, A.requires_grad_(), B, s, G, k, xl)
+    nodes, todo = set(), [y.grad_fn]
+    while todo:
+        fn = todo.pop()
+        nodes.add(type(fn).__name__)
+        todo += [f for f, _ in fn.next_functions if f is not None]
+    assert "LoraMoEFunctionBackward" in nodes and "AccumulateGrad" in nodes and not any("Copy" in n for n in nodes)
+
+
+def test_token_count_buckets_are_powers_of_two():
+    assert [K._bucket(m) for m in (0, 1, 2, 3, 1536, 2048, 2049, 3584, 16384)] == [1, 1, 2, 4, 2048, 2048, 4096, 4096,
+                                                                                  16384]

@@ -41,6 +41,28 @@ def test_layer_is_a_drop_in_linear_and_matches_the_reference():
     assert layer.aux_loss is None
 
 
+def test_bf16_layer_with_float32_masters_as_the_trainer_keeps_them():
+    """TorchEngine keeps float32 masters in a bf16 model: the layer rounds them in its kernels and
+    their gradients arrive in float32, equal to rounding first (bf16 tolerance)."""
+    gen = torch.Generator().manual_seed(5)
+    layer = _layer(40, 28, 4, 6, 2, gen).to(torch.bfloat16)
+    for p in (layer.lora_A, layer.lora_B, layer.router.weight):
+        p.data = p.data.float()
+    x = torch.randn(2, 19, 40, generator=gen).to(DEVICE).to(torch.bfloat16).requires_grad_()
+    gy = torch.randn(2, 19, 28, generator=gen).to(DEVICE)
+    y = layer(x)
+    assert y.dtype == torch.bfloat16
+    y.backward(gy.to(torch.bfloat16))
+    leaves = [t.detach().to(torch.bfloat16).double().requires_grad_()
+              for t in (x, layer.lora_A, layer.lora_B, layer.router.weight)]
+    want = R.lora_moe(leaves[0], layer.base.weight.double(), layer.base.bias.double(), leaves[1], leaves[2],
+                      layer.scaling.double(), leaves[3], 2)
+    want.backward(gy.to(torch.bfloat16).double())
+    assert rel_err(y, want) < 2e-2
+    for got, ref in zip((x, layer.lora_A, layer.lora_B, layer.router.weight), leaves):
+        assert got.grad.dtype == got.dtype and rel_err(got.grad, ref.grad) < 2e-2
+
+
 def test_every_trainable_tensor_changes_after_an_optimizer_step():
     gen = torch.Generator().manual_seed(1)
     layer = _layer(24, 18, 4, 5, 2, gen)
