@@ -1,0 +1,218 @@
+"""Where the LoRA-MoE time goes (GPU): host issue time vs device kernel time, kernel lists and host
+syncs, for one layer (bench shapes) and for steady training steps of the bench_train model, with
+the peft single-LoRA peer beside it. Not a pytest suite: `python3 -m bench.profile_moe [layer|train|quick]`;
+tables go to stdout, a JSON summary to $ROCKET_BENCH_RESULTS (default bench/results).
+"""
+from __future__ import annotations
+
+import copy
+import json
+import os
+import statistics
+import sys
+import time
+import warnings
+
+import torch
+from torch.autograd import DeviceType
+from torch.profiler import ProfilerActivity, profile
+
+from bench.harness import RESULTS, git_commit, median_ms
+
+DEV = torch.device("cuda")
+SUMMARY: dict = {}
+
+
+def host_wall(step, n=15):
+    """(median host issue ms, median wall ms) of step(): issue = until step() returns, wall = until the device is done."""
+    issue, wall = [], []
+    for _ in range(n):
+        torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        step()
+        t1 = time.perf_counter()
+        torch.cuda.synchronize()
+        issue.append(t1 - t0)
+        wall.append(time.perf_counter() - t0)
+    return 1e3 * statistics.median(issue), 1e3 * statistics.median(wall)
+
+
+def kernels(step, n=3, rows=25, title=""):
+    """Device kernel ms per step and kernel launches per step, from the profiler; prints the top tables."""
+    step()
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        for _ in range(n):
+            step()
+        torch.cuda.synchronize()
+    ev = [e for e in prof.events() if e.device_type == DeviceType.CUDA]
+    dev_ms = sum(e.time_range.elapsed_us() for e in ev) / n / 1e3
+    ka = prof.key_averages()
+    print(f"\n==== {title}: {dev_ms:.3f} ms of kernels, {len(ev) / n:.0f} kernels per step")
+    print(ka.table(sort_by="self_cpu_time_total", row_limit=rows, max_name_column_width=60))
+    print(ka.table(sort_by="self_device_time_total", row_limit=rows, max_name_column_width=60))
+    return dev_ms, len(ev) / n
+
+
+def syncs(step, title):
+    """Host syncs of one step (torch's sync debug mode), by message."""
+    with warnings.catch_warnings(record=True) as w:
+        warnings.simplefilter("always")
+        torch.cuda.set_sync_debug_mode("warn")
+        try:
+            step()
+        finally:
+            torch.cuda.set_sync_debug_mode(0)
+    msgs = {}
+    for x in w:
+        key = f"{x.filename}:{x.lineno} {str(x.message)[:80]}"
+        msgs[key] = msgs.get(key, 0) + 1
+    print(f"\n==== syncs in one step of {title}: {sum(msgs.values())}")
+    for k, v in sorted(msgs.items(), key=lambda kv: -kv[1])[:15]:
+        print(f"  {v:4d}  {k}")
+    return sum(msgs.values())
+
+
+def _main_module():
+    """main's kernels/lora_moe.py (carried as bench/_main_lora_moe.py) for a same-run A/B, if present."""
+    try:
+        from bench import _main_lora_moe
+    except ImportError:
+        return None
+    return _main_lora_moe
+
+
+def _with_backend_of(mod, backend, fn):
+    def run(*args):
+        old, mod.GEMM_BACKEND = mod.GEMM_BACKEND, backend
+        try:
+            return fn(*args)
+        finally:
+            mod.GEMM_BACKEND = old
+    return run
+
+
+def layer(shapes=((4096, 4096, 4096, 8), (3072, 2048, 5504, 4), (3072, 2048, 2048, 4)),
+          names=("base", "single_lora", "rocket", "rocket_cublas", "rocket_triton", "main_auto", "main_cublas")):
+    from bench.test_lora_moe import _fwd_bwd, _inputs, _methods, _with_backend
+    from rocket.kernels import lora_moe as K
+    main = _main_module()
+    out = {}
+    for T, d_in, d_out, E in shapes:
+        v = _inputs(T, d_in, d_out, E, 16, torch.bfloat16, DEV)
+        methods = _methods(v, 2)
+        if main is not None:
+            for be in ("auto", "cublas"):
+                fn = lambda x, A, B, G: main.lora_moe(x, v["W"], v["b"], A, B, v["s"], G, 2)  # noqa: E731
+                methods[f"main_{be}"] = (_with_backend_of(main, be, fn), (0, 1, 2, 3))
+        row = {}
+        for name in names:
+            if name not in methods:
+                continue
+            step = _fwd_bwd(*methods[name], v)
+            step()
+            issue, wall = host_wall(step)
+            row[name] = dict(do_bench=median_ms(step, DEV), issue=issue, wall=wall)
+            if T == 4096 or name in ("rocket", "single_lora", "main_auto"):
+                row[name]["kernel_ms"], row[name]["launches"] = kernels(step, title=f"layer T={T} {d_in}->{d_out} E={E} {name}", rows=14)
+        if T == 4096:
+            syncs(_fwd_bwd(*methods["rocket"], v), "rocket layer")
+        print(f"T={T} {d_in}->{d_out} E={E}:", json.dumps(row))
+        out[f"{T}x{d_in}x{d_out}xE{E}"] = row
+    out["auto_choices"] = {str(k): c for k, c in K.CHOICES.items()}
+    # one fp32-out cuBLAS product (the gradients of the fp32 masters), if this torch has it
+    a = torch.randn(64, 3072, device=DEV, dtype=torch.bfloat16)
+    b = torch.randn(3072, 2048, device=DEV, dtype=torch.bfloat16)
+    try:
+        o = torch.mm(a, b, out_dtype=torch.float32)
+        out["mm_out_dtype"] = [str(o.dtype), float((o - a.float() @ b.float()).norm() / o.norm())]
+    except Exception as e:  # noqa: BLE001
+        out["mm_out_dtype"] = repr(e)[:200]
+    SUMMARY["layer"] = out
+
+
+def train():
+    from bench.test_train import GPU as S
+    from bench.test_train import build_model, random_bank
+    from rocket.moe import inject_lora_moe
+    from rocket.train import TorchEngine, TrainConfig, token_loss_sum
+    base = build_model(S, DEV)
+    gen = torch.Generator().manual_seed(0)
+    B, L = 8, 384
+    ids = torch.randint(3, S["vocab"], (B, L), generator=gen).to(DEV)
+    labels = ids.clone()
+    labels[:, : L // 2] = -100
+    batch = {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
+    n = (labels[:, 1:] != -100).sum()
+    cfg = TrainConfig(batch_size=B, lr=1e-5)
+    out = {}
+
+    peft_model = copy.deepcopy(base)
+    from peft import LoraConfig, get_peft_model
+    from rocket.tiny import LLAMA_TARGETS
+    pm = get_peft_model(peft_model, LoraConfig(r=16, lora_alpha=32, target_modules=list(LLAMA_TARGETS),
+                                               lora_dropout=0.0, task_type="CAUSAL_LM"))
+    params = [p for p in pm.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=1e-5, fused=True)
+
+    def peft_step():
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            logits = pm(**batch).logits
+        (token_loss_sum(logits, labels) / n).backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+
+    model = inject_lora_moe(base, random_bank(base, S["E"], S["r"]), list(range(S["E"])), top_k=2)
+    eng = TorchEngine(model, cfg, DEV)
+
+    def rocket_step():
+        logits = eng.forward(batch, True)
+        eng.backward(token_loss_sum(logits, labels) / n)
+        eng.step(1e-5)
+
+    import rocket.moe as moe_mod
+    main, new = _main_module(), moe_mod.lora_moe
+
+    def main_lora_moe(x, W, b, A, B, s, G, k, xl, return_routing=False):  # main's layer: casts outside
+        return main.lora_moe(x, W, b, A.to(x.dtype), B.to(x.dtype), s, G.to(x.dtype), k, xl,
+                             return_routing=return_routing)
+
+    def main_step():
+        moe_mod.lora_moe = main_lora_moe
+        try:
+            rocket_step()
+        finally:
+            moe_mod.lora_moe = new
+
+    steps = (("peft", peft_step), ("rocket", rocket_step)) + ((("main", main_step),) if main else ())
+    for name, step in steps:
+        for _ in range(3):
+            step()
+        issue, wall = host_wall(step, n=8)
+        out[name] = dict(issue=issue, wall=wall, tokens_per_s=B * L / wall * 1e3)
+        out[name]["kernel_ms"], out[name]["launches"] = kernels(step, n=2, title=f"train step {name}", rows=40)
+        out[name]["syncs"] = syncs(step, name)
+        print(name, json.dumps(out[name]), flush=True)
+    for backend in ("cublas", "triton"):
+        from rocket.kernels import lora_moe as K
+        K.GEMM_BACKEND = backend
+        for _ in range(2):
+            rocket_step()
+        issue, wall = host_wall(rocket_step, n=8)
+        out[f"rocket_{backend}"] = dict(issue=issue, wall=wall, tokens_per_s=B * L / wall * 1e3)
+        print(backend, json.dumps(out[f"rocket_{backend}"]), flush=True)
+    SUMMARY["train"] = out
+
+
+if __name__ == "__main__":
+    parts = sys.argv[1:] or ["layer", "train"]
+    print(torch.cuda.get_device_name(), torch.__version__, flush=True)
+    for p in parts:
+        {"layer": layer, "train": train,  # quick: the T=4096 layer, rocket against base and single LoRA
+         "quick": lambda: layer(shapes=((4096, 4096, 4096, 8),), names=("base", "single_lora", "rocket"))}[p]()
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    path = RESULTS / f"profile_moe-gpu-{time.strftime('%Y%m%d-%H%M%S')}.json"
+    path.write_text(json.dumps({"suite": "profile_moe", "device": torch.cuda.get_device_name(), "commit": git_commit(),
+                                "torch": torch.__version__, **SUMMARY}, indent=1, default=str) + "\n")
+    print("wrote", path)
