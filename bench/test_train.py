@@ -8,7 +8,7 @@ Rows (tokens/s = non-padding tokens through forward + backward + AdamW per secon
 - peer `seed_loop`: the same MoE with the seed's per-expert loop (reference.lora_moe_loop) in
   place of the fused layer (goal: rocket ≥ 3×).
 GPU: hidden 2048, 16 layers, MLP 5504, vocab 32000 (~1.1B), E=4 experts r=16, top-2, micro-batch 8,
-examples of 150–500 tokens, lengths padded to a multiple of 64; 60 steps (20 for the seed loop), so
+examples of 150–500 tokens, lengths padded to a multiple of 64; 40 steps (16 for the seed loop), so
 the suite fits one device call. Every row leaves out the first step of each batch shape.
 CPU: tiny shapes, a correctness run of the same code.
 """
@@ -26,7 +26,7 @@ from rocket.tiny import LLAMA_TARGETS
 from rocket.train import collate, length_grouped_batches, prepare_examples, token_loss_sum, train, TrainConfig
 
 GPU = dict(hidden=2048, layers=16, heads=16, mlp=5504, vocab=32000, E=4, r=16, n=4000, prompt=(100, 300),
-           answer=(50, 200), batch=8, steps=60, loop_steps=20, warm=6, pad=64)
+           answer=(50, 200), batch=8, steps=40, loop_steps=16, warm=6, pad=64)
 CPU = dict(hidden=64, layers=2, heads=4, mlp=128, vocab=512, E=3, r=4, n=48, prompt=(10, 30), answer=(5, 20),
            batch=4, steps=6, loop_steps=4, warm=2, pad=16)
 
