@@ -210,15 +210,25 @@ def _route_bwd(g_ptr, b_ptr, h_ptr, s_ptr, probs_ptr, e_ptr, dprobs_ptr, gcat_pt
                  mask=m_ok[:, None] & (cols < sgc)[None, :])
 
 
+# Plain-Python integer helpers for the per-call path: triton.cdiv / next_power_of_2 are
+# ConstexprFunction objects in recent Triton, ~100× slower than this on the host.
+def _cdiv(a: int, b: int) -> int:
+    return -(-a // b)
+
+
+def _pow2(n: int) -> int:
+    return 1 << max(int(n) - 1, 0).bit_length()
+
+
 def _pad(n: int) -> int:
     """Extra-K widths are padded to the GEMM's K block, so its unified K loop needs no masks."""
-    return triton.cdiv(n, PAD_K) * PAD_K
+    return _cdiv(n, PAD_K) * PAD_K
 
 
 def _bucket(m: int) -> int:
     """Autotuning key of a token count: the next power of two, so variable-length batches (a new T
     almost every step) reuse a tuned config instead of tuning again."""
-    return triton.next_power_of_2(max(int(m), 1))
+    return _pow2(max(int(m), 1))
 
 
 ROUTE_CONFIGS = [dict(BM=bm, BK=bk, num_warps=w, num_stages=st)
@@ -226,31 +236,30 @@ ROUTE_CONFIGS = [dict(BM=bm, BK=bk, num_warps=w, num_stages=st)
 _ROUTE_TUNED: dict[tuple, dict] = {}  # (kernel, token bucket, reduction length, dtypes, constexprs) → config
 
 
-def _launch(kernel, x, T, K, E, width, args, **kw):
+def _launch(kernel, x, T, key, E, width, args, **kw):
     """Run a route kernel over row blocks of T. Half precision on the GPU: the fastest of
     ROUTE_CONFIGS, timed on the real operands the first time a (token-count bucket, shape) key is
     seen, then a plain launch (no autotuner in the per-call path: host time bounds small steps).
-    Float32 (exact IEEE dots) and the interpreter: one fixed config."""
+    Float32 (exact IEEE dots) and the interpreter: one fixed config. `key`: what besides the token
+    bucket and x's dtype decides the config (shape, operand dtypes, constexpr flags)."""
     ieee, dot_f32 = _flags(x.dtype)
-    kw.update(EP=max(16, triton.next_power_of_2(E)), BER=max(16, min(128, triton.next_power_of_2(width))),
-              IEEE=ieee, DOT_F32=dot_f32)
+    kw.update(EP=max(16, _pow2(E)), BER=max(16, min(128, _pow2(width))), IEEE=ieee, DOT_F32=dot_f32)
     if _INTERPRET or x.dtype == torch.float32:
         cfg = dict(BM=16, BK=32, num_warps=4, num_stages=1) if _INTERPRET else dict(BM=32, BK=32, num_warps=4,
                                                                                        num_stages=2)
     else:
-        key = (id(kernel), _bucket(T), K, tuple(a.dtype for a in args if isinstance(a, torch.Tensor)),
-               tuple(sorted(kw.items())))
+        key = (id(kernel), _bucket(T), x.dtype, width, *key)
         cfg = _ROUTE_TUNED.get(key)
         if cfg is None:
             cfg = _ROUTE_TUNED[key] = _tune_route(kernel, T, args, kw)
-    kernel[(triton.cdiv(T, cfg["BM"]),)](*args, **kw, **cfg)
+    kernel[(_cdiv(T, cfg["BM"]),)](*args, **kw, **cfg)
 
 
 def _tune_route(kernel, T, args, kw) -> dict:
     times = {}
     for i, cfg in enumerate(ROUTE_CONFIGS):
         try:  # the route kernels only write their outputs: safe to run repeatedly
-            times[i] = _quick_bench(lambda: kernel[(triton.cdiv(T, cfg["BM"]),)](*args, **kw, **cfg), None)  # noqa: B023
+            times[i] = _quick_bench(lambda: kernel[(_cdiv(T, cfg["BM"]),)](*args, **kw, **cfg), None)  # noqa: B023
         except Exception:  # a config this GPU cannot build (shared memory, registers) is not a candidate
             continue
     return ROUTE_CONFIGS[min(times, key=times.get) if times else 0]
@@ -268,7 +277,7 @@ def route_forward(x, x_lora, A_cat, G, scaling, top_k, r):
     hm = torch.empty(T, _pad(ER), device=dev, dtype=x.dtype)
     if T:
         xl = x if x_lora is None else x_lora
-        _launch(_route_fwd, x, T, d_in, E, hm.shape[1],
+        _launch(_route_fwd, x, T, (d_in, E, top_k, x_lora is not None, A_cat.dtype, G.dtype), E, hm.shape[1],
                 (x, xl, A_cat, G, scaling, probs, experts, h, hm, T, d_in, E, ER, r, hm.shape[1],
                  x.stride(0), xl.stride(0), A_cat.stride(0), G.stride(0), hm.stride(0)),
                 TOPK=top_k, HAS_XL=x_lora is not None, EVEN_K=d_in % 128 == 0)
@@ -283,7 +292,7 @@ def route_backward(g, B_cat, h, scaling, probs, experts, dprobs, r):
     gcat = torch.empty(T, _pad(ER + E), device=g.device, dtype=g.dtype)
     if T:
         dp = dprobs.contiguous() if dprobs is not None else probs
-        _launch(_route_bwd, g, T, d_out, E, ER,
+        _launch(_route_bwd, g, T, (d_out, E, experts.shape[1], dprobs is not None, B_cat.dtype), E, ER,
                 (g, B_cat, h, scaling, probs, experts, dp, gcat, T, d_out, E, ER, r, g.stride(0),
                  B_cat.stride(0), gcat.stride(0)),
                 TOPK=experts.shape[1], HAS_DP=dprobs is not None, EVEN_K=d_out % 128 == 0)
@@ -484,7 +493,7 @@ def _dual_mm_cublas(a1, b1, a2, b2, bias, out):
     if bias is None:
         torch.mm(a2, b2, out=out)
     else:
-        torch.addmm(bias.to(out.dtype), a2, b2, out=out)
+        torch.addmm(bias if bias.dtype == out.dtype else bias.to(out.dtype), a2, b2, out=out)
     return out.addmm_(a1, b1)
 
 
@@ -588,9 +597,15 @@ class LoraMoEFunction(torch.autograd.Function):
     def forward(ctx, x, weight, bias, lora_A, lora_B, scaling, router_weight, top_k, x_lora):
         E, r, d_in = lora_A.shape
         A_cat = lora_A.reshape(E * r, d_in)
+        early = _takes_cublas(x.shape[0], x.dtype)
+        if early:  # cuBLAS: the base product is issued first, the rest is issued while it runs
+            y = torch.mm(x, weight.t()) if bias is None else torch.addmm(bias, x, weight.t())
         probs, experts, h, hm = route_forward(x, x_lora, A_cat, router_weight, scaling, top_k, r)
         B_cat = _b_cat(lora_B, hm.shape[1], x.dtype)  # hm's pad columns are zero too
-        y = dual_mm(x, weight.t(), hm, B_cat.t(), bias)
+        if early:
+            y.addmm_(hm, B_cat.t())
+        else:
+            y = dual_mm(x, weight.t(), hm, B_cat.t(), bias)
         ctx.save_for_backward(x, x_lora, weight, lora_A, lora_B, B_cat, router_weight, scaling, h, hm, probs, experts)
         ctx.mark_non_differentiable(experts)
         ctx.set_materialize_grads(False)  # an unused probs output gives None, not a zero tensor to read
@@ -606,8 +621,10 @@ class LoraMoEFunction(torch.autograd.Function):
         d_out = weight.shape[0]
         dt = x.dtype
         g = torch.zeros(T, d_out, device=x.device, dtype=dt) if gy is None else gy.contiguous()
+        early = need[0] and _takes_cublas(T, dt)
+        gx = torch.mm(g, weight) if early else None  # as in forward: the base product of ∂x first
         gcat = route_backward(g, B_cat, h, scaling, probs, experts, gprobs, r)
-        gA = gB = gG = gx = gxl = None
+        gA = gB = gG = gxl = None
         if need[4]:
             gB = torch.empty_like(lora_B)
             gB.permute(1, 0, 2).copy_(_mm_as(g.t(), hm[:, :ER], lora_B.dtype).view(d_out, E, r))
@@ -621,18 +638,24 @@ class LoraMoEFunction(torch.autograd.Function):
         A_cat = lora_A.reshape(ER, d_in)
         if need[0] and x_lora is None:
             # [A_cat; G] in x's dtype, zero-padded as gcat's columns unless cuBLAS takes it (any K)
-            width = ER + E if _takes_cublas(T, dt) else gcat.shape[1]
+            width = ER + E if early else gcat.shape[1]
             AG = torch.empty(width, d_in, device=x.device, dtype=dt)
             AG[:ER].copy_(A_cat)
             AG[ER:ER + E].copy_(G)
             if width > ER + E:
                 AG[ER + E:].zero_()
-            gx = dual_mm(g, weight, gcat[:, :width], AG)
+            gx = gx.addmm_(gcat[:, :width], AG) if early else dual_mm(g, weight, gcat[:, :width], AG)
         elif need[0]:
-            gx = dual_mm(g, weight, gcat[:, ER:ER + E], G.to(dt))
+            Gd = G.to(dt)
+            gx = gx.addmm_(gcat[:, ER:ER + E], Gd) if early else dual_mm(g, weight, gcat[:, ER:ER + E], Gd)
         if need[8]:
             gxl = gcat[:, :ER] @ A_cat.to(dt)
         return gx, None, None, gA, gB, None, gG, None, gxl
+
+
+def _as(t, dtype):
+    """t in `dtype`, contiguous; no dispatch when it already is (host time counts at small T)."""
+    return (t if t.dtype == dtype else t.to(dtype)).contiguous()
 
 
 def lora_moe(x, weight, bias, lora_A, lora_B, scaling, router_weight, top_k, x_lora=None,
@@ -654,11 +677,11 @@ def lora_moe(x, weight, bias, lora_A, lora_B, scaling, router_weight, top_k, x_l
     shape = x.shape
     dt = x.dtype
     x2 = x.reshape(-1, shape[-1]).contiguous()
-    xl2 = None if x_lora is None else x_lora.reshape(-1, shape[-1]).to(dt).contiguous()
+    xl2 = None if x_lora is None else _as(x_lora.reshape(-1, shape[-1]), dt)
     if not (isinstance(scaling, torch.Tensor) and scaling.dtype == torch.float32 and scaling.device == x.device):
         scaling = torch.as_tensor(scaling, device=x.device).to(torch.float32)
     y, probs, experts = LoraMoEFunction.apply(
-        x2, weight.to(dt).contiguous(), None if bias is None else bias.to(dt).contiguous(),
+        x2, _as(weight, dt), None if bias is None else _as(bias, dt),
         lora_A.contiguous(), lora_B.contiguous(), scaling.contiguous(), router_weight.contiguous(), int(top_k), xl2)
     y = y.reshape(*shape[:-1], weight.shape[0])
     return (y, probs, experts.long()) if return_routing else y

@@ -243,3 +243,21 @@ def test_float32_masters_with_half_activations(dtype, T, d_in, d_out, E, r, k, d
 def test_token_count_buckets_are_powers_of_two():
     assert [K._bucket(m) for m in (0, 1, 2, 3, 1536, 2048, 2049, 3584, 16384)] == [1, 1, 2, 4, 2048, 2048, 4096, 4096,
                                                                                   16384]
+
+
+@pytest.mark.parametrize("dtype, bias, dropout", [(torch.float32, True, False), (torch.bfloat16, False, False),
+                                                  (torch.float32, False, True)])
+def test_base_product_first_path(monkeypatch, dtype, bias, dropout):
+    """The path where cuBLAS takes the GEMMs (small T on the GPU): base product issued first, the
+    LoRA product added in place, unpadded extra K in the backward; forced here on any device."""
+    monkeypatch.setattr(K, "_takes_cublas", lambda M, dt: True)
+    gen = torch.Generator().manual_seed(31)
+    T, d_in, d_out, E, r, k = 47, 40, 36, 5, 4, 2
+    x, W, b, A, B, s, G = _inputs(T, d_in, d_out, E, r, dtype, gen, bias=bias)
+    xl = (x * (torch.rand(x.shape, generator=gen).to(DEVICE) > 0.4)).to(dtype) if dropout else None
+    gy = torch.randn(T, d_out, generator=gen).to(dtype).to(DEVICE)
+    gp = torch.randn(T, E, generator=gen).to(DEVICE)
+    got = _grads(_kernel, x, W, b, A, B, s, G, k, gy, gp, x_lora=xl)
+    ref = _grads(_reference, *_double(x, W, b, A, B, s, G), k, gy, gp, x_lora=None if xl is None else xl.double())
+    for name, g, r_ in zip(["y", "probs", "dx", "dA", "dB", "dG", "dx_lora"], got, ref):
+        assert rel_err(g, r_) < TOL[dtype], name
