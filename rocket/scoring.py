@@ -20,6 +20,7 @@ from rocket.kernels.linear_ce import linear_cross_entropy_per_example
 from rocket.kernels.multi_lora import lora_merge, multi_lora_add_, segment_tiles
 from rocket.fastpath import fast_forward, supports_fast_path
 from rocket.packing import PackedBatch, pack_rows, packed_attention, supports_packing
+from rocket.staging import AdapterStager, stack_modules
 
 
 @dataclass
@@ -159,11 +160,11 @@ def multi_lora_model(model: nn.Module, bank: LoraBank, indices=None):
     layers = dict(model.named_modules())
     param = next(model.parameters())
     rows = AdapterRows(param.device)
+    stacks = stack_modules([bank[i] for i in chosen], {n: layers[n].weight for n in modules})
     swapped = []
     try:
-        for name in modules:
+        for name, stacked in stacks.items():
             base = layers[name]
-            stacked = bank.stack(name, chosen, dtype=base.weight.dtype, device=base.weight.device)
             parent_name, _, child = name.rpartition(".")
             parent = model.get_submodule(parent_name) if parent_name else model
             setattr(parent, child, MultiLoraLinear(base, stacked, rows))
@@ -178,27 +179,26 @@ class MergedAdapters:
     """The other way to run adapters: merge one adapter at a time into the base weights, in place
     (W ← W₀ + s·B A, one memory-bound kernel per module, W₀ kept aside and restored on `restore`). When every adapter
     has thousands of tokens to score, one merge per adapter costs far less than a LoRA pass per layer
-    and lets the base model run untouched (cuBLAS GEMMs only)."""
+    and lets the base model run untouched (cuBLAS GEMMs only). Each adapter's weights reach the device
+    just ahead of its merge (rocket.staging), never stacked."""
 
     def __init__(self, model: nn.Module, bank: LoraBank, indices=None):
         bank.validate(model)
-        chosen = list(range(len(bank))) if indices is None else list(indices)
-        names = sorted(set().union(*(bank[i].weights for i in chosen)))
+        self.adapters = [bank[i] for i in (range(len(bank)) if indices is None else indices)]
+        names = sorted(set().union(*(a.weights for a in self.adapters)))
         self.layers = {n: model.get_submodule(n) for n in names}
         self.original = {n: layer.weight.detach().clone() for n, layer in self.layers.items()}
-        self.stacks = {n: bank.stack(n, chosen, dtype=layer.weight.dtype, device=layer.weight.device)
-                       for n, layer in self.layers.items()}
-        self.scaling = {n: st.scaling.tolist() for n, st in self.stacks.items()}
-        self.present = {n: st.present.tolist() for n, st in self.stacks.items()}
+        self.stager = AdapterStager(self.adapters, self.original)
         self.dirty: set[str] = set()
 
     @torch.no_grad()
     def merge(self, a: int) -> None:
         """Base weights + adapter a (local index); modules it does not cover get W₀ back."""
+        weights = self.stager.get(a)
+        scalings = self.adapters[a].scalings
         for n, layer in self.layers.items():
-            st = self.stacks[n]
-            if self.present[n][a]:
-                lora_merge(layer.weight.data, self.original[n], st.A[a], st.B[a], self.scaling[n][a])
+            if n in weights:
+                lora_merge(layer.weight.data, self.original[n], *weights[n], scalings[n])
                 self.dirty.add(n)
             elif n in self.dirty:
                 layer.weight.data.copy_(self.original[n])
@@ -210,6 +210,10 @@ class MergedAdapters:
             self.layers[n].weight.data.copy_(self.original[n])
         self.dirty.clear()
 
+    def close(self) -> None:
+        self.restore()
+        self.stager.close()
+
 
 @contextmanager
 def merged_adapters(model: nn.Module, bank: LoraBank, indices=None):
@@ -217,7 +221,7 @@ def merged_adapters(model: nn.Module, bank: LoraBank, indices=None):
     try:
         yield merger
     finally:
-        merger.restore()
+        merger.close()
 
 
 @contextmanager
