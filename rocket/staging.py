@@ -35,6 +35,8 @@ class AdapterStager:
         if self.staged:
             self._pool = ThreadPoolExecutor(max(1, min(ahead, 8)), thread_name_prefix="rocket-stage")
             self._stream = torch.cuda.Stream(self.device)
+            for b in range(min(ahead, len(adapters))):  # start now: the caller has set-up work of its own
+                self._host[b] = self._pool.submit(self._gather, b)
 
     def _layout(self, a: int):
         """(module, offset of A, A's shape, offset of B, B's shape) in adapter a's flat buffer, and its size."""
