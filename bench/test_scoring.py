@@ -179,7 +179,7 @@ def test_scoring(recorder, device, on_gpu):
         lambda: score_adapters(model, None, bank, tokenized, max_tokens=best_budget, progress=False), device, reps,
         warmup=False)
     extra["end_to_end_strategy"] = e2e.meta["strategy"]
-    sgmv_budget = min((b for b in s["budgets"]), key=lambda b: times[_key("sgmv", b)])
+    sgmv_budget = min(s["budgets"], key=lambda b: times[_key("sgmv", b)])
     times["rocket_end_to_end_sgmv"], e2e_sgmv = wall(
         lambda: score_adapters(model, None, bank, tokenized, max_tokens=sgmv_budget, progress=False,
                                strategy="sgmv"), device, reps, warmup=False)
