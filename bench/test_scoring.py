@@ -145,10 +145,6 @@ def test_scoring(recorder, device, on_gpu):
                 lambda: adapter_losses(model, merger, examples, N, budget, False).cpu(), device, reps)
     best = min(times, key=times.get)
     best_budget = budget_of[best]
-    # merges in order on the compute stream (no second weight buffer): what the overlap buys
-    with merged_adapters(model, bank, overlap=False) as merger:
-        times["rocket_merged_serial"], losses["merged_serial"] = wall(
-            lambda: adapter_losses(model, merger, examples, N, best_budget, False).cpu(), device, reps)
     # transformers' own layers (packed varlen attention) instead of rocket.fastpath: what the fused glue buys
     with merged_adapters(model, bank) as merger:
         times["rocket_merged_hf_layers"], losses["merged_hf_layers"] = wall(
@@ -159,7 +155,7 @@ def test_scoring(recorder, device, on_gpu):
     if on_gpu:
         try:  # regional torch.compile of the decoder layers (compile time excluded: warm-up call)
             t = time.perf_counter()
-            with merged_adapters(model, bank, overlap=False) as merger, compiled_layers(model):
+            with merged_adapters(model, bank) as merger, compiled_layers(model):
                 adapter_losses(model, merger, examples[:8], 2, best_budget, False, fast=False)
                 extra["compile_s"] = time.perf_counter() - t
                 times["rocket_merged_hf_compiled"], losses["merged_hf_compiled"] = wall(

@@ -176,77 +176,39 @@ def multi_lora_model(model: nn.Module, bank: LoraBank, indices=None):
 
 
 class MergedAdapters:
-    """The other way to run adapters: merge one adapter at a time into the base weights
+    """The other way to run adapters: merge one adapter at a time into the base weights, in place
     (W ← W₀ + s·B A, one memory-bound kernel per module, W₀ kept aside and restored on `restore`). When every adapter
     has thousands of tokens to score, one merge per adapter costs far less than a LoRA pass per layer
     and lets the base model run untouched (cuBLAS GEMMs only). Each adapter's weights reach the device
-    just ahead of its merge (rocket.staging), never stacked.
+    just ahead of its merge (rocket.staging), never stacked."""
 
-    overlap: merge adapter a+1 into a second set of weights on a side stream while the passes of adapter
-    a read the first, and swap the layers' `.data` between the two, so the memory-bound merges (~2% of
-    the GPU time of the DESIGN §5 bench when serial) can run beside the compute-bound passes. Costs one
-    more copy of the adapted weights; default: on CUDA when that copy takes at most half the free memory."""
-
-    def __init__(self, model: nn.Module, bank: LoraBank, indices=None, overlap: bool | None = None):
+    def __init__(self, model: nn.Module, bank: LoraBank, indices=None):
         bank.validate(model)
         self.adapters = [bank[i] for i in (range(len(bank)) if indices is None else indices)]
         names = sorted(set().union(*(a.weights for a in self.adapters)))
         self.layers = {n: model.get_submodule(n) for n in names}
         self.original = {n: layer.weight.detach().clone() for n, layer in self.layers.items()}
         self.stager = AdapterStager(self.adapters, self.original)
-        if overlap is None:
-            overlap = self.stager.staged and torch.cuda.mem_get_info(self.stager.device)[0] > 2 * sum(
-                w.numel() * w.element_size() for w in self.original.values())
-        own = {n: layer.weight.data for n, layer in self.layers.items()}
-        spare = [{n: torch.empty_like(w) for n, w in self.original.items()}] if overlap else []
-        self.buffers = [own] + spare
-        # modules of each buffer that (may) differ from W₀: all of the spare's, which starts empty
-        self.dirty: list[set[str]] = [set()] + [set(self.layers) for _ in spare]
-        # the side stream exists only on one CUDA device; elsewhere the two buffers alternate in order
-        self.side = torch.cuda.Stream(self.stager.device) if overlap and self.stager.staged else None
-        self.turn = 0
-        self.mark = None  # event on the compute stream at the previous merge: the passes before it are done
+        self.dirty: set[str] = set()
 
     @torch.no_grad()
     def merge(self, a: int) -> None:
-        """Base weights + adapter a (local index) in the next buffer, which the layers then use; modules
-        a does not cover get W₀ back."""
-        i = self.turn % len(self.buffers)
-        self.turn += 1
-        buf, dirty = self.buffers[i], self.dirty[i]
-        main = torch.cuda.current_stream(self.stager.device) if self.side is not None else None
-        with torch.cuda.stream(self.side) if self.side is not None else nullcontext():
-            if self.mark is not None:  # buf was last read by passes enqueued before the previous merge
-                self.side.wait_event(self.mark)
-            elif self.side is not None:
-                self.side.wait_stream(main)
-            weights = self.stager.get(a)
-            scalings = self.adapters[a].scalings
-            for n in self.layers:
-                if n in weights:
-                    lora_merge(buf[n], self.original[n], *weights[n], scalings[n])
-                    dirty.add(n)
-                elif n in dirty:
-                    buf[n].copy_(self.original[n])
-                    dirty.discard(n)
-        if self.side is not None:
-            self.mark = main.record_event()
-            main.wait_stream(self.side)
+        """Base weights + adapter a (local index); modules it does not cover get W₀ back."""
+        weights = self.stager.get(a)
+        scalings = self.adapters[a].scalings
         for n, layer in self.layers.items():
-            layer.weight.data = buf[n]
+            if n in weights:
+                lora_merge(layer.weight.data, self.original[n], *weights[n], scalings[n])
+                self.dirty.add(n)
+            elif n in self.dirty:
+                layer.weight.data.copy_(self.original[n])
+                self.dirty.discard(n)
 
     @torch.no_grad()
     def restore(self) -> None:
-        """The layers back on their own weights, equal to W₀."""
-        if self.side is not None:
-            torch.cuda.current_stream(self.stager.device).wait_stream(self.side)
-        own, dirty = self.buffers[0], self.dirty[0]
-        for n in dirty:
-            own[n].copy_(self.original[n])
-        dirty.clear()
-        for n, layer in self.layers.items():
-            layer.weight.data = own[n]
-        self.turn, self.mark = 0, None
+        for n in list(self.dirty):
+            self.layers[n].weight.data.copy_(self.original[n])
+        self.dirty.clear()
 
     def close(self) -> None:
         self.restore()
@@ -254,8 +216,8 @@ class MergedAdapters:
 
 
 @contextmanager
-def merged_adapters(model: nn.Module, bank: LoraBank, indices=None, overlap: bool | None = None):
-    merger = MergedAdapters(model, bank, indices, overlap)
+def merged_adapters(model: nn.Module, bank: LoraBank, indices=None):
+    merger = MergedAdapters(model, bank, indices)
     try:
         yield merger
     finally:
@@ -442,9 +404,7 @@ def score_adapters(model, tokenizer, bank: LoraBank, examples, template="alpaca"
     acc_local = None
     if mine:
         if strategy == "merged":
-            # compiled graphs keep the layers' own weights: no buffer swapping under torch.compile
-            with merged_adapters(model, bank, mine, overlap=False if compile else None) as merger, \
-                    compiled_layers(model, compile):
+            with merged_adapters(model, bank, mine) as merger, compiled_layers(model, compile):
                 local = adapter_losses(model, merger, prepared, len(mine), max_tokens, progress,
                                        fast=False if compile else None)
         else:
