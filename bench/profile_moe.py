@@ -82,16 +82,6 @@ def _main_module():
     return _main_lora_moe
 
 
-def _with_backend_of(mod, backend, fn):
-    def run(*args):
-        old, mod.GEMM_BACKEND = mod.GEMM_BACKEND, backend
-        try:
-            return fn(*args)
-        finally:
-            mod.GEMM_BACKEND = old
-    return run
-
-
 def layer(shapes=((4096, 4096, 4096, 8), (3072, 2048, 5504, 4), (3072, 2048, 2048, 4)),
           names=("base", "single_lora", "rocket", "rocket_cublas", "rocket_triton", "main_auto", "main_cublas")):
     from bench.test_lora_moe import _fwd_bwd, _inputs, _methods, _with_backend
@@ -104,7 +94,7 @@ def layer(shapes=((4096, 4096, 4096, 8), (3072, 2048, 5504, 4), (3072, 2048, 204
         if main is not None:
             for be in ("auto", "cublas"):
                 fn = lambda x, A, B, G: main.lora_moe(x, v["W"], v["b"], A, B, v["s"], G, 2)  # noqa: E731
-                methods[f"main_{be}"] = (_with_backend_of(main, be, fn), (0, 1, 2, 3))
+                methods[f"main_{be}"] = (_with_backend(be, fn, main), (0, 1, 2, 3))
         row = {}
         for name in names:
             if name not in methods:

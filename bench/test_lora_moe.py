@@ -31,13 +31,14 @@ def _inputs(T, d_in, d_out, E, r, dtype, device, seed=0):
                 G=t(E, d_in, scale=d_in ** -0.5), gy=t(T, d_out))
 
 
-def _with_backend(backend, fn):
+def _with_backend(backend, fn, module=K):
+    """fn run with `module` (a lora_moe kernels module) set to one GEMM backend."""
     def run(*args):
-        old, K.GEMM_BACKEND = K.GEMM_BACKEND, backend
+        old, module.GEMM_BACKEND = module.GEMM_BACKEND, backend
         try:
             return fn(*args)
         finally:
-            K.GEMM_BACKEND = old
+            module.GEMM_BACKEND = old
     return run
 
 
