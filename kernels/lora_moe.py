@@ -380,19 +380,19 @@ def _dual_mm_pointers(a1, b1, a2, b2, bias, out):
     N = b1.shape[1]
     K2 = a2.shape[1]
     ieee, dot_f32 = _flags(a1.dtype)
-    bk2 = PAD_K if K2 % PAD_K == 0 else max(16, min(PAD_K, triton.next_power_of_2(K2)))
+    bk2 = PAD_K if K2 % PAD_K == 0 else max(16, min(PAD_K, _pow2(K2)))
     args = (a1, b1, a2, b2, bias if bias is not None else out, out, M, _bucket(M), N, K1, K2,
             a1.stride(0), a1.stride(1), b1.stride(0), b1.stride(1), a2.stride(0), a2.stride(1),
             b2.stride(0), b2.stride(1), out.stride(0))
     if _INTERPRET or a1.dtype == torch.float32:
         bm, bn, bk = (32, 32, 32) if _INTERPRET else (64, 64, 32)
         bk2 = bk if K2 % bk == 0 else bk2
-        grid = (triton.cdiv(M, bm) * triton.cdiv(N, bn),)
+        grid = (_cdiv(M, bm) * _cdiv(N, bn),)
         _dual_mm[grid](*args, BM=bm, BN=bn, BK=bk, BK2=bk2, GROUP_M=8, HAS_BIAS=bias is not None,
                        EVEN_K1=K1 % bk == 0, IEEE=ieee, DOT_F32=dot_f32, UNIFIED=True,
                        num_warps=4, num_stages=2)
         return out
-    grid = lambda meta: (triton.cdiv(M, meta["BM"]) * triton.cdiv(N, meta["BN"]),)  # noqa: E731
+    grid = lambda meta: (_cdiv(M, meta["BM"]) * _cdiv(N, meta["BN"]),)  # noqa: E731
     _dual_mm_tuned[grid](*args, BK2=bk2, HAS_BIAS=bias is not None, EVEN_K1=K1 % PAD_K == 0, IEEE=ieee,
                          DOT_F32=dot_f32)
     return out
@@ -475,9 +475,9 @@ def _dual_mm_tensor_memory(a1, b1, a2, b2, bias, out):
             bias if bias is not None else out, TensorDescriptor.from_tensor(out, [bm, bn]), M, _bucket(M), N, K1, K2)
     meta = dict(B1_KMAJOR=d1[1], B2_KMAJOR=d2[1], HAS_BIAS=bias is not None, DOT_F32=_INTERPRET)
     if _INTERPRET:
-        _dual_mm_tma[(triton.cdiv(M, bm) * triton.cdiv(N, bn),)](*args, BM=bm, BN=bn, BK=bk, GROUP_M=8, **meta)
+        _dual_mm_tma[(_cdiv(M, bm) * _cdiv(N, bn),)](*args, BM=bm, BN=bn, BK=bk, GROUP_M=8, **meta)
     else:
-        grid = lambda m: (triton.cdiv(M, m["BM"]) * triton.cdiv(N, m["BN"]),)  # noqa: E731
+        grid = lambda m: (_cdiv(M, m["BM"]) * _cdiv(N, m["BN"]),)  # noqa: E731
         _dual_mm_tma_tuned[grid](*args, **meta)
     return out
 
