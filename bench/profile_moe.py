@@ -121,6 +121,103 @@ def layer(shapes=((4096, 4096, 4096, 8), (3072, 2048, 5504, 4), (3072, 2048, 204
     SUMMARY["layer"] = out
 
 
+def host():
+    """Host µs per call of what one LoRA-MoE layer issues, at tiny shapes (so the host bounds every
+    row): torch primitives, the route kernel through Triton's JIT launcher and through the compiled
+    kernel directly, whole layers forward and forward+backward against peft's LoRA layer."""
+    from torch import nn
+    from rocket.kernels import lora_moe as K
+    from rocket.moe import LoraMoELinear
+    T, d_in, d_out, E, r = 64, 2048, 5504, 4, 16
+    bf = dict(device=DEV, dtype=torch.bfloat16)
+    x = torch.randn(T, d_in, **bf)
+
+    def per_call(fn, n=1000):
+        for _ in range(20):
+            fn()
+        torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        for _ in range(n):
+            fn()
+        t1 = time.perf_counter()
+        torch.cuda.synchronize()
+        return round((t1 - t0) / n * 1e6, 2)
+
+    out = {}
+    a, b = torch.randn(64, 64, **bf), torch.randn(64, 64, **bf)
+    out["torch.empty"] = per_call(lambda: torch.empty(64, 64, **bf))
+    out["torch.mm"] = per_call(lambda: torch.mm(a, b))
+    out["tensor.t"] = per_call(lambda: a.t())
+    out["contiguous (already)"] = per_call(lambda: a.contiguous())
+    A = torch.randn(E * r, d_in, device=DEV) * 0.02
+    G = torch.randn(E, d_in, device=DEV) * 0.02
+    s = torch.ones(E, device=DEV)
+    out["route_forward (function)"] = per_call(lambda: K.route_forward(x, None, A, G, s, 2, r))
+    probs, experts, h, hm = K.route_forward(x, None, A, G, s, 2, r)
+    args = (x, x, A, G, s, probs, experts, h, hm, T, d_in, E, E * r, r, hm.shape[1], x.stride(0), x.stride(0),
+            A.stride(0), G.stride(0), hm.stride(0))
+    kw = dict(EP=16, BER=64, IEEE=False, DOT_F32=False, TOPK=2, HAS_XL=False, EVEN_K=True)
+    cfg = dict(BM=64, BK=64, num_warps=4, num_stages=4)
+    out["route kernel, JIT launch"] = per_call(lambda: K._route_fwd[(1,)](*args, **kw, **cfg))
+    ck = K._route_fwd[(1,)](*args, **kw, **cfg)
+    names = [p.name for p in K._route_fwd.params]
+    vals = dict(zip(names, args)) | kw | {"BM": 64, "BK": 64}
+    full = tuple(vals[n] for n in names)
+    stream = torch.cuda.current_stream().cuda_stream
+    try:
+        out["route kernel, direct launch"] = per_call(lambda: ck.run(1, 1, 1, stream, ck.function, ck.packed_metadata,
+                                                                     None, None, None, *full))
+        out["route kernel, current_stream"] = per_call(lambda: torch.cuda.current_stream().cuda_stream)
+    except Exception as e:  # noqa: BLE001
+        out["route kernel, direct launch"] = repr(e)[:300]
+
+    class Fn(torch.autograd.Function):
+        @staticmethod
+        def forward(ctx, t):
+            return t
+
+        @staticmethod
+        def backward(ctx, g):
+            return g
+    xg = x.detach().requires_grad_()
+    out["Function.apply (identity)"] = per_call(lambda: Fn.apply(xg))
+    torch.manual_seed(0)
+    base = nn.Linear(d_in, d_out, bias=False, **bf)
+    moe = LoraMoELinear(base, torch.randn(E, r, d_in) * 0.02, torch.randn(E, d_out, r) * 0.02, [2.0] * E, 2,
+                        dtype=torch.float32)
+    gy = torch.randn(T, d_out, **bf)
+
+    def fb(mod, ctx=None):
+        def step():
+            with (ctx() if ctx else torch.autocast("cuda", enabled=False)):
+                y = mod(xg)
+            y.backward(gy)
+        return step
+    with torch.no_grad():
+        out["base fwd"] = per_call(lambda: base(x))
+        out["rocket layer fwd"] = per_call(lambda: moe(x))
+    out["base fwd+bwd"] = per_call(fb(base))
+    out["rocket layer fwd+bwd"] = per_call(fb(moe))
+    from peft import LoraConfig, get_peft_model
+
+    class Wrap(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.lin = nn.Linear(d_in, d_out, bias=False, **bf)
+    pm = get_peft_model(Wrap(), LoraConfig(r=r, lora_alpha=2 * r, target_modules=["lin"], lora_dropout=0.0))
+    for p in pm.parameters():
+        if p.requires_grad:
+            p.data = p.data.float()
+    lin = pm.base_model.model.lin
+    auto = lambda: torch.autocast("cuda", dtype=torch.bfloat16)  # noqa: E731
+    with torch.no_grad(), auto():
+        out["peft layer fwd (autocast)"] = per_call(lambda: lin(x))
+    out["peft layer fwd+bwd (autocast)"] = per_call(fb(lin, auto))
+    for k, v in out.items():
+        print(f"  {k:40s} {v}")
+    SUMMARY["host_us"] = out
+
+
 def train():
     from bench.test_train import GPU as S
     from bench.test_train import build_model, random_bank
@@ -199,7 +296,7 @@ if __name__ == "__main__":
     parts = sys.argv[1:] or ["layer", "train"]
     print(torch.cuda.get_device_name(), torch.__version__, flush=True)
     for p in parts:
-        {"layer": layer, "train": train,  # quick: the T=4096 layer, rocket against base and single LoRA
+        {"layer": layer, "train": train, "host": host,  # quick: the T=4096 layer, rocket against base and single LoRA
          "quick": lambda: layer(shapes=((4096, 4096, 4096, 8),), names=("base", "single_lora", "rocket"))}[p]()
     RESULTS.mkdir(parents=True, exist_ok=True)
     path = RESULTS / f"profile_moe-gpu-{time.strftime('%Y%m%d-%H%M%S')}.json"

@@ -34,6 +34,7 @@ import triton
 import triton.language as tl
 
 from rocket.kernels import reference as R
+from rocket.kernels.direct_launch import Launcher
 from rocket.kernels import use_triton
 
 _INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
@@ -234,25 +235,33 @@ def _bucket(m: int) -> int:
 ROUTE_CONFIGS = [dict(BM=bm, BK=bk, num_warps=w, num_stages=st)
                  for bm, bk, w, st in ((64, 64, 4, 4), (128, 64, 8, 4), (64, 128, 4, 3), (32, 64, 4, 4))]
 _ROUTE_TUNED: dict[tuple, dict] = {}  # (kernel, token bucket, reduction length, dtypes, constexprs) → config
+_LAUNCHERS = {k: Launcher(k) for k in (_route_fwd, _route_bwd)}
 
 
 def _launch(kernel, x, T, key, E, width, args, **kw):
     """Run a route kernel over row blocks of T. Half precision on the GPU: the fastest of
     ROUTE_CONFIGS, timed on the real operands the first time a (token-count bucket, shape) key is
-    seen, then a plain launch (no autotuner in the per-call path: host time bounds small steps).
-    Float32 (exact IEEE dots) and the interpreter: one fixed config. `key`: what besides the token
-    bucket and x's dtype decides the config (shape, operand dtypes, constexpr flags)."""
-    ieee, dot_f32 = _flags(x.dtype)
-    kw.update(EP=max(16, _pow2(E)), BER=max(16, min(128, _pow2(width))), IEEE=ieee, DOT_F32=dot_f32)
-    if _INTERPRET or x.dtype == torch.float32:
-        cfg = dict(BM=16, BK=32, num_warps=4, num_stages=1) if _INTERPRET else dict(BM=32, BK=32, num_warps=4,
-                                                                                       num_stages=2)
+    seen, then plain launches of the compiled kernel (rocket.kernels.direct_launch: host time bounds
+    small steps). Float32 (exact IEEE dots) and the interpreter: one fixed config. `key`: what
+    besides the token bucket and x's dtype decides the config and the constexprs `kw` (shape,
+    operand dtypes, flags)."""
+    def meta():
+        ieee, dot_f32 = _flags(x.dtype)
+        m = dict(kw, EP=max(16, _pow2(E)), BER=max(16, min(128, _pow2(width))), IEEE=ieee, DOT_F32=dot_f32)
+        if _INTERPRET or x.dtype == torch.float32:
+            return m | (dict(BM=16, BK=32, num_warps=4, num_stages=1) if _INTERPRET
+                        else dict(BM=32, BK=32, num_warps=4, num_stages=2))
+        tkey = (id(kernel), _bucket(T), x.dtype, width, *key)
+        if tkey not in _ROUTE_TUNED:
+            _ROUTE_TUNED[tkey] = _tune_route(kernel, T, args, m)
+        return m | _ROUTE_TUNED[tkey]
+
+    grid = lambda m: (_cdiv(T, m["BM"]),)  # noqa: E731
+    if _INTERPRET:
+        m = meta()
+        kernel[grid(m)](*args, **m)
     else:
-        key = (id(kernel), _bucket(T), x.dtype, width, *key)
-        cfg = _ROUTE_TUNED.get(key)
-        if cfg is None:
-            cfg = _ROUTE_TUNED[key] = _tune_route(kernel, T, args, kw)
-    kernel[(_cdiv(T, cfg["BM"]),)](*args, **kw, **cfg)
+        _LAUNCHERS[kernel].launch((_bucket(T), x.dtype, width, *key), grid, args, meta, x.get_device())
 
 
 def _tune_route(kernel, T, args, kw) -> dict:
@@ -579,78 +588,81 @@ def _b_cat(lora_B, width, dtype):
     """[d_out, width] in `dtype`: B_cat = expert-major columns of lora_B [E, d_out, r], zero pad
     columns; one cast-and-permute copy."""
     E, d_out, r = lora_B.shape
+    if width == E * r:
+        out = torch.empty(d_out, E, r, device=lora_B.device, dtype=dtype)
+        out.copy_(lora_B.permute(1, 0, 2))
+        return out.view(d_out, width)
     out = torch.empty(d_out, width, device=lora_B.device, dtype=dtype)
     out[:, :E * r].view(d_out, E, r).copy_(lora_B.permute(1, 0, 2))
-    if width > E * r:
-        out[:, E * r:].zero_()
+    out[:, E * r:].zero_()
     return out
 
 
 class LoraMoEFunction(torch.autograd.Function):
-    """(y, probs, experts) of the LoRA-MoE layer on 2-D x; W and b frozen (no gradients).
+    """y (and, with `routing`, probs and experts) of the LoRA-MoE layer on 2-D x; W and b frozen.
 
     lora_A, lora_B, router_weight may be in another float dtype than x (float32 masters of a bf16
     model): they are rounded to x's dtype inside the kernels, and their gradients come back in their
-    own dtype, so the layer needs no cast nodes in the autograd graph."""
+    own dtype, so the layer needs no cast nodes in the autograd graph. Small token counts are bound
+    by the host, so both directions issue as few torch calls as they can."""
 
     @staticmethod
-    def forward(ctx, x, weight, bias, lora_A, lora_B, scaling, router_weight, top_k, x_lora):
+    def forward(ctx, x, weight, bias, lora_A, lora_B, scaling, router_weight, top_k, x_lora, routing):
         E, r, d_in = lora_A.shape
-        A_cat = lora_A.reshape(E * r, d_in)
         early = _takes_cublas(x.shape[0], x.dtype)
+        w_t = weight.t()
         if early:  # cuBLAS: the base product is issued first, the rest is issued while it runs
-            y = torch.mm(x, weight.t()) if bias is None else torch.addmm(bias, x, weight.t())
-        probs, experts, h, hm = route_forward(x, x_lora, A_cat, router_weight, scaling, top_k, r)
+            y = torch.mm(x, w_t) if bias is None else torch.addmm(bias, x, w_t)
+        probs, experts, h, hm = route_forward(x, x_lora, lora_A.view(E * r, d_in), router_weight, scaling, top_k, r)
         B_cat = _b_cat(lora_B, hm.shape[1], x.dtype)  # hm's pad columns are zero too
         if early:
             y.addmm_(hm, B_cat.t())
         else:
-            y = dual_mm(x, weight.t(), hm, B_cat.t(), bias)
+            y = dual_mm(x, w_t, hm, B_cat.t(), bias)
         ctx.save_for_backward(x, x_lora, weight, lora_A, lora_B, B_cat, router_weight, scaling, h, hm, probs, experts)
+        if not routing:
+            return y
         ctx.mark_non_differentiable(experts)
         ctx.set_materialize_grads(False)  # an unused probs output gives None, not a zero tensor to read
         return y, probs, experts
 
     @staticmethod
-    def backward(ctx, gy, gprobs, _ge):
+    def backward(ctx, gy, gprobs=None, _ge=None):
         x, x_lora, weight, lora_A, lora_B, B_cat, G, scaling, h, hm, probs, experts = ctx.saved_tensors
         need = ctx.needs_input_grad
         T, d_in = x.shape
         E, r, _ = lora_A.shape
         ER = E * r
-        d_out = weight.shape[0]
         dt = x.dtype
-        g = torch.zeros(T, d_out, device=x.device, dtype=dt) if gy is None else gy.contiguous()
+        g = torch.zeros(T, weight.shape[0], device=x.device, dtype=dt) if gy is None else gy.contiguous()
         early = need[0] and _takes_cublas(T, dt)
         gx = torch.mm(g, weight) if early else None  # as in forward: the base product of ∂x first
         gcat = route_backward(g, B_cat, h, scaling, probs, experts, gprobs, r)
         gA = gB = gG = gxl = None
-        if need[4]:
-            gB = torch.empty_like(lora_B)
-            gB.permute(1, 0, 2).copy_(_mm_as(g.t(), hm[:, :ER], lora_B.dtype).view(d_out, E, r))
-        xl = x if x_lora is None else x_lora
+        if need[4]:  # a permuted view: AccumulateGrad lays it out as lora_B (in C++, no Python copy)
+            gB = _mm_as(g.t(), hm if hm.shape[1] == ER else hm[:, :ER], lora_B.dtype).view(-1, E, r).permute(1, 0, 2)
         if x_lora is None and need[3] and need[6] and lora_A.dtype == G.dtype:
             gAG = _mm_as(gcat[:, :ER + E].t(), x, lora_A.dtype)  # one read of x for both
             gA, gG = gAG[:ER].view(E, r, d_in), gAG[ER:]
         else:
+            xl = x if x_lora is None else x_lora
             gA = _mm_as(gcat[:, :ER].t(), xl, lora_A.dtype).view(E, r, d_in) if need[3] else None
             gG = _mm_as(gcat[:, ER:ER + E].t(), x, G.dtype) if need[6] else None
-        A_cat = lora_A.reshape(ER, d_in)
+        A_cat = lora_A.view(ER, d_in)
         if need[0] and x_lora is None:
             # [A_cat; G] in x's dtype, zero-padded as gcat's columns unless cuBLAS takes it (any K)
-            width = ER + E if early else gcat.shape[1]
-            AG = torch.empty(width, d_in, device=x.device, dtype=dt)
-            AG[:ER].copy_(A_cat)
-            AG[ER:ER + E].copy_(G)
-            if width > ER + E:
-                AG[ER + E:].zero_()
-            gx = gx.addmm_(gcat[:, :width], AG) if early else dual_mm(g, weight, gcat[:, :width], AG)
+            parts = [A_cat, G] if early or gcat.shape[1] == ER + E else \
+                [A_cat, G, torch.zeros(gcat.shape[1] - ER - E, d_in, device=x.device, dtype=dt)]
+            AG = torch.cat(parts)
+            AG = AG if AG.dtype == dt else AG.to(dt)
+            gc = gcat[:, :AG.shape[0]]
+            gx = gx.addmm_(gc, AG) if early else dual_mm(g, weight, gc, AG)
         elif need[0]:
             Gd = G.to(dt)
             gx = gx.addmm_(gcat[:, ER:ER + E], Gd) if early else dual_mm(g, weight, gcat[:, ER:ER + E], Gd)
         if need[8]:
             gxl = gcat[:, :ER] @ A_cat.to(dt)
-        return gx, None, None, gA, gB, None, gG, None, gxl
+        return gx, None, None, gA, gB, None, gG, None, gxl, None
 
 
 def _as(t, dtype):
@@ -674,14 +686,17 @@ def lora_moe(x, weight, bias, lora_A, lora_B, scaling, router_weight, top_k, x_l
             return y
         _, experts, probs = R.route_topk(x.reshape(-1, x.shape[-1]), router_weight, top_k)
         return y, probs, experts
-    shape = x.shape
     dt = x.dtype
-    x2 = x.reshape(-1, shape[-1]).contiguous()
-    xl2 = None if x_lora is None else _as(x_lora.reshape(-1, shape[-1]), dt)
+    flat = x.dim() != 2
+    x2 = (x.reshape(-1, x.shape[-1]) if flat else x).contiguous()
+    xl2 = None if x_lora is None else _as(x_lora.reshape(-1, x.shape[-1]), dt)
     if not (isinstance(scaling, torch.Tensor) and scaling.dtype == torch.float32 and scaling.device == x.device):
         scaling = torch.as_tensor(scaling, device=x.device).to(torch.float32)
-    y, probs, experts = LoraMoEFunction.apply(
-        x2, _as(weight, dt), None if bias is None else _as(bias, dt),
-        lora_A.contiguous(), lora_B.contiguous(), scaling.contiguous(), router_weight.contiguous(), int(top_k), xl2)
-    y = y.reshape(*shape[:-1], weight.shape[0])
+    out = LoraMoEFunction.apply(
+        x2, weight if weight.dtype == dt else weight.to(dt), None if bias is None else _as(bias, dt),
+        lora_A.contiguous(), lora_B.contiguous(), scaling.contiguous(), router_weight.contiguous(), int(top_k), xl2,
+        return_routing)
+    y, probs, experts = out if return_routing else (out, None, None)
+    if flat:
+        y = y.reshape(*x.shape[:-1], weight.shape[0])
     return (y, probs, experts.long()) if return_routing else y

@@ -119,7 +119,8 @@ class LoraMoELinear(nn.Module):
         out = lora_moe(x, self.base.weight, self.base.bias, self.lora_A, self.lora_B, self.scaling,
                        self.router.weight, self.top_k, x_lora, return_routing=self.load_balancing)
         if not self.load_balancing:
-            self.aux_loss = None
+            if self.aux_loss is not None:  # nn.Module.__setattr__ costs host time on every call
+                self.aux_loss = None
             return out
         y, probs, experts = out
         self.aux_loss = R.load_balancing_loss(probs, experts, self.n_experts)

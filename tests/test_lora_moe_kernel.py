@@ -201,6 +201,31 @@ def test_gpu_bf16_every_gemm_backend(monkeypatch, backend):
 
 
 @pytest.mark.gpu
+def test_gpu_direct_launches_match_jit_launches(monkeypatch):
+    """Once compiled, the route kernels are launched directly (rocket.kernels.direct_launch): the same
+    inputs give bit-identical outputs and gradients as through Triton's JIT launcher, with fresh
+    allocations and another token count's specialisation in between."""
+    gen = torch.Generator().manual_seed(5)
+    E, r, k = 4, 16, 2
+    x, W, b, A, B, s, G = _inputs(333, 1024, 768, E, r, torch.bfloat16, gen)
+    A, B, G = (t.float() for t in (A, B, G))  # float32 masters, as in training
+    gy = torch.randn(333, 768, generator=gen).to(torch.bfloat16).to(DEVICE)
+    gp = torch.randn(333, E, generator=gen).to(DEVICE)
+    launchers = list(K._LAUNCHERS.values())
+    with monkeypatch.context() as m:
+        for L in launchers:
+            m.setattr(L, "direct", False)
+        jit = _grads(_kernel, x, W, b, A, B, s, G, k, gy, gp)
+    for _ in range(2):  # compiles (or finds) the kernels, then launches them directly
+        _grads(_kernel, x[:17], W, b, A, B, s, G, k, gy[:17], gp[:17])
+        before = sum(L.direct_launches for L in launchers)
+        direct = _grads(_kernel, x.clone(), W, b, A, B, s, G, k, gy.clone(), gp.clone())
+    assert sum(L.direct_launches for L in launchers) == before + 2  # route_fwd and route_bwd
+    for name, g1, g2 in zip(["y", "probs", "dx", "dA", "dB", "dG"], jit, direct):
+        assert torch.equal(g1, g2), name
+
+
+@pytest.mark.gpu
 @pytest.mark.parametrize("T, d_in, d_out, E, r, k", [(1000, 4096, 1000, 4, 16, 2), (3, 512, 384, 64, 8, 7),
                                                      (777, 1000, 1100, 5, 12, 3)])
 def test_gpu_bf16_odd_shapes(monkeypatch, T, d_in, d_out, E, r, k):
