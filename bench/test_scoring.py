@@ -149,6 +149,10 @@ def test_scoring(recorder, device, on_gpu):
     with merged_adapters(model, bank) as merger:
         times["rocket_merged_hf_layers"], losses["merged_hf_layers"] = wall(
             lambda: adapter_losses(model, merger, examples, N, best_budget, False, fast=False).cpu(), device, reps)
+    # q/k/v and gate/up as separate GEMMs (rocket.fastpath.FusedProjections off): what fusing them buys
+    with merged_adapters(model, bank, fuse=False) as merger:
+        times["rocket_merged_unfused"], losses["merged_unfused"] = wall(
+            lambda: adapter_losses(model, merger, examples, N, best_budget, False).cpu(), device, reps)
     # the base model alone over the same packed passes: what the adapters cost on top
     times["base_only"], _ = wall(lambda: adapter_losses(model, AdapterRows(device), examples, N, best_budget, False),
                                  device, reps)

@@ -7,7 +7,7 @@ read and write each tensor once:
 
   add_rms_norm   residual stream h ← h + delta, and RMSNorm(h) · w (one row per program)
   rotary_        rotate q and k in place with the rows' cos/sin (HF's rotate_half convention)
-  silu_mul       silu(gate) · up
+  silu_mul       silu(gate) · up (gate and up may be halves of one fused product)
 
 Rounding follows transformers' eager Llama (bf16 results rounded where HF rounds them), so the
 outputs agree with it to the last bit or one bf16 ulp. Forward only. References: kernels/reference.py.
@@ -91,24 +91,29 @@ def rotary_(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tens
 
 
 @triton.jit
-def _silu_mul(g_ptr, u_ptr, out_ptr, n, BLOCK: tl.constexpr):
-    offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
-    ok = offs < n
-    g = tl.load(g_ptr + offs, mask=ok, other=0.0)
-    u = tl.load(u_ptr + offs, mask=ok, other=0.0).to(tl.float32)
+def _silu_mul(g_ptr, u_ptr, out_ptr, n_cols, sg, su, BLOCK: tl.constexpr):
+    row = tl.program_id(0).to(tl.int64)
+    cols = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
+    ok = cols < n_cols
+    g = tl.load(g_ptr + row * sg + cols, mask=ok, other=0.0)
+    u = tl.load(u_ptr + row * su + cols, mask=ok, other=0.0).to(tl.float32)
     gf = g.to(tl.float32)
     s = (gf / (1.0 + tl.exp(-gf))).to(g.dtype).to(tl.float32)
-    tl.store(out_ptr + offs, (s * u).to(out_ptr.dtype.element_ty), mask=ok)
+    tl.store(out_ptr + row * n_cols + cols, (s * u).to(out_ptr.dtype.element_ty), mask=ok)
 
 
 def silu_mul(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
-    """silu(gate) · up for contiguous tensors of one shape."""
+    """silu(gate) · up for [T, I] tensors of one shape with contiguous rows (any row stride, so gate
+    and up may be the two halves of one fused gate/up product); a contiguous result."""
     if not use_triton(gate, up):
         return R.silu_mul(gate, up)
-    if gate.shape != up.shape or not gate.is_contiguous() or not up.is_contiguous():
-        raise ValueError(f"silu_mul: gate {tuple(gate.shape)} and up {tuple(up.shape)} must be contiguous, one shape")
-    out = torch.empty_like(gate)
-    n = gate.numel()
-    if n:
-        _silu_mul[(triton.cdiv(n, 4096),)](gate, up, out, n, BLOCK=4096, num_warps=8)
+    if gate.dim() != 2 or gate.shape != up.shape or gate.stride(1) != 1 or up.stride(1) != 1:
+        raise ValueError(f"silu_mul: gate {tuple(gate.shape)} and up {tuple(up.shape)} must be [T, I] of one shape "
+                         "with contiguous rows")
+    T, n = gate.shape
+    out = torch.empty(T, n, device=gate.device, dtype=gate.dtype)
+    if T and n:
+        block = min(4096, triton.next_power_of_2(n))
+        _silu_mul[(T, triton.cdiv(n, block))](gate, up, out, n, gate.stride(0), up.stride(0), BLOCK=block,
+                                              num_warps=8 if block >= 2048 else 4)
     return out

@@ -5,13 +5,16 @@ included) in the order transformers' eager layers do, but replaces the glue betw
 the fused kernels of `rocket.kernels.llama_ops` and keeps the residual stream in one [T, H] buffer
 (the residual add is fused into the next RMSNorm). Scoring needs the last layer's output only at
 label positions, so after the last attention only those rows go through o_proj, the MLP and the
-final norm (`keep`).
+final norm (`keep`). With `FusedProjections` (scoring with merged adapters), q/k/v and gate/up run
+as one GEMM each.
 
 Models of any other shape use transformers' own forward (see `supports_fast_path`).
 """
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
+from torch import nn
 
 from rocket.kernels.llama_ops import add_rms_norm, rotary_, silu_mul
 from rocket.packing import PackedBatch, varlen_causal_attention
@@ -45,7 +48,58 @@ def supports_fast_path(model, max_len: int) -> bool:
     return True
 
 
-def fast_forward(model, batch: PackedBatch, keep: torch.Tensor | None = None) -> torch.Tensor:
+class FusedProjections:
+    """The q/k/v and the gate/up weights of every decoder layer moved into one buffer per group, so
+    `fast_forward` runs one GEMM per group (the input read once, one wider product). The modules'
+    weights (and biases) become views into the buffers: the model still runs as before, and in-place
+    weight updates (adapter merges) land in the buffers. `originals[module name]` are the weight
+    tensors from before (left untouched from here on); `close()` puts every tensor back. A layer
+    whose projections are not plain nn.Linear of one input width, dtype and device, all with or all
+    without bias, stays unfused."""
+
+    def __init__(self, model: nn.Module):
+        self.originals: dict[str, torch.Tensor] = {}
+        self._moved: list[tuple[nn.Parameter, torch.Tensor]] = []  # (parameter, its tensor before)
+        self.layers: list[tuple | None] = []  # per layer: (qkv weight, qkv bias, q/k/v widths, gate/up weight, bias)
+        names = {id(m): n for n, m in model.named_modules()}
+        for layer in model.get_decoder().layers:
+            attn, mlp = layer.self_attn, layer.mlp
+            qkv, gate_up = [attn.q_proj, attn.k_proj, attn.v_proj], [mlp.gate_proj, mlp.up_proj]
+            if not (_fusable(qkv) and _fusable(gate_up)):
+                self.layers.append(None)
+                continue
+            (wq, bq), (wg, bg) = self._fuse(names, qkv), self._fuse(names, gate_up)
+            self.layers.append((wq, bq, [m.out_features for m in qkv], wg, bg))
+
+    def _fuse(self, names, mods) -> tuple:
+        weight = torch.cat([m.weight.detach() for m in mods])
+        bias = None if mods[0].bias is None else torch.cat([m.bias.detach() for m in mods])
+        row = 0
+        for m in mods:
+            self.originals[names[id(m)]] = m.weight.data
+            for p, buf in ((m.weight, weight), (m.bias, bias)):
+                if p is not None:
+                    self._moved.append((p, p.data))
+                    p.data = buf[row:row + m.out_features]
+            row += m.out_features
+        return weight, bias
+
+    def close(self) -> None:
+        """Every weight and bias back to its own tensor, with its values from before fusing."""
+        for p, data in self._moved:
+            p.data = data
+        self._moved.clear()
+        self.layers = [None] * len(self.layers)
+
+
+def _fusable(mods) -> bool:
+    w0, first = mods[0].weight, mods[0]
+    return all(type(m) is nn.Linear and m.in_features == first.in_features and m.weight.dtype == w0.dtype
+               and m.weight.device == w0.device and (m.bias is None) == (first.bias is None) for m in mods)
+
+
+def fast_forward(model, batch: PackedBatch, keep: torch.Tensor | None = None,
+                 fused: FusedProjections | None = None) -> torch.Tensor:
     """Final hidden states [T, H] of a packed batch (rows `keep` only, in that order, when given)."""
     decoder = model.get_decoder()
     h = decoder.embed_tokens(batch.input_ids[0])
@@ -55,15 +109,24 @@ def fast_forward(model, batch: PackedBatch, keep: torch.Tensor | None = None) ->
     last = len(decoder.layers) - 1
     for i, layer in enumerate(decoder.layers):
         attn, mlp = layer.self_attn, layer.mlp
+        groups = fused.layers[i] if fused is not None else None
         x = add_rms_norm(h, delta, layer.input_layernorm.weight, layer.input_layernorm.variance_epsilon)
         T = x.shape[0]
-        q = rotary_(attn.q_proj(x).view(T, -1, attn.head_dim), cos, sin)
-        k = rotary_(attn.k_proj(x).view(T, -1, attn.head_dim), cos, sin)
-        v = attn.v_proj(x).view(T, -1, attn.head_dim)
+        if groups is None:
+            q, k, v = attn.q_proj(x), attn.k_proj(x), attn.v_proj(x)
+        else:  # one GEMM; q, k, v are column slices of its output (rotary and attention take row strides)
+            q, k, v = F.linear(x, groups[0], groups[1]).split(groups[2], dim=1)
+        q = rotary_(q.view(T, -1, attn.head_dim), cos, sin)
+        k = rotary_(k.view(T, -1, attn.head_dim), cos, sin)
+        v = v.view(T, -1, attn.head_dim)
         a = varlen_causal_attention(q, k, v, batch.cu_seqlens, batch.max_len, attn.scaling).reshape(T, -1)
         if i == last and keep is not None:  # rows are independent after the last attention
             h, a = h[keep], a[keep]
         x = add_rms_norm(h, attn.o_proj(a), layer.post_attention_layernorm.weight,
                          layer.post_attention_layernorm.variance_epsilon)
-        delta = mlp.down_proj(silu_mul(mlp.gate_proj(x), mlp.up_proj(x)))
+        if groups is None:
+            gate, up = mlp.gate_proj(x), mlp.up_proj(x)
+        else:
+            gate, up = F.linear(x, groups[3], groups[4]).split(mlp.gate_proj.out_features, dim=1)
+        delta = mlp.down_proj(silu_mul(gate, up))
     return add_rms_norm(h, delta, decoder.norm.weight, decoder.norm.variance_epsilon)

@@ -18,7 +18,7 @@ from rocket.kernels import reference as R
 from rocket.kernels import use_triton
 from rocket.kernels.linear_ce import linear_cross_entropy_per_example
 from rocket.kernels.multi_lora import lora_merge, multi_lora_add_, segment_tiles
-from rocket.fastpath import fast_forward, supports_fast_path
+from rocket.fastpath import FusedProjections, fast_forward, supports_fast_path
 from rocket.packing import PackedBatch, pack_rows, packed_attention, supports_packing
 from rocket.staging import AdapterStager, stack_modules
 
@@ -182,13 +182,23 @@ class MergedAdapters:
     and lets the base model run untouched (cuBLAS GEMMs only). Each adapter's weights reach the device
     just ahead of its merge (rocket.staging), never stacked."""
 
-    def __init__(self, model: nn.Module, bank: LoraBank, indices=None):
+    def __init__(self, model: nn.Module, bank: LoraBank, indices=None, fuse: bool = True):
         bank.validate(model)
         self.adapters = [bank[i] for i in (range(len(bank)) if indices is None else indices)]
         names = sorted(set().union(*(a.weights for a in self.adapters)))
         self.layers = {n: model.get_submodule(n) for n in names}
-        self.original = {n: layer.weight.detach().clone() for n, layer in self.layers.items()}
-        self.stager = AdapterStager(self.adapters, self.original)
+        # Llama-family models: q/k/v and gate/up weights in one buffer each (one GEMM per group in the
+        # fast path); their tensors from before serve as the base weights W₀ (no copy needed)
+        self.fused = FusedProjections(model) if fuse and supports_fast_path(model, 0) else None
+        kept = self.fused.originals if self.fused is not None else {}
+        try:
+            self.original = {n: kept[n] if n in kept else layer.weight.detach().clone()
+                             for n, layer in self.layers.items()}
+            self.stager = AdapterStager(self.adapters, self.original)
+        except BaseException:
+            if self.fused is not None:
+                self.fused.close()
+            raise
         self.dirty: set[str] = set()
 
     @torch.no_grad()
@@ -213,11 +223,13 @@ class MergedAdapters:
     def close(self) -> None:
         self.restore()
         self.stager.close()
+        if self.fused is not None:
+            self.fused.close()
 
 
 @contextmanager
-def merged_adapters(model: nn.Module, bank: LoraBank, indices=None):
-    merger = MergedAdapters(model, bank, indices)
+def merged_adapters(model: nn.Module, bank: LoraBank, indices=None, fuse: bool = True):
+    merger = MergedAdapters(model, bank, indices, fuse)
     try:
         yield merger
     finally:
@@ -298,12 +310,13 @@ def _shard(n: int, distributed: bool | None) -> tuple[list[int], bool]:
     return list(range(dist.get_rank(), n, dist.get_world_size())), True
 
 
-def _batch_losses(model, batch: PackedBatch, path: str, prune: bool) -> torch.Tensor:
+def _batch_losses(model, batch: PackedBatch, path: str, prune: bool, fused=None) -> torch.Tensor:
     """Mean label loss [rows] of one packed batch: a base-model pass, logits only at label positions.
     path: 'fast' (rocket.fastpath; `prune`: the last layer's MLP on label rows only), 'packed'
-    (transformers' forward, varlen attention) or 'single' (one row, transformers' own attention)."""
+    (transformers' forward, varlen attention) or 'single' (one row, transformers' own attention);
+    fused: the FusedProjections of merged adapters (fast path)."""
     if path == "fast":
-        hidden = fast_forward(model, batch, keep=batch.label_pos if prune else None)
+        hidden = fast_forward(model, batch, keep=batch.label_pos if prune else None, fused=fused)
         if not prune:
             hidden = hidden[batch.label_pos]
     else:
@@ -342,7 +355,7 @@ def adapter_losses(model, adapters: "AdapterRows | MergedAdapters", examples: li
             for a in range(n_adapters):
                 adapters.merge(a)
                 for batch in batches:
-                    loss[a, batch.example_ids] = _batch_losses(model, batch, path, prune=True)
+                    loss[a, batch.example_ids] = _batch_losses(model, batch, path, prune=True, fused=adapters.fused)
                 bar.update(K)
             adapters.restore()
         else:

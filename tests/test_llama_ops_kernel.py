@@ -44,10 +44,17 @@ def test_rotary_in_place(dtype, T, heads, d):
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_silu_mul(dtype):
+@pytest.mark.parametrize("halves", [False, True])
+def test_silu_mul(dtype, halves):
+    """Separate tensors, or the two halves of one fused gate/up product (strided rows)."""
     gen = torch.Generator().manual_seed(7)
     g, u = (torch.randn(33, 301, generator=gen) * 4).to(dtype), torch.randn(33, 301, generator=gen).to(dtype)
-    out = silu_mul(g.to(DEVICE), u.to(DEVICE))
+    if halves:
+        gu = torch.cat([g, u], dim=1).to(DEVICE)
+        out = silu_mul(gu[:, :301], gu[:, 301:])
+    else:
+        out = silu_mul(g.to(DEVICE), u.to(DEVICE))
+    assert out.is_contiguous() and out.shape == (33, 301)
     assert rel_err(out, R.silu_mul(g.double(), u.double())) < (1e-6 if dtype == torch.float32 else 1e-2)
 
 
@@ -81,3 +88,46 @@ def test_fast_forward_equals_transformers(tiny_llama, tiny_tokenizer, kshot_exam
     other = copy.deepcopy(model)
     other.config.hidden_act = "gelu"
     assert not supports_fast_path(other, 100)
+
+
+def test_fused_projections(tiny_llama):
+    """q/k/v and gate/up as one GEMM each: the same hidden states as the separate projections, the
+    modules' weights are views into the fused buffers (an in-place update lands there, as adapter
+    merges do), a layer with a non-Linear projection stays unfused, and close() gives every parameter
+    its own tensor back with the values from before."""
+    from rocket.fastpath import FusedProjections, fast_forward
+    from rocket.packing import PackedBatch
+    from rocket.scoring import ScoringExample
+
+    model = copy.deepcopy(tiny_llama).to(DEVICE)
+    gen = torch.Generator().manual_seed(3)
+    ids = [torch.randint(3, model.config.vocab_size, (n,), generator=gen) for n in (37, 20)]
+    ex = [ScoringExample(t, torch.arange(5, len(t) - 1), t[6:]) for t in ids]
+    batch = PackedBatch([(0, 0), (0, 1)], ex, DEVICE)
+    layers = model.model.layers
+    layers[1].mlp.up_proj = _Scaled(layers[1].mlp.up_proj)  # not a plain nn.Linear: layer 1 stays unfused
+    before = {n: (p.data_ptr(), p.detach().clone()) for n, p in model.named_parameters()}
+    with torch.no_grad():
+        want = fast_forward(model, batch)
+        fused = FusedProjections(model)
+        assert fused.layers[0] is not None and fused.layers[1] is None
+        assert layers[0].self_attn.k_proj.weight.data_ptr() != before["model.layers.0.self_attn.k_proj.weight"][0]
+        got = fast_forward(model, batch, fused=fused)
+        assert rel_err(got, want) < 1e-5
+        layers[0].self_attn.v_proj.weight.mul_(2.0)  # lands in the fused buffer
+        changed = fast_forward(model, batch, fused=fused)
+        fused.close()
+        layers[0].self_attn.v_proj.weight.data = before["model.layers.0.self_attn.v_proj.weight"][1].clone()
+        assert rel_err(changed, fast_forward(model, batch)) > 1e-3  # the update was seen
+    for n, p in model.named_parameters():
+        if "v_proj" not in n or ".0." not in n:
+            assert p.data_ptr() == before[n][0] and torch.equal(p, before[n][1]), n
+
+
+class _Scaled(torch.nn.Module):
+    def __init__(self, inner):
+        super().__init__()
+        self.inner, self.out_features = inner, inner.out_features
+
+    def forward(self, x):
+        return self.inner(x) * 1.0
