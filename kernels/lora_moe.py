@@ -89,6 +89,26 @@ def _per_column(gate, cols, re, R, c_ok):
 
 
 @triton.jit
+def _rows_times_cols(a_ptr, sam, w_ptr, swk, swc, rm, m_ok, cols, c_ok, K,
+                     BM: tl.constexpr, BK: tl.constexpr, BER: tl.constexpr, EVEN_K: tl.constexpr,
+                     IEEE: tl.constexpr, DOT_F32: tl.constexpr):
+    """[BM, BER] fp32 = a[rm, :K] · w[:K, cols] with a row-major (row stride sam) and w[k, c] at
+    w_ptr + k·swk + c·swc, read in any float dtype and rounded to a's."""
+    rk = tl.arange(0, BK)
+    acc = tl.zeros((BM, BER), dtype=tl.float32)
+    for k0 in range(0, K, BK):
+        if EVEN_K:
+            k_ok = rk < BK
+        else:
+            k_ok = rk < K - k0
+        at = tl.load(a_ptr + rm[:, None] * sam + (k0 + rk)[None, :], mask=m_ok[:, None] & k_ok[None, :], other=0.0)
+        wt = tl.load(w_ptr + (k0 + rk)[:, None] * swk + cols[None, :] * swc, mask=k_ok[:, None] & c_ok[None, :],
+                     other=0.0)
+        acc = _dot(at, wt.to(at.dtype), acc, IEEE, DOT_F32)
+    return acc
+
+
+@triton.jit
 def _route_fwd(x_ptr, xl_ptr, a_ptr, g_ptr, s_ptr, probs_ptr, e_ptr, h_ptr, hm_ptr, M, K, E, ER, R, KP,
                sxm, sxlm, sam, sgm, shm,
                BM: tl.constexpr, BK: tl.constexpr, EP: tl.constexpr, BER: tl.constexpr, TOPK: tl.constexpr,
@@ -137,17 +157,8 @@ def _route_fwd(x_ptr, xl_ptr, a_ptr, g_ptr, s_ptr, probs_ptr, e_ptr, h_ptr, hm_p
         cols = c0 + rc
         c_ok = cols < ER
         if c0 > 0:  # further column blocks of h (E·r > BER): x_lora is read again
-            acch = tl.zeros((BM, BER), dtype=tl.float32)
-            for k0 in range(0, K, BK):
-                if EVEN_K:
-                    k_ok = rk < BK
-                else:
-                    k_ok = rk < K - k0
-                xt = tl.load(xl_ptr + rm[:, None] * sxlm + (k0 + rk)[None, :], mask=m_ok[:, None] & k_ok[None, :],
-                             other=0.0)
-                at = tl.load(a_ptr + cols[None, :] * sam + (k0 + rk)[:, None], mask=k_ok[:, None] & c_ok[None, :],
-                             other=0.0)
-                acch = _dot(xt, at.to(xt.dtype), acch, IEEE, DOT_F32)
+            acch = _rows_times_cols(xl_ptr, sxlm, a_ptr, 1, sam, rm, m_ok, cols, c_ok, K, BM, BK, BER, EVEN_K,
+                                    IEEE, DOT_F32)
         gate_col, _ = _per_column(gate, cols, re, R, c_ok)
         tl.store(h_ptr + rm[:, None] * ER + cols[None, :], acch, mask=m_ok[:, None] & c_ok[None, :])
         tl.store(hm_ptr + rm[:, None] * shm + cols[None, :], (acch * gate_col).to(hm_ptr.dtype.element_ty),
@@ -164,7 +175,6 @@ def _route_bwd(g_ptr, b_ptr, h_ptr, s_ptr, probs_ptr, e_ptr, dprobs_ptr, gcat_pt
     columns up to sgc are zeroed. h, probs, experts are the forward's."""
     rm = (tl.program_id(0) * BM + tl.arange(0, BM)).to(tl.int64)
     m_ok = rm < M
-    rk = tl.arange(0, BK)
     re = tl.arange(0, EP)
     e_ok = re < E
     p = tl.load(probs_ptr + rm[:, None] * E + re[None, :], mask=m_ok[:, None] & e_ok[None, :], other=0.0)
@@ -181,16 +191,7 @@ def _route_bwd(g_ptr, b_ptr, h_ptr, s_ptr, probs_ptr, e_ptr, dprobs_ptr, gcat_pt
     for c0 in range(0, ER, BER):
         cols = c0 + tl.arange(0, BER)
         c_ok = cols < ER
-        ghm = tl.zeros((BM, BER), dtype=tl.float32)
-        for k0 in range(0, N, BK):
-            if EVEN_K:
-                k_ok = rk < BK
-            else:
-                k_ok = rk < N - k0
-            gt = tl.load(g_ptr + rm[:, None] * sgm + (k0 + rk)[None, :], mask=m_ok[:, None] & k_ok[None, :], other=0.0)
-            bt = tl.load(b_ptr + (k0 + rk)[:, None] * sbn + cols[None, :], mask=k_ok[:, None] & c_ok[None, :],
-                         other=0.0)
-            ghm = _dot(gt, bt.to(gt.dtype), ghm, IEEE, DOT_F32)
+        ghm = _rows_times_cols(g_ptr, sgm, b_ptr, sbn, 1, rm, m_ok, cols, c_ok, N, BM, BK, BER, EVEN_K, IEEE, DOT_F32)
         msk = m_ok[:, None] & c_ok[None, :]
         h = tl.load(h_ptr + rm[:, None] * ER + cols[None, :], mask=msk, other=0.0)
         gate_col, onehot = _per_column(gate, cols, re, R, c_ok)
