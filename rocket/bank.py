@@ -245,22 +245,10 @@ class LoraBank:
             if A.shape[1] != d_in or B.shape[0] != d_out:
                 raise BankError(f"adapter '{a.name}': module '{module}' is {A.shape[1]}→{B.shape[0]}, "
                                 f"other adapters have {d_in}→{d_out}")
-        r_max = max(a.rank(module) for a in having)
+        from rocket.staging import stack_modules  # the one implementation of the stacked layout
         dtype = dtype or having[0].weights[module][0].dtype
-        A_s = torch.zeros(len(chosen), r_max, d_in, dtype=dtype)
-        B_s = torch.zeros(len(chosen), d_out, r_max, dtype=dtype)
-        scaling = torch.zeros(len(chosen), dtype=torch.float32)
-        present = torch.zeros(len(chosen), dtype=torch.bool)
-        for n, a in enumerate(chosen):
-            if module in a.weights:
-                A, B = a.weights[module]
-                A_s[n, : A.shape[0]] = A
-                B_s[n, :, : B.shape[1]] = B
-                scaling[n] = a.scalings[module]
-                present[n] = True
-        if device is not None:
-            A_s, B_s, scaling, present = (t.to(device) for t in (A_s, B_s, scaling, present))
-        return StackedModule(A_s, B_s, scaling, present)
+        target = torch.empty((), dtype=dtype, device=device).expand(d_out, d_in)  # shape, dtype, device: no memory
+        return stack_modules(chosen, {module: target})[module]
 
     def validate(self, model: nn.Module) -> None:
         """Check every adapter module against the base model: it must exist as a linear layer with

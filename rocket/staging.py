@@ -99,10 +99,11 @@ class AdapterStager:
 
 
 def stack_modules(adapters: list[LoraAdapter], targets: dict[str, torch.Tensor], group: int = 16) -> dict[str, StackedModule]:
-    """LoraBank.stack for every module of `targets` at once (same values: ranks zero-padded, zeros and
-    scaling 0 where an adapter lacks the module), assembled where `targets` live: adapters arrive
-    through an AdapterStager and each module gets `group` adapters per write (one stack kernel when
-    they all cover it at the full rank)."""
+    """Every module of `targets` stacked over `adapters`: A [N, r_max, d_in], B [N, d_out, r_max] in the
+    target's dtype, ranks zero-padded, zeros with scaling 0 and present=False where an adapter lacks
+    the module (LoraBank.stack is this for one module). Assembled where `targets` live: adapters
+    arrive through an AdapterStager and each module gets `group` adapters per write (one stack
+    kernel when they all cover it at the full rank)."""
     N = len(adapters)
     device = next(iter(targets.values())).device
     # one small transfer for all scalings and coverage flags

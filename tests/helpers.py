@@ -23,3 +23,22 @@ def rel_err(out: torch.Tensor, ref: torch.Tensor) -> float:
 def poison_like(t: torch.Tensor) -> torch.Tensor:
     """A tensor of t's shape full of NaN: outputs written into it must overwrite every element."""
     return torch.full_like(t, float("nan"))
+
+
+def assert_stacked(st, adapters, module: str, dtype) -> None:
+    """The stacked layout of `module` over `adapters` (rocket.bank.StackedModule): each adapter's A and
+    B cast to dtype in the leading rows/columns, zero rank padding, zeros with scaling 0 and
+    present=False where an adapter lacks the module."""
+    r_max = max((a.weights[module][0].shape[0] for a in adapters if module in a.weights), default=0)
+    assert st.A.shape[:2] == (len(adapters), r_max) and st.B.shape[::2] == (len(adapters), r_max)
+    assert st.A.dtype == st.B.dtype == dtype and st.scaling.dtype == torch.float32
+    A_s, B_s, scaling, present = (t.cpu() for t in (st.A, st.B, st.scaling, st.present))
+    for n, a in enumerate(adapters):
+        if module in a.weights:
+            A, B = (t.to(dtype) for t in a.weights[module])
+            r = A.shape[0]
+            assert present[n] and float(scaling[n]) == float(torch.tensor(a.scalings[module], dtype=torch.float32))
+            assert torch.equal(A_s[n, :r], A) and torch.equal(B_s[n, :, :r], B)
+            assert not A_s[n, r:].any() and not B_s[n, :, r:].any()
+        else:
+            assert not present[n] and scaling[n] == 0 and not A_s[n].any() and not B_s[n].any()

@@ -6,7 +6,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from tests.helpers import BANK_SPEC
+from tests.helpers import BANK_SPEC, assert_stacked
 from rocket.bank import BankError, LoraBank, load_adapter
 from rocket.tiny import make_random_adapter
 
@@ -39,17 +39,13 @@ def test_stack_pads_ranks_and_zeroes_missing(lora_bank_dir):
     bank = LoraBank.load(lora_bank_dir)
     s = bank.stack(UP1)
     assert s.A.shape == (4, 16, 64) and s.B.shape == (4, 128, 16)
+    assert_stacked(s, bank.adapters, UP1, torch.float32)
     for n, a in enumerate(bank.adapters):
-        if UP1 in a.weights:
+        if UP1 in a.weights:  # padding keeps ΔW exact
             A, B = a.weights[UP1]
-            r = A.shape[0]
-            assert s.present[n] and s.scaling[n] == pytest.approx(a.scalings[UP1])
-            assert torch.equal(s.A[n, :r], A) and torch.equal(s.B[n, :, :r], B)
-            assert not s.A[n, r:].any() and not s.B[n, :, r:].any()
-            # padding keeps ΔW exact
             assert torch.allclose(s.B[n] @ s.A[n], B @ A, atol=1e-6)
-        else:
-            assert not s.present[n] and s.scaling[n] == 0 and not s.A[n].any()
+    half = bank.stack(UP1, indices=[3, 0], dtype=torch.bfloat16)
+    assert_stacked(half, [bank.adapters[3], bank.adapters[0]], UP1, torch.bfloat16)
 
 
 def test_manifest_in_seed_format(lora_bank_dir, tmp_path):
