@@ -123,10 +123,12 @@ def layer(shapes=((4096, 4096, 4096, 8), (3072, 2048, 5504, 4), (3072, 2048, 204
 
 def host():
     """Host µs per call of what one LoRA-MoE layer issues, at tiny shapes (so the host bounds every
-    row): torch primitives, the route kernel through Triton's JIT launcher and through the compiled
-    kernel directly, whole layers forward and forward+backward against peft's LoRA layer."""
+    row): torch primitives, the route kernel through Triton's JIT launcher and through
+    rocket.kernels.direct_launch, whole layers forward and forward+backward against peft's LoRA layer.
+    (The 2026-11-30 result files' "direct launch" row timed the compiled kernel's bare launcher.)"""
     from torch import nn
     from rocket.kernels import lora_moe as K
+    from rocket.kernels.direct_launch import Launcher
     from rocket.moe import LoraMoELinear
     T, d_in, d_out, E, r = 64, 2048, 5504, 4, 16
     bf = dict(device=DEV, dtype=torch.bfloat16)
@@ -156,20 +158,13 @@ def host():
     probs, experts, h, hm = K.route_forward(x, None, A, G, s, 2, r)
     args = (x, x, A, G, s, probs, experts, h, hm, T, d_in, E, E * r, r, hm.shape[1], x.stride(0), x.stride(0),
             A.stride(0), G.stride(0), hm.stride(0))
-    kw = dict(EP=16, BER=64, IEEE=False, DOT_F32=False, TOPK=2, HAS_XL=False, EVEN_K=True)
-    cfg = dict(BM=64, BK=64, num_warps=4, num_stages=4)
-    out["route kernel, JIT launch"] = per_call(lambda: K._route_fwd[(1,)](*args, **kw, **cfg))
-    ck = K._route_fwd[(1,)](*args, **kw, **cfg)
-    names = [p.name for p in K._route_fwd.params]
-    vals = dict(zip(names, args)) | kw | {"BM": 64, "BK": 64}
-    full = tuple(vals[n] for n in names)
-    stream = torch.cuda.current_stream().cuda_stream
-    try:
-        out["route kernel, direct launch"] = per_call(lambda: ck.run(1, 1, 1, stream, ck.function, ck.packed_metadata,
-                                                                     None, None, None, *full))
-        out["route kernel, current_stream"] = per_call(lambda: torch.cuda.current_stream().cuda_stream)
-    except Exception as e:  # noqa: BLE001
-        out["route kernel, direct launch"] = repr(e)[:300]
+    meta = dict(EP=16, BER=64, IEEE=False, DOT_F32=False, TOPK=2, HAS_XL=False, EVEN_K=True, BM=64, BK=64,
+                num_warps=4, num_stages=4)
+    out["route kernel, JIT launch"] = per_call(lambda: K._route_fwd[(1,)](*args, **meta))
+    launcher = Launcher(K._route_fwd)  # what the layer uses: the compiled kernel launched directly
+    out["route kernel, rocket Launcher"] = per_call(
+        lambda: launcher.launch("bench", lambda m: (1,), args, lambda: meta, x.get_device()))
+    out["direct launches"] = launcher.direct_launches
 
     class Fn(torch.autograd.Function):
         @staticmethod
