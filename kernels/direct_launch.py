@@ -5,8 +5,8 @@ kernel's globals on every call: 37 µs of host time per launch on the H200 devic
 for the compiled kernel's own launcher (bench/results/profile_moe-gpu-20261130-064905.json). A
 LoRA-MoE training step launches the route kernels hundreds of times, each one host-bound, so
 `Launcher` keeps the compiled kernel of the first JIT launch under a key holding everything the
-binder specialises on (each tensor's dtype and 16-byte alignment, each integer's divisibility by
-16, equality to 1 and 64-bit range) plus the caller's own key for the constexprs, and launches it
+binder specialises on (each tensor's dtype and alignment, each integer's residue mod 16, equality
+to 1 and 64-bit range: a key at least as fine as Triton's) plus the caller's own key for the constexprs, and launches it
 directly after that. The interpreter, active launch hooks (profilers such as proton), and a Triton
 whose launcher signature differs take the JIT path.
 """
@@ -25,6 +25,7 @@ except ImportError:  # CPU-only builds never launch directly
     def _raw_stream(index):
         return torch.cuda.current_stream(index).cuda_stream
 
+
 def _idle(hook) -> bool:
     """No hook set: None (older Triton) or an empty HookChain (newer)."""
     return hook is None or (isinstance(getattr(hook, "calls", None), list) and not hook.calls)
@@ -37,7 +38,8 @@ def _hooks_idle() -> bool:
 
 def specialization(args) -> tuple:
     """A key at least as fine as what Triton's binder specialises positional kernel arguments on
-    (a tensor's dtype and alignment, an integer's divisibility by 16, equality to 1 and width)."""
+    (a tensor's dtype and alignment, an integer's divisibility by 16, equality to 1 and width);
+    other arguments (floats, flags) by value."""
     return tuple([(a.dtype, a.data_ptr() & 15) if isinstance(a, torch.Tensor)
                   else (a & 15, a == 1, a >> 31) if type(a) is int else a for a in args])
 

@@ -34,8 +34,8 @@ import triton
 import triton.language as tl
 
 from rocket.kernels import reference as R
-from rocket.kernels.direct_launch import Launcher
 from rocket.kernels import use_triton
+from rocket.kernels.direct_launch import Launcher
 
 _INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 PAD_K = 64  # the K block of the GEMM configs
