@@ -246,13 +246,15 @@ def _launch(kernel, x, T, key, E, width, args, **kw):
     small steps). Float32 (exact IEEE dots) and the interpreter: one fixed config. `key`: what
     besides the token bucket and x's dtype decides the config and the constexprs `kw` (shape,
     operand dtypes, flags)."""
+    full_key = (_bucket(T), x.dtype, width, *key)
+
     def meta():
         ieee, dot_f32 = _flags(x.dtype)
         m = dict(kw, EP=max(16, _pow2(E)), BER=max(16, min(128, _pow2(width))), IEEE=ieee, DOT_F32=dot_f32)
         if _INTERPRET or x.dtype == torch.float32:
             return m | (dict(BM=16, BK=32, num_warps=4, num_stages=1) if _INTERPRET
                         else dict(BM=32, BK=32, num_warps=4, num_stages=2))
-        tkey = (id(kernel), _bucket(T), x.dtype, width, *key)
+        tkey = (id(kernel), *full_key)
         if tkey not in _ROUTE_TUNED:
             _ROUTE_TUNED[tkey] = _tune_route(kernel, T, args, m)
         return m | _ROUTE_TUNED[tkey]
@@ -262,7 +264,7 @@ def _launch(kernel, x, T, key, E, width, args, **kw):
         m = meta()
         kernel[grid(m)](*args, **m)
     else:
-        _LAUNCHERS[kernel].launch((_bucket(T), x.dtype, width, *key), grid, args, meta, x.get_device())
+        _LAUNCHERS[kernel].launch(full_key, grid, args, meta, x.get_device())
 
 
 def _tune_route(kernel, T, args, kw) -> dict:

@@ -12,6 +12,8 @@ Models of any other shape use transformers' own forward (see `supports_fast_path
 """
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -48,6 +50,15 @@ def supports_fast_path(model, max_len: int) -> bool:
     return True
 
 
+class FusedLayer(NamedTuple):
+    """One decoder layer's fused projections: [Wq; Wk; Wv] (and bias), the q/k/v widths, [Wgate; Wup]."""
+    qkv_weight: torch.Tensor
+    qkv_bias: torch.Tensor | None
+    qkv_widths: list[int]
+    gate_up_weight: torch.Tensor
+    gate_up_bias: torch.Tensor | None
+
+
 class FusedProjections:
     """The q/k/v and the gate/up weights of every decoder layer moved into one buffer per group, so
     `fast_forward` runs one GEMM per group (the input read once, one wider product). The modules'
@@ -60,7 +71,7 @@ class FusedProjections:
     def __init__(self, model: nn.Module):
         self.originals: dict[str, torch.Tensor] = {}
         self._moved: list[tuple[nn.Parameter, torch.Tensor]] = []  # (parameter, its tensor before)
-        self.layers: list[tuple | None] = []  # per layer: (qkv weight, qkv bias, q/k/v widths, gate/up weight, bias)
+        self.layers: list[FusedLayer | None] = []
         names = {id(m): n for n, m in model.named_modules()}
         for layer in model.get_decoder().layers:
             attn, mlp = layer.self_attn, layer.mlp
@@ -68,8 +79,8 @@ class FusedProjections:
             if not (_fusable(qkv) and _fusable(gate_up)):
                 self.layers.append(None)
                 continue
-            (wq, bq), (wg, bg) = self._fuse(names, qkv), self._fuse(names, gate_up)
-            self.layers.append((wq, bq, [m.out_features for m in qkv], wg, bg))
+            self.layers.append(FusedLayer(*self._fuse(names, qkv), [m.out_features for m in qkv],
+                                          *self._fuse(names, gate_up)))
 
     def _fuse(self, names, mods) -> tuple:
         weight = torch.cat([m.weight.detach() for m in mods])
@@ -115,7 +126,7 @@ def fast_forward(model, batch: PackedBatch, keep: torch.Tensor | None = None,
         if groups is None:
             q, k, v = attn.q_proj(x), attn.k_proj(x), attn.v_proj(x)
         else:  # one GEMM; q, k, v are column slices of its output (rotary and attention take row strides)
-            q, k, v = F.linear(x, groups[0], groups[1]).split(groups[2], dim=1)
+            q, k, v = F.linear(x, groups.qkv_weight, groups.qkv_bias).split(groups.qkv_widths, dim=1)
         q = rotary_(q.view(T, -1, attn.head_dim), cos, sin)
         k = rotary_(k.view(T, -1, attn.head_dim), cos, sin)
         v = v.view(T, -1, attn.head_dim)
@@ -127,6 +138,7 @@ def fast_forward(model, batch: PackedBatch, keep: torch.Tensor | None = None,
         if groups is None:
             gate, up = mlp.gate_proj(x), mlp.up_proj(x)
         else:
-            gate, up = F.linear(x, groups[3], groups[4]).split(mlp.gate_proj.out_features, dim=1)
+            gate, up = F.linear(x, groups.gate_up_weight, groups.gate_up_bias).split(mlp.gate_proj.out_features,
+                                                                                        dim=1)
         delta = mlp.down_proj(silu_mul(gate, up))
     return add_rms_norm(h, delta, decoder.norm.weight, decoder.norm.variance_epsilon)

@@ -3,6 +3,7 @@ Triton kernel exists only on a GPU (tests/test_lora_moe_kernel.py checks real di
 against JIT launches, bit for bit); here a stand-in JIT function records what would be launched."""
 from types import SimpleNamespace
 
+import pytest
 import torch
 
 from rocket.kernels import direct_launch as D
@@ -39,38 +40,36 @@ def _launch(L, x, n, block=32):
     L.launch(("key", block), lambda m: (-(-n // m["BLOCK"]),), (x, n), lambda: dict(BLOCK=block, num_warps=4), 0)
 
 
-def test_second_launch_is_direct_with_every_argument(monkeypatch):
+@pytest.fixture
+def setup(monkeypatch):
+    """(stand-in kernel, its Launcher, a tensor argument) with the stream lookup stubbed out."""
     monkeypatch.setattr(D, "_raw_stream", lambda index: 123)
     kernel = _Jit()
-    L = D.Launcher(kernel)
-    x = torch.zeros(64)
+    return kernel, D.Launcher(kernel), torch.zeros(64)
+
+
+def test_second_launch_is_direct_with_every_argument(setup):
+    kernel, L, x = setup
     _launch(L, x, 64)
     _launch(L, x, 64)
     assert [e[0] for e in kernel.log] == ["jit", "direct"] and L.direct_launches == 1
     assert kernel.log[1][1] == (2, 1, 1) and kernel.log[1][2] == (x, 64, 32, 7)  # constexprs and defaults appended
 
 
-def test_new_specialisation_goes_through_jit(monkeypatch):
-    monkeypatch.setattr(D, "_raw_stream", lambda index: 0)
-    kernel = _Jit()
-    L = D.Launcher(kernel)
-    x = torch.zeros(64)
+def test_new_specialisation_goes_through_jit(setup):
+    kernel, L, x = setup
     for args in [(x, 64), (x, 40), (x[1:], 64), (x.double(), 64), (x, 1), (x, 64), (x, 40)]:
         _launch(L, *args)
     # 64 vs 40 (divisible by 16 or not), a misaligned view, another dtype, n == 1: each compiles once
     assert [e[0] for e in kernel.log] == ["jit"] * 5 + ["direct"] * 2
 
 
-def test_hooks_and_other_launchers_take_the_jit_path(monkeypatch):
-    monkeypatch.setattr(D, "_raw_stream", lambda index: 0)
-    kernel = _Jit()
-    L = D.Launcher(kernel)
-    x = torch.zeros(64)
+def test_hooks_and_other_launchers_take_the_jit_path(setup, monkeypatch):
+    kernel, L, x = setup
     _launch(L, x, 64)
-    monkeypatch.setattr(D, "_hooks_idle", lambda: False)  # a profiler's launch hook is set
-    _launch(L, x, 64)
-    monkeypatch.undo()
-    monkeypatch.setattr(D, "_raw_stream", lambda index: 0)
+    with monkeypatch.context() as m:
+        m.setattr(D, "_hooks_idle", lambda: False)  # a profiler's launch hook is set
+        _launch(L, x, 64)
 
     def other_signature(self, *a):
         raise TypeError("launcher takes other arguments")
