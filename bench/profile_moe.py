@@ -151,19 +151,20 @@ def host():
     out["torch.mm"] = per_call(lambda: torch.mm(a, b))
     out["tensor.t"] = per_call(lambda: a.t())
     out["contiguous (already)"] = per_call(lambda: a.contiguous())
-    A = torch.randn(E * r, d_in, device=DEV) * 0.02
+    A = torch.randn(E, r, d_in, device=DEV) * 0.02
+    B = torch.randn(E, 512, r, device=DEV) * 0.02
     G = torch.randn(E, d_in, device=DEV) * 0.02
     s = torch.ones(E, device=DEV)
-    out["route_forward (function)"] = per_call(lambda: K.route_forward(x, None, A, G, s, 2, r))
-    probs, experts, h, hm = K.route_forward(x, None, A, G, s, 2, r)
-    args = (x, x, A, G, s, probs, experts, h, hm, T, d_in, E, E * r, r, hm.shape[1], x.stride(0), x.stride(0),
-            A.stride(0), G.stride(0), hm.stride(0))
-    meta = dict(EP=16, BER=64, IEEE=False, DOT_F32=False, TOPK=2, HAS_XL=False, EVEN_K=True, BM=64, BK=64,
-                num_warps=4, num_stages=4)
-    out["route kernel, JIT launch"] = per_call(lambda: K._route_fwd[(1,)](*args, **meta))
+    out["route_forward (function)"] = per_call(lambda: K.route_forward(x, None, A, B, G, s, 2))
+    outs = K.route_forward(x, None, A, B, G, s, 2)
+    args = (x, x, A, G, s, B, *outs, T)
+    meta = dict(K=d_in, N=512, E=E, R=r, KP=outs[3].shape[1], EP=16, BER=64, IEEE=False, DOT_F32=False, TOPK=2,
+                HAS_XL=False, BM=64, BK=64, num_warps=4, num_stages=4)
+    grid = (1 + 512 // 64,)
+    out["route kernel, JIT launch"] = per_call(lambda: K._route_fwd[grid](*args, **meta))
     launcher = Launcher(K._route_fwd)  # what the layer uses: the compiled kernel launched directly
     out["route kernel, rocket Launcher"] = per_call(
-        lambda: launcher.launch("bench", lambda m: (1,), args, lambda: meta, x.get_device()))
+        lambda: launcher.launch("bench", lambda m: grid, args, lambda: meta, x.get_device()))
     out["direct launches"] = launcher.direct_launches
 
     class Fn(torch.autograd.Function):

@@ -6,9 +6,11 @@ routing a mask on its [T, E·r] intermediate:
 
   forward   route_fwd: [logits | h] = x [G; A_cat]ᵀ, then in the same kernel p, top-k, w and
             hm = h · (w·s)[expert of column]                 one read of x, fp32 accumulators
+            (its last programs lay out B_cat [d_out, E·r] from lora_B [E, d_out, r])
             y = [x | hm] [W | B_cat]ᵀ + b                     the base GEMM with E·r extra K (≈3% FLOPs)*
   backward  route_bwd: ghm = g B_cat, then in the same kernel gh = ghm·(w·s) and ∂logits via
             top-k/renorm/softmax → gcat = [gh | ∂logits]      one read of g
+            (its last programs lay out [A_cat; G] in x's dtype)
             ∂B_cat = gᵀ hm                                    K = T, cuBLAS
             [∂A_cat; ∂G] = gcatᵀ x                            K = T, cuBLAS, one read of x
             ∂x = [g | gcat] [W; A_cat; G]                     the base backward GEMM with extra K
@@ -18,9 +20,11 @@ routing a mask on its [T, E·r] intermediate:
   SMALL_M tokens and above times the three once per shape and keeps the fastest.
 
 Small token counts (training micro-batches) are bound by host launch time, not by the GPU: the
-layer is 2 Triton + 6 cuBLAS launches forward and backward together plus 4 small copies, float32
-master weights are rounded inside the kernels (no cast nodes in the autograd graph), and autotuning
-keys bucket the token count to a power of two (variable-length batches do not retune).
+layer is 2 Triton + 6 cuBLAS launches forward and backward together and no copies (the route
+kernels lay out the weights the GEMMs need, float32 masters rounded: no cast nodes in the graph);
+the route kernels are launched without Triton's per-call binding (their shapes are constexprs, so
+per call only the token count and the pointers are specialised); and autotuning keys bucket the
+token count to a power of two (variable-length batches do not retune).
 
 No [T, E, d] tensor exists; the only per-token intermediates are [T, E·r] and [T, E]. The
 reference (kernels/reference.py: lora_moe, route_topk) is the CPU path and the oracle.
@@ -109,107 +113,159 @@ def _rows_times_cols(a_ptr, sam, w_ptr, swk, swc, rm, m_ok, cols, c_ok, K,
 
 
 @triton.jit
-def _route_fwd(x_ptr, xl_ptr, a_ptr, g_ptr, s_ptr, probs_ptr, e_ptr, h_ptr, hm_ptr, M, K, E, ER, R, KP,
-               sxm, sxlm, sam, sgm, shm,
-               BM: tl.constexpr, BK: tl.constexpr, EP: tl.constexpr, BER: tl.constexpr, TOPK: tl.constexpr,
-               HAS_XL: tl.constexpr, EVEN_K: tl.constexpr, IEEE: tl.constexpr, DOT_F32: tl.constexpr):
-    """One block of BM rows: logits = x Gᵀ and h = x_lora A_catᵀ (fp32 accumulators, A and G read in
-    any float dtype and rounded to x's), p = softmax(logits), the top-k experts (descending, as
-    torch.topk), and hm = h · (w·s)[expert of column] in hm's dtype (0 outside the top-k and in the
-    pad columns up to KP). Writes probs [M, E] fp32, experts [M, k] int32, h [M, ER] fp32, hm [M, KP]."""
-    rm = (tl.program_id(0) * BM + tl.arange(0, BM)).to(tl.int64)
-    m_ok = rm < M
-    rk = tl.arange(0, BK)
-    re = tl.arange(0, EP)
-    e_ok = re < E
-    rc = tl.arange(0, BER)
-    c_ok = rc < ER
-    accz = tl.zeros((BM, EP), dtype=tl.float32)
-    acch = tl.zeros((BM, BER), dtype=tl.float32)
-    for k0 in range(0, K, BK):  # the logits and the first column block of h share the reads of x
-        if EVEN_K:
-            k_ok = rk < BK
-        else:
-            k_ok = rk < K - k0
-        xt = tl.load(x_ptr + rm[:, None] * sxm + (k0 + rk)[None, :], mask=m_ok[:, None] & k_ok[None, :], other=0.0)
-        gt = tl.load(g_ptr + re[None, :] * sgm + (k0 + rk)[:, None], mask=k_ok[:, None] & e_ok[None, :], other=0.0)
-        accz = _dot(xt, gt.to(xt.dtype), accz, IEEE, DOT_F32)
-        if HAS_XL:
-            xt = tl.load(xl_ptr + rm[:, None] * sxlm + (k0 + rk)[None, :], mask=m_ok[:, None] & k_ok[None, :],
-                         other=0.0)
-        at = tl.load(a_ptr + rc[None, :] * sam + (k0 + rk)[:, None], mask=k_ok[:, None] & c_ok[None, :], other=0.0)
-        acch = _dot(xt, at.to(xt.dtype), acch, IEEE, DOT_F32)
-    z = tl.where(e_ok[None, :], accz, -float("inf"))
-    z = z - tl.max(z, axis=1)[:, None]
-    ez = tl.where(e_ok[None, :], tl.exp(z), 0.0)
-    p = ez / tl.sum(ez, axis=1)[:, None]
-    tl.store(probs_ptr + rm[:, None] * E + re[None, :], p, mask=m_ok[:, None] & e_ok[None, :])
-    chosen, tot = _topk_rows(p, re, e_ok, TOPK, EP)
-    remaining = tl.where(e_ok[None, :], p, -1.0)
-    for j in tl.static_range(TOPK):  # experts in descending order of p, ties → lower index
-        best = tl.max(remaining, axis=1)
-        idx = tl.min(tl.where(remaining == best[:, None], re[None, :], EP), axis=1)
-        remaining = tl.where(re[None, :] == idx[:, None], -1.0, remaining)
-        tl.store(e_ptr + rm * TOPK + j, idx, mask=m_ok)
-    s = tl.load(s_ptr + re, mask=e_ok, other=0.0).to(tl.float32)
-    gate = tl.where(chosen, p / tot[:, None], 0.0) * s[None, :]  # [BM, EP]
+def _b_cat_rows(b_ptr, bcat_ptr, q, N: tl.constexpr, R: tl.constexpr, ER: tl.constexpr, KP: tl.constexpr,
+                BN: tl.constexpr, BER: tl.constexpr):
+    """Rows q·BN… of B_cat [N, KP]: B_cat[n, e·R + j] = B[e, n, j] (B [E, N, R], any float dtype,
+    rounded to B_cat's), zero pad columns."""
+    rn = (q * BN + tl.arange(0, BN)).to(tl.int64)
+    n_ok = rn < N
     for c0 in range(0, KP, BER):
-        cols = c0 + rc
-        c_ok = cols < ER
-        if c0 > 0:  # further column blocks of h (E·r > BER): x_lora is read again
-            acch = _rows_times_cols(xl_ptr, sxlm, a_ptr, 1, sam, rm, m_ok, cols, c_ok, K, BM, BK, BER, EVEN_K,
-                                    IEEE, DOT_F32)
-        gate_col, _ = _per_column(gate, cols, re, R, c_ok)
-        tl.store(h_ptr + rm[:, None] * ER + cols[None, :], acch, mask=m_ok[:, None] & c_ok[None, :])
-        tl.store(hm_ptr + rm[:, None] * shm + cols[None, :], (acch * gate_col).to(hm_ptr.dtype.element_ty),
-                 mask=m_ok[:, None] & (cols < KP)[None, :])
+        cols = c0 + tl.arange(0, BER)
+        src = (cols // R).to(tl.int64) * (N * R) + cols % R
+        v = tl.load(b_ptr + rn[:, None] * R + src[None, :], mask=n_ok[:, None] & (cols < ER)[None, :], other=0.0)
+        tl.store(bcat_ptr + rn[:, None] * KP + cols[None, :], v.to(bcat_ptr.dtype.element_ty),
+                 mask=n_ok[:, None] & (cols < KP)[None, :])
 
 
 @triton.jit
-def _route_bwd(g_ptr, b_ptr, h_ptr, s_ptr, probs_ptr, e_ptr, dprobs_ptr, gcat_ptr, M, N, E, ER, R, sgm, sbn, sgc,
+def _route_fwd(x_ptr, xl_ptr, a_ptr, g_ptr, s_ptr, b_ptr, probs_ptr, e_ptr, h_ptr, hm_ptr, bcat_ptr, M,
+               K: tl.constexpr, N: tl.constexpr, E: tl.constexpr, R: tl.constexpr, KP: tl.constexpr,
                BM: tl.constexpr, BK: tl.constexpr, EP: tl.constexpr, BER: tl.constexpr, TOPK: tl.constexpr,
-               HAS_DP: tl.constexpr, EVEN_K: tl.constexpr, IEEE: tl.constexpr, DOT_F32: tl.constexpr):
-    """One block of BM rows: ghm = ∂y B_cat (fp32 accumulator; B_cat [N, ER] row stride sbn), then
-    gcat[:, :ER] = ghm·(w·s)[expert of column] (∂ of the shrink) and gcat[:, ER:ER+E] = ∂logits
-    through top-k renorm and softmax (plus ∂probs when the balancing loss used probs); the pad
-    columns up to sgc are zeroed. h, probs, experts are the forward's."""
-    rm = (tl.program_id(0) * BM + tl.arange(0, BM)).to(tl.int64)
-    m_ok = rm < M
-    re = tl.arange(0, EP)
-    e_ok = re < E
-    p = tl.load(probs_ptr + rm[:, None] * E + re[None, :], mask=m_ok[:, None] & e_ok[None, :], other=0.0)
-    chosen = re[None, :] < 0
-    for j in tl.static_range(TOPK):
-        ej = tl.load(e_ptr + rm * TOPK + j, mask=m_ok, other=-1)
-        chosen = chosen | (re[None, :] == ej[:, None])
-    tot = tl.sum(tl.where(chosen, p, 0.0), axis=1)
-    tot = tl.where(tot > 0, tot, 1.0)
-    s = tl.load(s_ptr + re, mask=e_ok, other=0.0).to(tl.float32)
-    w = tl.where(chosen, p / tot[:, None], 0.0)
-    gate = w * s[None, :]
-    dgate = tl.zeros((BM, EP), dtype=tl.float32)
-    for c0 in range(0, ER, BER):
-        cols = c0 + tl.arange(0, BER)
-        c_ok = cols < ER
-        ghm = _rows_times_cols(g_ptr, sgm, b_ptr, sbn, 1, rm, m_ok, cols, c_ok, N, BM, BK, BER, EVEN_K, IEEE, DOT_F32)
-        msk = m_ok[:, None] & c_ok[None, :]
-        h = tl.load(h_ptr + rm[:, None] * ER + cols[None, :], mask=msk, other=0.0)
-        gate_col, onehot = _per_column(gate, cols, re, R, c_ok)
-        tl.store(gcat_ptr + rm[:, None] * sgc + cols[None, :], (ghm * gate_col).to(gcat_ptr.dtype.element_ty),
-                 mask=msk)
-        dgate = tl.dot(ghm * h, tl.trans(onehot), dgate, input_precision="ieee")  # Σ over each expert's r
-    dw = tl.where(chosen, dgate * s[None, :], 0.0)
-    # w_e = p_e / Σ_chosen p  ⇒  ∂p_e = (∂w_e − Σ_j ∂w_j w_j) / Σ_chosen p   (chosen e only)
-    dp = tl.where(chosen, (dw - tl.sum(dw * w, axis=1)[:, None]) / tot[:, None], 0.0)
-    if HAS_DP:
-        dp += tl.load(dprobs_ptr + rm[:, None] * E + re[None, :], mask=m_ok[:, None] & e_ok[None, :], other=0.0)
-    dz = p * (dp - tl.sum(p * dp, axis=1)[:, None])
-    tl.store(gcat_ptr + rm[:, None] * sgc + ER + re[None, :], dz.to(gcat_ptr.dtype.element_ty),
-             mask=m_ok[:, None] & e_ok[None, :])
-    for c0 in range(ER + E, sgc, BER):
-        cols = c0 + tl.arange(0, BER)
-        tl.store(gcat_ptr + rm[:, None] * sgc + cols[None, :], tl.zeros((BM, BER), dtype=gcat_ptr.dtype.element_ty),
-                 mask=m_ok[:, None] & (cols < sgc)[None, :])
+               HAS_XL: tl.constexpr, IEEE: tl.constexpr, DOT_F32: tl.constexpr):
+    """Programs below cdiv(M, BM), one block of BM rows each: logits = x Gᵀ and h = x_lora A_catᵀ
+    (fp32 accumulators, A and G read in any float dtype and rounded to x's), p = softmax(logits), the
+    top-k experts (descending, as torch.topk), and hm = h · (w·s)[expert of column] in hm's dtype (0
+    outside the top-k and in the pad columns up to KP). Writes probs [M, E] fp32, experts [M, k]
+    int32, h [M, E·R] fp32, hm [M, KP]. The programs after those write B_cat [N, KP] in hm's dtype
+    from B [E, N, R] (_b_cat_rows), so the expansion GEMM needs no copy of its own."""
+    ER: tl.constexpr = E * R
+    EVEN_K: tl.constexpr = K % BK == 0
+    n_rows = tl.cdiv(M, BM)
+    pid = tl.program_id(0)
+    if pid >= n_rows:
+        _b_cat_rows(b_ptr, bcat_ptr, pid - n_rows, N, R, ER, KP, 64, BER)
+    else:
+        rm = (pid * BM + tl.arange(0, BM)).to(tl.int64)
+        m_ok = rm < M
+        rk = tl.arange(0, BK)
+        re = tl.arange(0, EP)
+        e_ok = re < E
+        rc = tl.arange(0, BER)
+        c_ok = rc < ER
+        accz = tl.zeros((BM, EP), dtype=tl.float32)
+        acch = tl.zeros((BM, BER), dtype=tl.float32)
+        for k0 in range(0, K, BK):  # the logits and the first column block of h share the reads of x
+            if EVEN_K:
+                k_ok = rk < BK
+            else:
+                k_ok = rk < K - k0
+            xt = tl.load(x_ptr + rm[:, None] * K + (k0 + rk)[None, :], mask=m_ok[:, None] & k_ok[None, :], other=0.0)
+            gt = tl.load(g_ptr + re[None, :] * K + (k0 + rk)[:, None], mask=k_ok[:, None] & e_ok[None, :], other=0.0)
+            accz = _dot(xt, gt.to(xt.dtype), accz, IEEE, DOT_F32)
+            if HAS_XL:
+                xt = tl.load(xl_ptr + rm[:, None] * K + (k0 + rk)[None, :], mask=m_ok[:, None] & k_ok[None, :],
+                             other=0.0)
+            at = tl.load(a_ptr + rc[None, :] * K + (k0 + rk)[:, None], mask=k_ok[:, None] & c_ok[None, :], other=0.0)
+            acch = _dot(xt, at.to(xt.dtype), acch, IEEE, DOT_F32)
+        z = tl.where(e_ok[None, :], accz, -float("inf"))
+        z = z - tl.max(z, axis=1)[:, None]
+        ez = tl.where(e_ok[None, :], tl.exp(z), 0.0)
+        p = ez / tl.sum(ez, axis=1)[:, None]
+        tl.store(probs_ptr + rm[:, None] * E + re[None, :], p, mask=m_ok[:, None] & e_ok[None, :])
+        chosen, tot = _topk_rows(p, re, e_ok, TOPK, EP)
+        remaining = tl.where(e_ok[None, :], p, -1.0)
+        for j in tl.static_range(TOPK):  # experts in descending order of p, ties → lower index
+            best = tl.max(remaining, axis=1)
+            idx = tl.min(tl.where(remaining == best[:, None], re[None, :], EP), axis=1)
+            remaining = tl.where(re[None, :] == idx[:, None], -1.0, remaining)
+            tl.store(e_ptr + rm * TOPK + j, idx, mask=m_ok)
+        s = tl.load(s_ptr + re, mask=e_ok, other=0.0).to(tl.float32)
+        gate = tl.where(chosen, p / tot[:, None], 0.0) * s[None, :]  # [BM, EP]
+        for c0 in range(0, KP, BER):
+            cols = c0 + rc
+            c_ok = cols < ER
+            if c0 > 0:  # further column blocks of h (E·r > BER): x_lora is read again
+                acch = _rows_times_cols(xl_ptr, K, a_ptr, 1, K, rm, m_ok, cols, c_ok, K, BM, BK, BER, EVEN_K,
+                                        IEEE, DOT_F32)
+            gate_col, _ = _per_column(gate, cols, re, R, c_ok)
+            tl.store(h_ptr + rm[:, None] * ER + cols[None, :], acch, mask=m_ok[:, None] & c_ok[None, :])
+            tl.store(hm_ptr + rm[:, None] * KP + cols[None, :], (acch * gate_col).to(hm_ptr.dtype.element_ty),
+                     mask=m_ok[:, None] & (cols < KP)[None, :])
+
+
+@triton.jit
+def _ag_rows(a_ptr, g_ptr, ag_ptr, q, K: tl.constexpr, ER: tl.constexpr, E: tl.constexpr, KG: tl.constexpr,
+             BR: tl.constexpr, BK: tl.constexpr):
+    """Rows q·BR… of AG [KG, K] = [A_cat; G; zero rows] in AG's dtype (A_cat, G in any float dtype)."""
+    rows = q * BR + tl.arange(0, BR)
+    from_a = rows < ER
+    from_g = (rows >= ER) & (rows < ER + E)
+    ra = tl.where(from_a, rows, 0).to(tl.int64)
+    rg = tl.where(from_g, rows - ER, 0).to(tl.int64)
+    for k0 in range(0, K, BK):
+        rk = k0 + tl.arange(0, BK)
+        k_ok = rk < K
+        va = tl.load(a_ptr + ra[:, None] * K + rk[None, :], mask=from_a[:, None] & k_ok[None, :], other=0.0)
+        vg = tl.load(g_ptr + rg[:, None] * K + rk[None, :], mask=from_g[:, None] & k_ok[None, :], other=0.0)
+        v = tl.where(from_a[:, None], va.to(ag_ptr.dtype.element_ty), vg.to(ag_ptr.dtype.element_ty))
+        tl.store(ag_ptr + rows.to(tl.int64)[:, None] * K + rk[None, :], v, mask=(rows < KG)[:, None] & k_ok[None, :])
+
+
+@triton.jit
+def _route_bwd(g_ptr, b_ptr, h_ptr, s_ptr, probs_ptr, e_ptr, dprobs_ptr, gcat_ptr, a_ptr, gw_ptr, ag_ptr, M,
+               N: tl.constexpr, K: tl.constexpr, E: tl.constexpr, R: tl.constexpr, KP: tl.constexpr,
+               KG: tl.constexpr, BM: tl.constexpr, BK: tl.constexpr, EP: tl.constexpr, BER: tl.constexpr,
+               TOPK: tl.constexpr, HAS_DP: tl.constexpr, IEEE: tl.constexpr, DOT_F32: tl.constexpr):
+    """Programs below cdiv(M, BM), one block of BM rows each: ghm = ∂y B_cat (fp32 accumulator; B_cat
+    [N, KP]), then gcat[:, :ER] = ghm·(w·s)[expert of column] (∂ of the shrink) and gcat[:, ER:ER+E]
+    = ∂logits through top-k renorm and softmax (plus ∂probs when the balancing loss used probs); the
+    pad columns up to KG are zeroed. h, probs, experts are the forward's. The programs after those
+    write AG = [A_cat; G] in gcat's dtype (_ag_rows), the extra K of the ∂x GEMM."""
+    ER: tl.constexpr = E * R
+    EVEN_K: tl.constexpr = N % BK == 0
+    n_rows = tl.cdiv(M, BM)
+    pid = tl.program_id(0)
+    if pid >= n_rows:
+        _ag_rows(a_ptr, gw_ptr, ag_ptr, pid - n_rows, K, ER, E, KG, 16, 128)
+    else:
+        rm = (pid * BM + tl.arange(0, BM)).to(tl.int64)
+        m_ok = rm < M
+        re = tl.arange(0, EP)
+        e_ok = re < E
+        p = tl.load(probs_ptr + rm[:, None] * E + re[None, :], mask=m_ok[:, None] & e_ok[None, :], other=0.0)
+        chosen = re[None, :] < 0
+        for j in tl.static_range(TOPK):
+            ej = tl.load(e_ptr + rm * TOPK + j, mask=m_ok, other=-1)
+            chosen = chosen | (re[None, :] == ej[:, None])
+        tot = tl.sum(tl.where(chosen, p, 0.0), axis=1)
+        tot = tl.where(tot > 0, tot, 1.0)
+        s = tl.load(s_ptr + re, mask=e_ok, other=0.0).to(tl.float32)
+        w = tl.where(chosen, p / tot[:, None], 0.0)
+        gate = w * s[None, :]
+        dgate = tl.zeros((BM, EP), dtype=tl.float32)
+        for c0 in range(0, ER, BER):
+            cols = c0 + tl.arange(0, BER)
+            c_ok = cols < ER
+            ghm = _rows_times_cols(g_ptr, N, b_ptr, KP, 1, rm, m_ok, cols, c_ok, N, BM, BK, BER, EVEN_K, IEEE,
+                                   DOT_F32)
+            msk = m_ok[:, None] & c_ok[None, :]
+            h = tl.load(h_ptr + rm[:, None] * ER + cols[None, :], mask=msk, other=0.0)
+            gate_col, onehot = _per_column(gate, cols, re, R, c_ok)
+            tl.store(gcat_ptr + rm[:, None] * KG + cols[None, :], (ghm * gate_col).to(gcat_ptr.dtype.element_ty),
+                     mask=msk)
+            dgate = tl.dot(ghm * h, tl.trans(onehot), dgate, input_precision="ieee")  # Σ over each expert's r
+        dw = tl.where(chosen, dgate * s[None, :], 0.0)
+        # w_e = p_e / Σ_chosen p  ⇒  ∂p_e = (∂w_e − Σ_j ∂w_j w_j) / Σ_chosen p   (chosen e only)
+        dp = tl.where(chosen, (dw - tl.sum(dw * w, axis=1)[:, None]) / tot[:, None], 0.0)
+        if HAS_DP:
+            dp += tl.load(dprobs_ptr + rm[:, None] * E + re[None, :], mask=m_ok[:, None] & e_ok[None, :], other=0.0)
+        dz = p * (dp - tl.sum(p * dp, axis=1)[:, None])
+        tl.store(gcat_ptr + rm[:, None] * KG + ER + re[None, :], dz.to(gcat_ptr.dtype.element_ty),
+                 mask=m_ok[:, None] & e_ok[None, :])
+        for c0 in range(ER + E, KG, BER):
+            cols = c0 + tl.arange(0, BER)
+            tl.store(gcat_ptr + rm[:, None] * KG + cols[None, :],
+                     tl.zeros((BM, BER), dtype=gcat_ptr.dtype.element_ty), mask=m_ok[:, None] & (cols < KG)[None, :])
 
 
 # Plain-Python integer helpers for the per-call path: triton.cdiv / next_power_of_2 are
@@ -236,79 +292,95 @@ def _bucket(m: int) -> int:
 ROUTE_CONFIGS = [dict(BM=bm, BK=bk, num_warps=w, num_stages=st)
                  for bm, bk, w, st in ((64, 64, 4, 4), (128, 64, 8, 4), (64, 128, 4, 3), (32, 64, 4, 4))]
 _ROUTE_TUNED: dict[tuple, dict] = {}  # (kernel, token bucket, reduction length, dtypes, constexprs) → config
-_LAUNCHERS = {k: Launcher(k) for k in (_route_fwd, _route_bwd)}
+_FWD, _BWD = Launcher(_route_fwd), Launcher(_route_bwd)
+_LAUNCHERS = (_FWD, _BWD)
 
 
-def _launch(kernel, x, T, key, E, width, args, **kw):
-    """Run a route kernel over row blocks of T. Half precision on the GPU: the fastest of
-    ROUTE_CONFIGS, timed on the real operands the first time a (token-count bucket, shape) key is
-    seen, then plain launches of the compiled kernel (rocket.kernels.direct_launch: host time bounds
-    small steps). Float32 (exact IEEE dots) and the interpreter: one fixed config. `key`: what
-    besides the token bucket and x's dtype decides the config and the constexprs `kw` (shape,
-    operand dtypes, flags)."""
-    full_key = (_bucket(T), x.dtype, width, *key)
+def _launch(launcher, x, T, extra, key, args, consts):
+    """Run a route kernel (launcher.kernel): cdiv(T, BM) row blocks, then `extra` programs (weight
+    copies). Half precision on the GPU: the fastest of ROUTE_CONFIGS, timed on the real operands the
+    first time a (token-count bucket, key) is seen, then plain launches of the compiled kernel
+    (rocket.kernels.direct_launch: host time bounds small steps). Float32 (exact IEEE dots) and the
+    interpreter: one fixed config. `key`: what besides the token bucket and x's dtype decides the
+    config, `extra` and the constexprs `consts()` (shapes, operand dtypes, flags)."""
+    full_key = (_bucket(T), x.dtype, key)
+    kernel = launcher.kernel
 
     def meta():
         ieee, dot_f32 = _flags(x.dtype)
-        m = dict(kw, EP=max(16, _pow2(E)), BER=max(16, min(128, _pow2(width))), IEEE=ieee, DOT_F32=dot_f32)
+        m = consts() | dict(IEEE=ieee, DOT_F32=dot_f32)
         if _INTERPRET or x.dtype == torch.float32:
             return m | (dict(BM=16, BK=32, num_warps=4, num_stages=1) if _INTERPRET
                         else dict(BM=32, BK=32, num_warps=4, num_stages=2))
-        tkey = (id(kernel), *full_key)
+        tkey = (id(kernel), full_key)
         if tkey not in _ROUTE_TUNED:
-            _ROUTE_TUNED[tkey] = _tune_route(kernel, T, args, m)
+            _ROUTE_TUNED[tkey] = _tune_route(kernel, T, extra, args, m)
         return m | _ROUTE_TUNED[tkey]
 
-    grid = lambda m: (_cdiv(T, m["BM"]),)  # noqa: E731
+    grid = lambda m: (_cdiv(T, m["BM"]) + extra,)  # noqa: E731
     if _INTERPRET:
         m = meta()
         kernel[grid(m)](*args, **m)
     else:
-        _LAUNCHERS[kernel].launch(full_key, grid, args, meta, x.get_device())
+        launcher.launch(full_key, grid, args, meta, x.get_device())
 
 
-def _tune_route(kernel, T, args, kw) -> dict:
+def _tune_route(kernel, T, extra, args, kw) -> dict:
     times = {}
     for i, cfg in enumerate(ROUTE_CONFIGS):
         try:  # the route kernels only write their outputs: safe to run repeatedly
-            times[i] = _quick_bench(lambda: kernel[(_cdiv(T, cfg["BM"]),)](*args, **kw, **cfg), None)  # noqa: B023
+            times[i] = _quick_bench(lambda: kernel[(_cdiv(T, cfg["BM"]) + extra,)](*args, **kw, **cfg), None)  # noqa: B023
         except Exception:  # a config this GPU cannot build (shared memory, registers) is not a candidate
             continue
     return ROUTE_CONFIGS[min(times, key=times.get) if times else 0]
 
 
-def route_forward(x, x_lora, A_cat, G, scaling, top_k, r):
-    """(probs [T, E] fp32, experts [T, k] int32, h [T, E·r] fp32, hm [T, pad(E·r)] x.dtype, zero pad
-    columns) of the routing and the expert shrink; one kernel, x (and x_lora) read once when E·r ≤ 128."""
+def _column_block(width: int) -> int:
+    return max(16, min(128, _pow2(width)))
+
+
+def route_forward(x, x_lora, lora_A, lora_B, G, scaling, top_k):
+    """Routing, expert shrink and the expansion operand in one kernel: (probs [T, E] fp32, experts
+    [T, k] int32, h [T, E·r] fp32, hm [T, KP] x.dtype, B_cat [d_out, KP] x.dtype) with KP = pad(E·r)
+    and zero pad columns; x (and x_lora) contiguous [T, d_in], read once when E·r ≤ 128."""
     T, d_in = x.shape
-    E, ER = G.shape[0], A_cat.shape[0]
+    E, r, _ = lora_A.shape
+    d_out = lora_B.shape[1]
+    ER, KP = E * r, _pad(E * r)
     dev = x.device
     probs = torch.empty(T, E, device=dev, dtype=torch.float32)
     experts = torch.empty(T, top_k, device=dev, dtype=torch.int32)
     h = torch.empty(T, ER, device=dev, dtype=torch.float32)
-    hm = torch.empty(T, _pad(ER), device=dev, dtype=x.dtype)
+    hm = torch.empty(T, KP, device=dev, dtype=x.dtype)
+    B_cat = torch.empty(d_out, KP, device=dev, dtype=x.dtype)
     if T:
-        xl = x if x_lora is None else x_lora
-        _launch(_route_fwd, x, T, (d_in, E, top_k, x_lora is not None, A_cat.dtype, G.dtype), E, hm.shape[1],
-                (x, xl, A_cat, G, scaling, probs, experts, h, hm, T, d_in, E, ER, r, hm.shape[1],
-                 x.stride(0), xl.stride(0), A_cat.stride(0), G.stride(0), hm.stride(0)),
-                TOPK=top_k, HAS_XL=x_lora is not None, EVEN_K=d_in % 128 == 0)
-    return probs, experts, h, hm
+        has_xl = x_lora is not None
+        _launch(_FWD, x, T, _cdiv(d_out, 64), (d_in, d_out, E, r, top_k, has_xl, lora_A.dtype, G.dtype,
+                                                     lora_B.dtype),
+                (x, x_lora if has_xl else x, lora_A, G, scaling, lora_B, probs, experts, h, hm, B_cat, T),
+                lambda: dict(K=d_in, N=d_out, E=E, R=r, KP=KP, EP=max(16, _pow2(E)), BER=_column_block(KP),
+                             TOPK=top_k, HAS_XL=has_xl))
+    return probs, experts, h, hm, B_cat
 
 
-def route_backward(g, B_cat, h, scaling, probs, experts, dprobs, r):
-    """gcat [T, pad(E·r + E)] g.dtype = [∂h | ∂logits | zeros] from ∂y (see _route_bwd); one kernel."""
+def route_backward(g, B_cat, h, scaling, probs, experts, dprobs, lora_A, G, with_ag):
+    """(gcat [T, KG] g.dtype = [∂h | ∂logits | zeros], AG [KG, d_in] g.dtype = [A_cat; G; zeros] or
+    None) with KG = pad(E·r + E), from ∂y (see _route_bwd); one kernel, g contiguous."""
     T, d_out = g.shape
-    E = probs.shape[1]
-    ER = h.shape[1]
-    gcat = torch.empty(T, _pad(ER + E), device=g.device, dtype=g.dtype)
+    E, r, d_in = lora_A.shape
+    KG = _pad(E * r + E)
+    gcat = torch.empty(T, KG, device=g.device, dtype=g.dtype)
+    AG = torch.empty(KG, d_in, device=g.device, dtype=g.dtype) if with_ag else None
     if T:
-        dp = dprobs.contiguous() if dprobs is not None else probs
-        _launch(_route_bwd, g, T, (d_out, E, experts.shape[1], dprobs is not None, B_cat.dtype), E, ER,
-                (g, B_cat, h, scaling, probs, experts, dp, gcat, T, d_out, E, ER, r, g.stride(0),
-                 B_cat.stride(0), gcat.stride(0)),
-                TOPK=experts.shape[1], HAS_DP=dprobs is not None, EVEN_K=d_out % 128 == 0)
-    return gcat
+        has_dp = dprobs is not None
+        top_k = experts.shape[1]
+        _launch(_BWD, g, T, _cdiv(KG, 16) if with_ag else 0,
+                (d_out, d_in, E, r, top_k, has_dp, with_ag, B_cat.dtype, lora_A.dtype, G.dtype),
+                (g, B_cat, h, scaling, probs, experts, dprobs.contiguous() if has_dp else probs, gcat, lora_A, G,
+                 AG if with_ag else gcat, T),
+                lambda: dict(N=d_out, K=d_in, E=E, R=r, KP=B_cat.shape[1], KG=KG, EP=max(16, _pow2(E)),
+                             BER=_column_block(E * r), TOPK=top_k, HAS_DP=has_dp))
+    return gcat, AG
 
 
 # --------------------------------------------------------------------------- base GEMM with extra K
@@ -587,20 +659,6 @@ def _mm_as(a, b, dtype):
     return torch.mm(a, b).to(dtype)
 
 
-def _b_cat(lora_B, width, dtype):
-    """[d_out, width] in `dtype`: B_cat = expert-major columns of lora_B [E, d_out, r], zero pad
-    columns; one cast-and-permute copy."""
-    E, d_out, r = lora_B.shape
-    if width == E * r:
-        out = torch.empty(d_out, E, r, device=lora_B.device, dtype=dtype)
-        out.copy_(lora_B.permute(1, 0, 2))
-        return out.view(d_out, width)
-    out = torch.empty(d_out, width, device=lora_B.device, dtype=dtype)
-    out[:, :E * r].view(d_out, E, r).copy_(lora_B.permute(1, 0, 2))
-    out[:, E * r:].zero_()
-    return out
-
-
 class LoraMoEFunction(torch.autograd.Function):
     """y (and, with `routing`, probs and experts) of the LoRA-MoE layer on 2-D x; W and b frozen.
 
@@ -611,13 +669,11 @@ class LoraMoEFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, weight, bias, lora_A, lora_B, scaling, router_weight, top_k, x_lora, routing):
-        E, r, d_in = lora_A.shape
         early = _takes_cublas(x.shape[0], x.dtype)
         w_t = weight.t()
         if early:  # cuBLAS: the base product is issued first, the rest is issued while it runs
             y = torch.mm(x, w_t) if bias is None else torch.addmm(bias, x, w_t)
-        probs, experts, h, hm = route_forward(x, x_lora, lora_A.view(E * r, d_in), router_weight, scaling, top_k, r)
-        B_cat = _b_cat(lora_B, hm.shape[1], x.dtype)  # hm's pad columns are zero too
+        probs, experts, h, hm, B_cat = route_forward(x, x_lora, lora_A, lora_B, router_weight, scaling, top_k)
         if early:
             y.addmm_(hm, B_cat.t())
         else:
@@ -633,14 +689,14 @@ class LoraMoEFunction(torch.autograd.Function):
     def backward(ctx, gy, gprobs=None, _ge=None):
         x, x_lora, weight, lora_A, lora_B, B_cat, G, scaling, h, hm, probs, experts = ctx.saved_tensors
         need = ctx.needs_input_grad
-        T, d_in = x.shape
-        E, r, _ = lora_A.shape
+        T = x.shape[0]
+        E, r, d_in = lora_A.shape
         ER = E * r
-        dt = x.dtype
-        g = torch.zeros(T, weight.shape[0], device=x.device, dtype=dt) if gy is None else gy.contiguous()
-        early = need[0] and _takes_cublas(T, dt)
+        g = torch.zeros(T, weight.shape[0], device=x.device, dtype=x.dtype) if gy is None else gy.contiguous()
+        early = need[0] and _takes_cublas(T, x.dtype)
         gx = torch.mm(g, weight) if early else None  # as in forward: the base product of ∂x first
-        gcat = route_backward(g, B_cat, h, scaling, probs, experts, gprobs, r)
+        # AG = [A_cat; G] in x's dtype comes out of the same kernel: the extra K of ∂x and ∂x_lora
+        gcat, AG = route_backward(g, B_cat, h, scaling, probs, experts, gprobs, lora_A, G, need[0] or need[8])
         gA = gB = gG = gxl = None
         if need[4]:  # a permuted view: AccumulateGrad lays it out as lora_B (in C++, no Python copy)
             gB = _mm_as(g.t(), hm if hm.shape[1] == ER else hm[:, :ER], lora_B.dtype).view(-1, E, r).permute(1, 0, 2)
@@ -651,20 +707,13 @@ class LoraMoEFunction(torch.autograd.Function):
             xl = x if x_lora is None else x_lora
             gA = _mm_as(gcat[:, :ER].t(), xl, lora_A.dtype).view(E, r, d_in) if need[3] else None
             gG = _mm_as(gcat[:, ER:ER + E].t(), x, G.dtype) if need[6] else None
-        A_cat = lora_A.view(ER, d_in)
-        if need[0] and x_lora is None:
-            # [A_cat; G] in x's dtype, zero-padded as gcat's columns unless cuBLAS takes it (any K)
-            parts = [A_cat, G] if early or gcat.shape[1] == ER + E else \
-                [A_cat, G, torch.zeros(gcat.shape[1] - ER - E, d_in, device=x.device, dtype=dt)]
-            AG = torch.cat(parts)
-            AG = AG if AG.dtype == dt else AG.to(dt)
-            gc = gcat[:, :AG.shape[0]]
-            gx = gx.addmm_(gc, AG) if early else dual_mm(g, weight, gc, AG)
-        elif need[0]:
-            Gd = G.to(dt)
-            gx = gx.addmm_(gcat[:, ER:ER + E], Gd) if early else dual_mm(g, weight, gcat[:, ER:ER + E], Gd)
+        if need[0]:
+            # x feeds the router always and the experts unless x_lora does (then only G's rows)
+            lo, hi = (0, ER + E if early else AG.shape[0]) if x_lora is None else (ER, ER + E)
+            gc, ag = gcat[:, lo:hi], AG[lo:hi]
+            gx = gx.addmm_(gc, ag) if early else dual_mm(g, weight, gc, ag)
         if need[8]:
-            gxl = gcat[:, :ER] @ A_cat.to(dt)
+            gxl = gcat[:, :ER] @ AG[:ER]
         return gx, None, None, gA, gB, None, gG, None, gxl, None
 
 
