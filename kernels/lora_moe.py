@@ -131,7 +131,7 @@ def _b_cat_rows(b_ptr, bcat_ptr, q, N: tl.constexpr, R: tl.constexpr, ER: tl.con
 def _route_fwd(x_ptr, xl_ptr, a_ptr, g_ptr, s_ptr, b_ptr, probs_ptr, e_ptr, h_ptr, hm_ptr, bcat_ptr, M,
                K: tl.constexpr, N: tl.constexpr, E: tl.constexpr, R: tl.constexpr, KP: tl.constexpr,
                BM: tl.constexpr, BK: tl.constexpr, EP: tl.constexpr, BER: tl.constexpr, TOPK: tl.constexpr,
-               HAS_XL: tl.constexpr, IEEE: tl.constexpr, DOT_F32: tl.constexpr):
+               HAS_XL: tl.constexpr, IEEE: tl.constexpr, DOT_F32: tl.constexpr, COPY_ROWS: tl.constexpr):
     """Programs below cdiv(M, BM), one block of BM rows each: logits = x Gᵀ and h = x_lora A_catᵀ
     (fp32 accumulators, A and G read in any float dtype and rounded to x's), p = softmax(logits), the
     top-k experts (descending, as torch.topk), and hm = h · (w·s)[expert of column] in hm's dtype (0
@@ -143,7 +143,7 @@ def _route_fwd(x_ptr, xl_ptr, a_ptr, g_ptr, s_ptr, b_ptr, probs_ptr, e_ptr, h_pt
     n_rows = tl.cdiv(M, BM)
     pid = tl.program_id(0)
     if pid >= n_rows:
-        _b_cat_rows(b_ptr, bcat_ptr, pid - n_rows, N, R, ER, KP, 64, BER)
+        _b_cat_rows(b_ptr, bcat_ptr, pid - n_rows, N, R, ER, KP, COPY_ROWS, BER)
     else:
         rm = (pid * BM + tl.arange(0, BM)).to(tl.int64)
         m_ok = rm < M
@@ -215,7 +215,8 @@ def _ag_rows(a_ptr, g_ptr, ag_ptr, q, K: tl.constexpr, ER: tl.constexpr, E: tl.c
 def _route_bwd(g_ptr, b_ptr, h_ptr, s_ptr, probs_ptr, e_ptr, dprobs_ptr, gcat_ptr, a_ptr, gw_ptr, ag_ptr, M,
                N: tl.constexpr, K: tl.constexpr, E: tl.constexpr, R: tl.constexpr, KP: tl.constexpr,
                KG: tl.constexpr, BM: tl.constexpr, BK: tl.constexpr, EP: tl.constexpr, BER: tl.constexpr,
-               TOPK: tl.constexpr, HAS_DP: tl.constexpr, IEEE: tl.constexpr, DOT_F32: tl.constexpr):
+               TOPK: tl.constexpr, HAS_DP: tl.constexpr, IEEE: tl.constexpr, DOT_F32: tl.constexpr,
+               COPY_ROWS: tl.constexpr):
     """Programs below cdiv(M, BM), one block of BM rows each: ghm = ∂y B_cat (fp32 accumulator; B_cat
     [N, KP]), then gcat[:, :ER] = ghm·(w·s)[expert of column] (∂ of the shrink) and gcat[:, ER:ER+E]
     = ∂logits through top-k renorm and softmax (plus ∂probs when the balancing loss used probs); the
@@ -226,7 +227,7 @@ def _route_bwd(g_ptr, b_ptr, h_ptr, s_ptr, probs_ptr, e_ptr, dprobs_ptr, gcat_pt
     n_rows = tl.cdiv(M, BM)
     pid = tl.program_id(0)
     if pid >= n_rows:
-        _ag_rows(a_ptr, gw_ptr, ag_ptr, pid - n_rows, K, ER, E, KG, 16, 128)
+        _ag_rows(a_ptr, gw_ptr, ag_ptr, pid - n_rows, K, ER, E, KG, COPY_ROWS, 128)
     else:
         rm = (pid * BM + tl.arange(0, BM)).to(tl.int64)
         m_ok = rm < M
@@ -292,6 +293,7 @@ def _bucket(m: int) -> int:
 ROUTE_CONFIGS = [dict(BM=bm, BK=bk, num_warps=w, num_stages=st)
                  for bm, bk, w, st in ((64, 64, 4, 4), (128, 64, 8, 4), (64, 128, 4, 3), (32, 64, 4, 4))]
 _ROUTE_TUNED: dict[tuple, dict] = {}  # (kernel, token bucket, reduction length, dtypes, constexprs) → config
+_B_ROWS, _AG_ROWS = 64, 16  # rows of B_cat / of [A_cat; G] per copy program of the route kernels
 _FWD, _BWD = Launcher(_route_fwd), Launcher(_route_bwd)
 _LAUNCHERS = (_FWD, _BWD)
 
@@ -355,11 +357,11 @@ def route_forward(x, x_lora, lora_A, lora_B, G, scaling, top_k):
     B_cat = torch.empty(d_out, KP, device=dev, dtype=x.dtype)
     if T:
         has_xl = x_lora is not None
-        _launch(_FWD, x, T, _cdiv(d_out, 64), (d_in, d_out, E, r, top_k, has_xl, lora_A.dtype, G.dtype,
+        _launch(_FWD, x, T, _cdiv(d_out, _B_ROWS), (d_in, d_out, E, r, top_k, has_xl, lora_A.dtype, G.dtype,
                                                      lora_B.dtype),
                 (x, x_lora if has_xl else x, lora_A, G, scaling, lora_B, probs, experts, h, hm, B_cat, T),
                 lambda: dict(K=d_in, N=d_out, E=E, R=r, KP=KP, EP=max(16, _pow2(E)), BER=_column_block(KP),
-                             TOPK=top_k, HAS_XL=has_xl))
+                             TOPK=top_k, HAS_XL=has_xl, COPY_ROWS=_B_ROWS))
     return probs, experts, h, hm, B_cat
 
 
@@ -374,12 +376,12 @@ def route_backward(g, B_cat, h, scaling, probs, experts, dprobs, lora_A, G, with
     if T:
         has_dp = dprobs is not None
         top_k = experts.shape[1]
-        _launch(_BWD, g, T, _cdiv(KG, 16) if with_ag else 0,
+        _launch(_BWD, g, T, _cdiv(KG, _AG_ROWS) if with_ag else 0,
                 (d_out, d_in, E, r, top_k, has_dp, with_ag, B_cat.dtype, lora_A.dtype, G.dtype),
                 (g, B_cat, h, scaling, probs, experts, dprobs.contiguous() if has_dp else probs, gcat, lora_A, G,
                  AG if with_ag else gcat, T),
                 lambda: dict(N=d_out, K=d_in, E=E, R=r, KP=B_cat.shape[1], KG=KG, EP=max(16, _pow2(E)),
-                             BER=_column_block(E * r), TOPK=top_k, HAS_DP=has_dp))
+                             BER=_column_block(E * r), TOPK=top_k, HAS_DP=has_dp, COPY_ROWS=_AG_ROWS))
     return gcat, AG
 
 
