@@ -154,6 +154,36 @@ def test_every_output_element_is_written(monkeypatch):
         assert rel_err(g, r_) < TOL[torch.float32], name
 
 
+@pytest.mark.parametrize("E, r, w_dtype", [(5, 6, torch.float32), (3, 48, torch.bfloat16), (2, 80, torch.float32)])
+def test_route_kernels_lay_out_the_gemm_weights(monkeypatch, E, r, w_dtype):
+    """route_fwd's copy programs write B_cat[n, e·r + j] = B[e, n, j] and route_bwd's write
+    [A_cat; G], both rounded to x's dtype with zero padding, into NaN-poisoned memory. Bit-exact on
+    the GPU (round to nearest even, as torch); the interpreter truncates float32 to bf16 (≤ 1 ulp)."""
+    gen = torch.Generator().manual_seed(21)
+    T, d_in, d_out = 19, 40, 77
+    x = torch.randn(T, d_in, generator=gen).to(torch.bfloat16).to(DEVICE)
+    A, B, G = (torch.randn(*shape, generator=gen).to(w_dtype).to(DEVICE)
+               for shape in ((E, r, d_in), (E, d_out, r), (E, d_in)))
+    s = torch.rand(E, generator=gen).to(DEVICE)
+    empty = torch.empty
+    monkeypatch.setattr(torch, "empty", lambda *a, **kw: empty(*a, **kw).fill_(float("nan"))
+                        if kw.get("dtype", torch.float32).is_floating_point else empty(*a, **kw))
+    probs, experts, h, hm, B_cat = K.route_forward(x, None, A, B, G, s, 2)
+    gcat, AG = K.route_backward(torch.randn(T, d_out, generator=gen).to(torch.bfloat16).to(DEVICE), B_cat, h, s,
+                                probs, experts, None, A, G, True)
+    monkeypatch.undo()
+    ER = E * r
+    want_b = torch.zeros(d_out, B_cat.shape[1], dtype=torch.bfloat16, device=DEVICE)
+    want_b[:, :ER] = B.permute(1, 0, 2).reshape(d_out, ER).to(torch.bfloat16)
+    want_ag = torch.zeros(gcat.shape[1], d_in, dtype=torch.bfloat16, device=DEVICE)
+    want_ag[:ER + E] = torch.cat([A.reshape(ER, d_in), G]).to(torch.bfloat16)
+    assert B_cat.shape[1] % K.PAD_K == 0 and AG.shape == want_ag.shape
+    ulp = 2.0 ** -7 if K._INTERPRET and w_dtype == torch.float32 else 0.0
+    for got, want in ((B_cat, want_b), (AG, want_ag)):
+        assert torch.allclose(got.float(), want.float(), rtol=ulp, atol=0.0)
+        assert torch.equal(got == 0, want == 0)  # the padding (and nothing else) is exactly zero
+
+
 def test_router_only_training_skips_expert_grads_and_trainable_base_uses_reference():
     gen = torch.Generator().manual_seed(16)
     x, W, b, A, B, s, G = _inputs(31, 20, 14, 4, 3, torch.float32, gen)
