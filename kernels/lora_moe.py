@@ -338,6 +338,7 @@ def _tune_route(kernel, T, extra, args, kw) -> dict:
 
 
 def _column_block(width: int) -> int:
+    """BER: the route kernels' column block over the E·r columns (a power of two, 16 to 128)."""
     return max(16, min(128, _pow2(width)))
 
 
