@@ -292,7 +292,7 @@ def _bucket(m: int) -> int:
 
 ROUTE_CONFIGS = [dict(BM=bm, BK=bk, num_warps=w, num_stages=st)
                  for bm, bk, w, st in ((64, 64, 4, 4), (128, 64, 8, 4), (64, 128, 4, 3), (32, 64, 4, 4))]
-_ROUTE_TUNED: dict[tuple, dict] = {}  # (kernel, token bucket, reduction length, dtypes, constexprs) → config
+_ROUTE_TUNED: dict[tuple, dict] = {}  # (kernel, (token bucket, x dtype, shapes, dtypes, flags)) → config
 _B_ROWS, _AG_ROWS = 64, 16  # rows of B_cat / of [A_cat; G] per copy program of the route kernels
 _FWD, _BWD = Launcher(_route_fwd), Launcher(_route_bwd)
 _LAUNCHERS = (_FWD, _BWD)
@@ -631,8 +631,8 @@ def dual_mm(a1, b1, a2, b2, bias=None, out_dtype=None):
     """a1 @ b1 + a2 @ b2 (+ bias) with one fp32 accumulator; b's are [K, N] views (any strides).
 
     GEMM_BACKEND: "auto" (default: cuBLAS up to SMALL_M rows, above the fastest of the below per
-    shape, timed once), "triton" (pointer
-    loads, one-loop variant), "tma" (tensor-memory-accelerator tiles), "cublas" (two cuBLAS calls)."""
+    shape, timed once), "triton" (pointer loads, one-loop variant), "tma" (tensor-memory-accelerator
+    tiles), "cublas" (two cuBLAS calls)."""
     M, K1 = a1.shape
     N = b1.shape[1]
     out = torch.empty(M, N, device=a1.device, dtype=out_dtype or a1.dtype)
