@@ -128,48 +128,16 @@ def _b_cat_rows(b_ptr, bcat_ptr, q, N: tl.constexpr, R: tl.constexpr, ER: tl.con
 
 
 @triton.jit
-def _expand_rows(hm0, hm_ptr, b_ptr, bias_ptr, y_ptr, rm, m_ok, N: tl.constexpr, R: tl.constexpr,
-                 ER: tl.constexpr, KP: tl.constexpr, BM: tl.constexpr, BER: tl.constexpr, BN: tl.constexpr,
-                 HAS_BIAS: tl.constexpr, ACC: tl.constexpr, IEEE: tl.constexpr, DOT_F32: tl.constexpr):
-    """y[rm] (+)= hm[rm] B_catᵀ (+ bias) in fp32, with B_cat[n, c] = B[c // R, n, c % R] read straight
-    from B [E, N, R] (any float dtype, rounded to hm's). hm0: these rows' first BER columns of hm, still
-    in registers; further column blocks are read back from hm, which this program wrote."""
-    rc = tl.arange(0, BER)
-    src0 = (rc // R).to(tl.int64) * (N * R) + rc % R
-    for n0 in tl.range(0, N, BN, num_stages=2):  # double-buffered B tiles: a deeper pipeline exceeds shared memory
-        rn = (n0 + tl.arange(0, BN)).to(tl.int64)
-        n_ok = rn < N
-        bt = tl.load(b_ptr + rn[:, None] * R + src0[None, :], mask=n_ok[:, None] & (rc < ER)[None, :], other=0.0)
-        acc = _dot(hm0, tl.trans(bt.to(hm0.dtype)), tl.zeros((BM, BN), dtype=tl.float32), IEEE, DOT_F32)
-        for c0 in range(BER, KP, BER):
-            cols = c0 + rc
-            src = (cols // R).to(tl.int64) * (N * R) + cols % R
-            bt = tl.load(b_ptr + rn[:, None] * R + src[None, :], mask=n_ok[:, None] & (cols < ER)[None, :],
-                         other=0.0)
-            hmt = tl.load(hm_ptr + rm[:, None] * KP + cols[None, :], mask=m_ok[:, None] & (cols < KP)[None, :],
-                          other=0.0)
-            acc = _dot(hmt, tl.trans(bt.to(hmt.dtype)), acc, IEEE, DOT_F32)
-        if HAS_BIAS:
-            acc += tl.load(bias_ptr + rn, mask=n_ok, other=0.0).to(tl.float32)[None, :]
-        out = y_ptr + rm[:, None] * N + rn[None, :]
-        if ACC:
-            acc += tl.load(out, mask=m_ok[:, None] & n_ok[None, :], other=0.0).to(tl.float32)
-        tl.store(out, acc.to(y_ptr.dtype.element_ty), mask=m_ok[:, None] & n_ok[None, :])
-
-
-@triton.jit
-def _route_fwd(x_ptr, xl_ptr, a_ptr, g_ptr, s_ptr, b_ptr, probs_ptr, e_ptr, h_ptr, hm_ptr, bcat_ptr, bias_ptr,
-               y_ptr, M, K: tl.constexpr, N: tl.constexpr, E: tl.constexpr, R: tl.constexpr, KP: tl.constexpr,
-               BM: tl.constexpr, BK: tl.constexpr, EP: tl.constexpr, BER: tl.constexpr, BN: tl.constexpr,
-               TOPK: tl.constexpr, HAS_XL: tl.constexpr, EXPAND: tl.constexpr, HAS_BIAS: tl.constexpr,
-               ACC: tl.constexpr, IEEE: tl.constexpr, DOT_F32: tl.constexpr, COPY_ROWS: tl.constexpr):
+def _route_fwd(x_ptr, xl_ptr, a_ptr, g_ptr, s_ptr, b_ptr, probs_ptr, e_ptr, h_ptr, hm_ptr, bcat_ptr, M,
+               K: tl.constexpr, N: tl.constexpr, E: tl.constexpr, R: tl.constexpr, KP: tl.constexpr,
+               BM: tl.constexpr, BK: tl.constexpr, EP: tl.constexpr, BER: tl.constexpr, TOPK: tl.constexpr,
+               HAS_XL: tl.constexpr, IEEE: tl.constexpr, DOT_F32: tl.constexpr, COPY_ROWS: tl.constexpr):
     """Programs below cdiv(M, BM), one block of BM rows each: logits = x Gᵀ and h = x_lora A_catᵀ
     (fp32 accumulators, A and G read in any float dtype and rounded to x's), p = softmax(logits), the
     top-k experts (descending, as torch.topk), and hm = h · (w·s)[expert of column] in hm's dtype (0
     outside the top-k and in the pad columns up to KP). Writes probs [M, E] fp32, experts [M, k]
-    int32, h [M, E·R] fp32, hm [M, KP]; with EXPAND also y [M, N] = hm B_catᵀ (+ bias) (+ y if ACC),
-    the LoRA product of the layer, from the same rows (_expand_rows). The COPY_ROWS-row programs after
-    the row blocks write B_cat [N, KP] in hm's dtype from B [E, N, R] (_b_cat_rows) for the backward."""
+    int32, h [M, E·R] fp32, hm [M, KP]. The programs after those write B_cat [N, KP] in hm's dtype
+    from B [E, N, R] (_b_cat_rows), so the expansion GEMM needs no copy of its own."""
     ER: tl.constexpr = E * R
     EVEN_K: tl.constexpr = K % BK == 0
     n_rows = tl.cdiv(M, BM)
@@ -213,24 +181,16 @@ def _route_fwd(x_ptr, xl_ptr, a_ptr, g_ptr, s_ptr, b_ptr, probs_ptr, e_ptr, h_pt
             tl.store(e_ptr + rm * TOPK + j, idx, mask=m_ok)
         s = tl.load(s_ptr + re, mask=e_ok, other=0.0).to(tl.float32)
         gate = tl.where(chosen, p / tot[:, None], 0.0) * s[None, :]  # [BM, EP]
-        gate_col, _ = _per_column(gate, rc, re, R, c_ok)
-        tl.store(h_ptr + rm[:, None] * ER + rc[None, :], acch, mask=m_ok[:, None] & c_ok[None, :])
-        hm0 = (acch * gate_col).to(hm_ptr.dtype.element_ty)
-        tl.store(hm_ptr + rm[:, None] * KP + rc[None, :], hm0, mask=m_ok[:, None] & (rc < KP)[None, :])
-        for c0 in range(BER, KP, BER):  # further column blocks of h (E·r > BER): x_lora is read again
+        for c0 in range(0, KP, BER):
             cols = c0 + rc
             c_ok = cols < ER
-            acch = _rows_times_cols(xl_ptr, K, a_ptr, 1, K, rm, m_ok, cols, c_ok, K, BM, BK, BER, EVEN_K, IEEE,
-                                    DOT_F32)
+            if c0 > 0:  # further column blocks of h (E·r > BER): x_lora is read again
+                acch = _rows_times_cols(xl_ptr, K, a_ptr, 1, K, rm, m_ok, cols, c_ok, K, BM, BK, BER, EVEN_K,
+                                        IEEE, DOT_F32)
             gate_col, _ = _per_column(gate, cols, re, R, c_ok)
             tl.store(h_ptr + rm[:, None] * ER + cols[None, :], acch, mask=m_ok[:, None] & c_ok[None, :])
             tl.store(hm_ptr + rm[:, None] * KP + cols[None, :], (acch * gate_col).to(hm_ptr.dtype.element_ty),
                      mask=m_ok[:, None] & (cols < KP)[None, :])
-        if EXPAND:
-            if KP > BER:  # the expansion reads those further column blocks back: make them visible
-                tl.debug_barrier()
-            _expand_rows(hm0, hm_ptr, b_ptr, bias_ptr, y_ptr, rm, m_ok, N, R, ER, KP, BM, BER, BN, HAS_BIAS, ACC,
-                         IEEE, DOT_F32)
 
 
 @triton.jit
@@ -334,19 +294,17 @@ ROUTE_CONFIGS = [dict(BM=bm, BK=bk, num_warps=w, num_stages=st)
                  for bm, bk, w, st in ((64, 64, 4, 4), (128, 64, 8, 4), (64, 128, 4, 3), (32, 64, 4, 4))]
 _ROUTE_TUNED: dict[tuple, dict] = {}  # (kernel, (token bucket, x dtype, shapes, dtypes, flags)) → config
 _B_ROWS, _AG_ROWS = 64, 16  # rows of B_cat / of [A_cat; G] per copy program of the route kernels
-_EXPAND_COLS = 128  # BN: the columns of y per step of route_fwd's expansion
 _FWD, _BWD = Launcher(_route_fwd), Launcher(_route_bwd)
 _LAUNCHERS = (_FWD, _BWD)
 
 
-def _launch(launcher, x, T, extra, key, args, consts, tuning_args=None):
+def _launch(launcher, x, T, extra, key, args, consts):
     """Run a route kernel (launcher.kernel): cdiv(T, BM) row blocks, then `extra` programs (weight
-    copies). Half precision on the GPU: the fastest of ROUTE_CONFIGS, timed on the real operands (or
-    on `tuning_args()`, where a run reads an output it adds to) the first time a (token-count bucket,
-    key) is seen, then plain launches of the compiled kernel (rocket.kernels.direct_launch: host time
-    bounds small steps). Float32 (exact IEEE dots) and the interpreter: one fixed config. `key`: what
-    besides the token bucket and x's dtype decides the config and the constexprs `consts()` (shapes,
-    operand dtypes, flags)."""
+    copies). Half precision on the GPU: the fastest of ROUTE_CONFIGS, timed on the real operands the
+    first time a (token-count bucket, key) is seen, then plain launches of the compiled kernel
+    (rocket.kernels.direct_launch: host time bounds small steps). Float32 (exact IEEE dots) and the
+    interpreter: one fixed config. `key`: what besides the token bucket and x's dtype decides the
+    config, `extra` and the constexprs `consts()` (shapes, operand dtypes, flags)."""
     full_key = (_bucket(T), x.dtype, key)
     kernel = launcher.kernel
 
@@ -358,7 +316,7 @@ def _launch(launcher, x, T, extra, key, args, consts, tuning_args=None):
                         else dict(BM=32, BK=32, num_warps=4, num_stages=2))
         tkey = (id(kernel), full_key)
         if tkey not in _ROUTE_TUNED:
-            _ROUTE_TUNED[tkey] = _tune_route(kernel, T, extra, tuning_args() if tuning_args else args, m)
+            _ROUTE_TUNED[tkey] = _tune_route(kernel, T, extra, args, m)
         return m | _ROUTE_TUNED[tkey]
 
     grid = lambda m: (_cdiv(T, m["BM"]) + extra,)  # noqa: E731
@@ -372,7 +330,7 @@ def _launch(launcher, x, T, extra, key, args, consts, tuning_args=None):
 def _tune_route(kernel, T, extra, args, kw) -> dict:
     times = {}
     for i, cfg in enumerate(ROUTE_CONFIGS):
-        try:  # with args that only write their outputs: safe to run repeatedly
+        try:  # the route kernels only write their outputs: safe to run repeatedly
             times[i] = _quick_bench(lambda: kernel[(_cdiv(T, cfg["BM"]) + extra,)](*args, **kw, **cfg), None)  # noqa: B023
         except Exception:  # a config this GPU cannot build (shared memory, registers) is not a candidate
             continue
@@ -384,14 +342,10 @@ def _column_block(width: int) -> int:
     return max(16, min(128, _pow2(width)))
 
 
-def route_forward(x, x_lora, lora_A, lora_B, G, scaling, top_k, y=None, bias=None, accumulate=False,
-                  with_b_cat=True):
-    """Routing, expert shrink and expert expansion in one kernel: (probs [T, E] fp32, experts [T, k]
-    int32, h [T, E·r] fp32, hm [T, KP] x.dtype, B_cat [d_out, KP] x.dtype or None) with KP = pad(E·r)
-    and zero pad columns; x (and x_lora) contiguous [T, d_in], read once when E·r ≤ 128.
-
-    y (contiguous [T, d_out], x's dtype): also the LoRA product hm B_catᵀ, written to y with `bias`
-    added, or added to y (`accumulate`). B_cat, the backward's operand, only `with_b_cat`."""
+def route_forward(x, x_lora, lora_A, lora_B, G, scaling, top_k):
+    """Routing, expert shrink and the expansion operand in one kernel: (probs [T, E] fp32, experts
+    [T, k] int32, h [T, E·r] fp32, hm [T, KP] x.dtype, B_cat [d_out, KP] x.dtype) with KP = pad(E·r)
+    and zero pad columns; x (and x_lora) contiguous [T, d_in], read once when E·r ≤ 128."""
     T, d_in = x.shape
     E, r, _ = lora_A.shape
     d_out = lora_B.shape[1]
@@ -401,18 +355,14 @@ def route_forward(x, x_lora, lora_A, lora_B, G, scaling, top_k, y=None, bias=Non
     experts = torch.empty(T, top_k, device=dev, dtype=torch.int32)
     h = torch.empty(T, ER, device=dev, dtype=torch.float32)
     hm = torch.empty(T, KP, device=dev, dtype=x.dtype)
-    B_cat = torch.empty(d_out, KP, device=dev, dtype=x.dtype) if with_b_cat else None
+    B_cat = torch.empty(d_out, KP, device=dev, dtype=x.dtype)
     if T:
-        has_xl, expand, has_bias = x_lora is not None, y is not None, bias is not None
-        acc = expand and accumulate
-        args = (x, x_lora if has_xl else x, lora_A, G, scaling, lora_B, probs, experts, h, hm,
-                B_cat if with_b_cat else hm, bias if has_bias else hm, y if expand else hm, T)
-        _launch(_FWD, x, T, _cdiv(d_out, _B_ROWS) if with_b_cat else 0,
-                (d_in, d_out, E, r, top_k, has_xl, expand, has_bias, acc, lora_A.dtype, G.dtype, lora_B.dtype),
-                args, lambda: dict(K=d_in, N=d_out, E=E, R=r, KP=KP, EP=max(16, _pow2(E)), BER=_column_block(KP),
-                                   BN=_EXPAND_COLS, TOPK=top_k, HAS_XL=has_xl, EXPAND=expand, HAS_BIAS=has_bias,
-                                   ACC=acc, COPY_ROWS=_B_ROWS),
-                (lambda: args[:12] + (torch.empty_like(y),) + args[13:]) if acc else None)
+        has_xl = x_lora is not None
+        _launch(_FWD, x, T, _cdiv(d_out, _B_ROWS), (d_in, d_out, E, r, top_k, has_xl, lora_A.dtype, G.dtype,
+                                                     lora_B.dtype),
+                (x, x_lora if has_xl else x, lora_A, G, scaling, lora_B, probs, experts, h, hm, B_cat, T),
+                lambda: dict(K=d_in, N=d_out, E=E, R=r, KP=KP, EP=max(16, _pow2(E)), BER=_column_block(KP),
+                             TOPK=top_k, HAS_XL=has_xl, COPY_ROWS=_B_ROWS))
     return probs, experts, h, hm, B_cat
 
 
@@ -722,20 +672,15 @@ class LoraMoEFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, weight, bias, lora_A, lora_B, scaling, router_weight, top_k, x_lora, routing):
+        early = _takes_cublas(x.shape[0], x.dtype)
         w_t = weight.t()
-        route = (x, x_lora, lora_A, lora_B, router_weight, scaling, top_k)
-        if GEMM_BACKEND in ("triton", "tma"):  # a Triton GEMM takes the LoRA product as extra K of the base's
-            probs, experts, h, hm, B_cat = route_forward(*route)
+        if early:  # cuBLAS: the base product is issued first, the rest is issued while it runs
+            y = torch.mm(x, w_t) if bias is None else torch.addmm(bias, x, w_t)
+        probs, experts, h, hm, B_cat = route_forward(x, x_lora, lora_A, lora_B, router_weight, scaling, top_k)
+        if early:
+            y.addmm_(hm, B_cat.t())
+        else:
             y = dual_mm(x, w_t, hm, B_cat.t(), bias)
-        else:  # cuBLAS base product; the route kernel computes the LoRA product from the rows it routed
-            grads = any(ctx.needs_input_grad)  # B_cat is the backward's operand only
-            if x.shape[0] <= SMALL_M:  # base product first: the GPU starts while the host issues the rest
-                y = torch.mm(x, w_t) if bias is None else torch.addmm(bias, x, w_t)
-                probs, experts, h, hm, B_cat = route_forward(*route, y=y, accumulate=True, with_b_cat=grads)
-            else:  # LoRA product (+ bias) first, read back as C by the base product: no pass over y
-                y = torch.empty(x.shape[0], weight.shape[0], device=x.device, dtype=x.dtype)
-                probs, experts, h, hm, B_cat = route_forward(*route, y=y, bias=bias, with_b_cat=grads)
-                y.addmm_(x, w_t)
         ctx.save_for_backward(x, x_lora, weight, lora_A, lora_B, B_cat, router_weight, scaling, h, hm, probs, experts)
         if not routing:
             return y
