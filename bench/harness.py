@@ -36,6 +36,21 @@ def median_ms(fn, device: torch.device | str, warmup: int = 3, reps: int = 10) -
     return statistics.median(times)
 
 
+def interleaved_median_ms(fns: dict, device: torch.device | str, rounds: int = 5, **cpu_reps) -> dict[str, float]:
+    """Median time in ms of each fn of `fns` (name → fn), for ratios between them. On CUDA, `rounds`
+    rounds each time every fn once in turn (do_bench medians), and each fn's result is the median of
+    its rounds: the GPU's clocks drift over seconds (power, temperature), and interleaving makes the
+    drift hit every fn alike. On the CPU, median_ms of each (`cpu_reps`: its warmup and reps)."""
+    if torch.device(device).type != "cuda":
+        return {name: median_ms(fn, device, **cpu_reps) for name, fn in fns.items()}
+    import triton.testing
+    per_round = {name: [] for name in fns}
+    for _ in range(rounds):
+        for name, fn in fns.items():
+            per_round[name].append(float(triton.testing.do_bench(fn, warmup=10, rep=25, return_mode="median")))
+    return {name: statistics.median(times) for name, times in per_round.items()}
+
+
 def device_name(device) -> str:
     device = torch.device(device)
     if device.type == "cuda":

@@ -1,17 +1,19 @@
 """One LoRA-MoE layer (DESIGN §5 'LoRA-MoE layer'): rocket's fused kernels vs peers in one process,
 forward and forward+backward (grads of x, A, B, router; W frozen), as ratios to the frozen base
-linear alone. GPU: bf16, T ∈ {4096, 16384}, 4096 → {4096, 11008}, E ∈ {4, 8}, k=2, r=16; CPU: small
+linear alone, all timed in interleaved rounds (bench.harness.interleaved_median_ms). GPU: bf16, T ∈ {4096, 16384}, 4096 → {4096, 11008}, E ∈ {4, 8}, k=2, r=16; CPU: small
 shapes in the interpreter (correctness of the same code, timings are not results).
 
 Peers (bench/peers.py): the seed's per-expert loop, dense all-experts einsum, a generic grouped
 Triton MoE (sort by expert, SGMV, index_add), and a single peft-style LoRA (rank r, no routing).
 `rocket_cublas` is rocket with its base product in cuBLAS (LoRA product first, read back as C).
 """
+from functools import partial
+
 import pytest
 import torch
 import torch.nn.functional as F
 
-from bench.harness import median_ms
+from bench.harness import interleaved_median_ms, median_ms
 from bench.peers import lora_moe_dense_einsum, lora_moe_grouped, lora_moe_loop, lora_single
 from tests.helpers import rel_err
 from rocket.kernels import lora_moe as K
@@ -122,13 +124,12 @@ def test_lora_moe_layer(recorder, device, on_gpu):
             assert max(errs[name]) < tol, (name, errs[name])
         del outs, ref
 
-        fwd, fwdbwd = {}, {}
-        for name, (fn, wrt) in methods.items():
-            if name == "loop" and not on_gpu:
-                continue
-            with torch.no_grad():
-                fwd[name] = median_ms(lambda: fn(v["x"], v["A"], v["B"], v["G"]), device, **cfg["reps"])
-            fwdbwd[name] = median_ms(_fwd_bwd(fn, wrt, v), device, **cfg["reps"])
+        timed = {name: fw for name, fw in methods.items() if on_gpu or name != "loop"}
+        with torch.no_grad():  # interleaved rounds: the ratios to base hold while the GPU's clocks drift
+            fwd = interleaved_median_ms({name: partial(fn, v["x"], v["A"], v["B"], v["G"])
+                                         for name, (fn, _) in timed.items()}, device, **cfg["reps"])
+        fwdbwd = interleaved_median_ms({name: _fwd_bwd(fn, wrt, v) for name, (fn, wrt) in timed.items()}, device,
+                                       **cfg["reps"])
         medians = {**{f"fwd/{n}": t for n, t in fwd.items()}, **{f"fwdbwd/{n}": t for n, t in fwdbwd.items()}}
         ratio_fwd = {n: t / fwd["base"] for n, t in fwd.items()}
         ratio_fwdbwd = {n: t / fwdbwd["base"] for n, t in fwdbwd.items()}
