@@ -36,18 +36,19 @@ def median_ms(fn, device: torch.device | str, warmup: int = 3, reps: int = 10) -
     return statistics.median(times)
 
 
-def interleaved_median_ms(fns: dict, device: torch.device | str, rounds: int = 5, **cpu_reps) -> dict[str, float]:
+def interleaved_median_ms(fns: dict, device: torch.device | str, rounds: int = 3, **cpu_reps) -> dict[str, float]:
     """Median time in ms of each fn of `fns` (name → fn), for ratios between them. On CUDA, `rounds`
-    rounds each time every fn once in turn (do_bench medians), and each fn's result is the median of
-    its rounds: the GPU's clocks drift over seconds (power, temperature), and interleaving makes the
-    drift hit every fn alike. On the CPU, median_ms of each (`cpu_reps`: its warmup and reps)."""
+    rounds each time every fn once in turn, and each fn's result is the median of its rounds. A GPU's
+    clocks follow its power draw within milliseconds, so a fn timed right after another one runs at
+    that one's clocks: each timing first runs its fn for 100 ms (its own steady state), then takes
+    the do_bench median over 50 ms. On the CPU, median_ms of each (`cpu_reps`: its warmup and reps)."""
     if torch.device(device).type != "cuda":
         return {name: median_ms(fn, device, **cpu_reps) for name, fn in fns.items()}
     import triton.testing
     per_round = {name: [] for name in fns}
     for _ in range(rounds):
         for name, fn in fns.items():
-            per_round[name].append(float(triton.testing.do_bench(fn, warmup=10, rep=25, return_mode="median")))
+            per_round[name].append(float(triton.testing.do_bench(fn, warmup=100, rep=50, return_mode="median")))
     return {name: statistics.median(times) for name, times in per_round.items()}
 
 

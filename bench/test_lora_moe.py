@@ -1,7 +1,8 @@
 """One LoRA-MoE layer (DESIGN §5 'LoRA-MoE layer'): rocket's fused kernels vs peers in one process,
 forward and forward+backward (grads of x, A, B, router; W frozen), as ratios to the frozen base
-linear alone, all timed in interleaved rounds (bench.harness.interleaved_median_ms). GPU: bf16, T ∈ {4096, 16384}, 4096 → {4096, 11008}, E ∈ {4, 8}, k=2, r=16; CPU: small
-shapes in the interpreter (correctness of the same code, timings are not results).
+linear alone, timed in interleaved rounds, each timing in its own steady state of the GPU's clocks
+(bench.harness.interleaved_median_ms). GPU: bf16, T ∈ {4096, 16384}, 4096 → {4096, 11008}, E ∈ {4, 8},
+k=2, r=16; CPU: small shapes in the interpreter (correctness of the same code, timings are not results).
 
 Peers (bench/peers.py): the seed's per-expert loop, dense all-experts einsum, a generic grouped
 Triton MoE (sort by expert, SGMV, index_add), and a single peft-style LoRA (rank r, no routing).
@@ -125,7 +126,7 @@ def test_lora_moe_layer(recorder, device, on_gpu):
         del outs, ref
 
         timed = {name: fw for name, fw in methods.items() if on_gpu or name != "loop"}
-        with torch.no_grad():  # interleaved rounds: the ratios to base hold while the GPU's clocks drift
+        with torch.no_grad():  # interleaved rounds: the ratios hold while the GPU's clocks drift
             fwd = interleaved_median_ms({name: partial(fn, v["x"], v["A"], v["B"], v["G"])
                                          for name, (fn, _) in timed.items()}, device, **cfg["reps"])
         fwdbwd = interleaved_median_ms({name: _fwd_bwd(fn, wrt, v) for name, (fn, wrt) in timed.items()}, device,

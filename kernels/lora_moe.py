@@ -6,11 +6,11 @@ routing a mask on its [T, E·r] intermediate:
 
   forward   route_fwd: [logits | h] = x [G; A_cat]ᵀ, then in the same kernel p, top-k, w and
             hm = h · (w·s)[expert of column]                 one read of x, fp32 accumulators
-            (its first programs lay out B_cat [d_out, E·r] from lora_B [E, d_out, r])
+            (its last programs lay out B_cat [d_out, E·r] from lora_B [E, d_out, r])
             y = [x | hm] [W | B_cat]ᵀ + b                     the base GEMM with E·r extra K (≈3% FLOPs)*
   backward  route_bwd: ghm = g B_cat, then in the same kernel gh = ghm·(w·s) and ∂logits via
             top-k/renorm/softmax → gcat = [gh | ∂logits]      one read of g
-            (its first programs lay out [A_cat; G] in x's dtype)
+            (its last programs lay out [A_cat; G] in x's dtype)
             ∂B_cat = gᵀ hm                                    K = T, cuBLAS
             [∂A_cat; ∂G] = gcatᵀ x                            K = T, cuBLAS, one read of x
             ∂x = [g | gcat] [W; A_cat; G]                     the base backward GEMM with extra K
@@ -132,20 +132,20 @@ def _route_fwd(x_ptr, xl_ptr, a_ptr, g_ptr, s_ptr, b_ptr, probs_ptr, e_ptr, h_pt
                K: tl.constexpr, N: tl.constexpr, E: tl.constexpr, R: tl.constexpr, KP: tl.constexpr,
                BM: tl.constexpr, BK: tl.constexpr, EP: tl.constexpr, BER: tl.constexpr, TOPK: tl.constexpr,
                HAS_XL: tl.constexpr, IEEE: tl.constexpr, DOT_F32: tl.constexpr, COPY_ROWS: tl.constexpr):
-    """After the weight-copy programs, cdiv(M, BM) programs of BM rows each: logits = x Gᵀ and h = x_lora A_catᵀ
+    """Programs below cdiv(M, BM), one block of BM rows each: logits = x Gᵀ and h = x_lora A_catᵀ
     (fp32 accumulators, A and G read in any float dtype and rounded to x's), p = softmax(logits), the
     top-k experts (descending, as torch.topk), and hm = h · (w·s)[expert of column] in hm's dtype (0
     outside the top-k and in the pad columns up to KP). Writes probs [M, E] fp32, experts [M, k]
-    int32, h [M, E·R] fp32, hm [M, KP]. The copy programs write B_cat [N, KP] in hm's dtype from
-    B [E, N, R] (_b_cat_rows), so the expansion GEMM needs no copy of its own."""
+    int32, h [M, E·R] fp32, hm [M, KP]. The programs after those write B_cat [N, KP] in hm's dtype
+    from B [E, N, R] (_b_cat_rows), so the expansion GEMM needs no copy of its own."""
     ER: tl.constexpr = E * R
     EVEN_K: tl.constexpr = K % BK == 0
-    n_copy = tl.num_programs(0) - tl.cdiv(M, BM)  # copies first: dispatched first, they do not trail the rows
+    n_rows = tl.cdiv(M, BM)
     pid = tl.program_id(0)
-    if pid < n_copy:
-        _b_cat_rows(b_ptr, bcat_ptr, pid, N, R, ER, KP, COPY_ROWS, BER)
+    if pid >= n_rows:
+        _b_cat_rows(b_ptr, bcat_ptr, pid - n_rows, N, R, ER, KP, COPY_ROWS, BER)
     else:
-        rm = ((pid - n_copy) * BM + tl.arange(0, BM)).to(tl.int64)
+        rm = (pid * BM + tl.arange(0, BM)).to(tl.int64)
         m_ok = rm < M
         rk = tl.arange(0, BK)
         re = tl.arange(0, EP)
@@ -217,19 +217,19 @@ def _route_bwd(g_ptr, b_ptr, h_ptr, s_ptr, probs_ptr, e_ptr, dprobs_ptr, gcat_pt
                KG: tl.constexpr, BM: tl.constexpr, BK: tl.constexpr, EP: tl.constexpr, BER: tl.constexpr,
                TOPK: tl.constexpr, HAS_DP: tl.constexpr, IEEE: tl.constexpr, DOT_F32: tl.constexpr,
                COPY_ROWS: tl.constexpr):
-    """After the weight-copy programs, cdiv(M, BM) programs of BM rows each: ghm = ∂y B_cat (fp32 accumulator; B_cat
+    """Programs below cdiv(M, BM), one block of BM rows each: ghm = ∂y B_cat (fp32 accumulator; B_cat
     [N, KP]), then gcat[:, :ER] = ghm·(w·s)[expert of column] (∂ of the shrink) and gcat[:, ER:ER+E]
     = ∂logits through top-k renorm and softmax (plus ∂probs when the balancing loss used probs); the
-    pad columns up to KG are zeroed. h, probs, experts are the forward's. The copy programs write
-    AG = [A_cat; G] in gcat's dtype (_ag_rows), the extra K of the ∂x GEMM."""
+    pad columns up to KG are zeroed. h, probs, experts are the forward's. The programs after those
+    write AG = [A_cat; G] in gcat's dtype (_ag_rows), the extra K of the ∂x GEMM."""
     ER: tl.constexpr = E * R
     EVEN_K: tl.constexpr = N % BK == 0
-    n_copy = tl.num_programs(0) - tl.cdiv(M, BM)  # copies first, as in _route_fwd
+    n_rows = tl.cdiv(M, BM)
     pid = tl.program_id(0)
-    if pid < n_copy:
-        _ag_rows(a_ptr, gw_ptr, ag_ptr, pid, K, ER, E, KG, COPY_ROWS, 128)
+    if pid >= n_rows:
+        _ag_rows(a_ptr, gw_ptr, ag_ptr, pid - n_rows, K, ER, E, KG, COPY_ROWS, 128)
     else:
-        rm = ((pid - n_copy) * BM + tl.arange(0, BM)).to(tl.int64)
+        rm = (pid * BM + tl.arange(0, BM)).to(tl.int64)
         m_ok = rm < M
         re = tl.arange(0, EP)
         e_ok = re < E
@@ -299,8 +299,8 @@ _LAUNCHERS = (_FWD, _BWD)
 
 
 def _launch(launcher, x, T, extra, key, args, consts):
-    """Run a route kernel (launcher.kernel): `extra` programs (weight copies), then cdiv(T, BM) row
-    blocks. Half precision on the GPU: the fastest of ROUTE_CONFIGS, timed on the real operands the
+    """Run a route kernel (launcher.kernel): cdiv(T, BM) row blocks, then `extra` programs (weight
+    copies). Half precision on the GPU: the fastest of ROUTE_CONFIGS, timed on the real operands the
     first time a (token-count bucket, key) is seen, then plain launches of the compiled kernel
     (rocket.kernels.direct_launch: host time bounds small steps). Float32 (exact IEEE dots) and the
     interpreter: one fixed config. `key`: what besides the token bucket and x's dtype decides the
