@@ -43,7 +43,7 @@ from rocket.kernels.direct_launch import Launcher
 
 _INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 PAD_K = 64  # the K block of the GEMM configs
-# Which GEMM carries the base product (see dual_mm): "auto", "triton", "tma", "cublas" or "thin".
+# Which GEMM carries the base product (see dual_mm): "auto", "triton", "tma" or "cublas".
 GEMM_BACKEND = os.environ.get("ROCKET_MOE_GEMM", "auto")
 
 
@@ -584,62 +584,7 @@ def _dual_mm_cublas(a1, b1, a2, b2, bias, out):
     return out.addmm_(a1, b1)
 
 
-# --------------------------------------------------------------------------- the LoRA product alone, then cuBLAS
-@triton.jit
-def _thin_mm(a_ptr, b_ptr, bias_ptr, out_ptr, M, MB, N, sam, sak, sbk, sbn, K2: tl.constexpr,
-             BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, HAS_BIAS: tl.constexpr, IEEE: tl.constexpr,
-             DOT_F32: tl.constexpr):
-    """out [M, N] (row-major) = a [M, K2] @ b [K2, N] (+ bias), fp32 accumulation, for a small K2 (the
-    E·r columns of a LoRA product): one output tile per program, its whole K in registers, so the
-    kernel is bound by the one write of out. Consecutive programs share a's rows (n fastest)."""
-    pid = tl.program_id(0)
-    n_n = tl.cdiv(N, BN)
-    rm = (pid // n_n) * BM + tl.arange(0, BM)
-    rn = (pid % n_n) * BN + tl.arange(0, BN)
-    m_ok = rm < M
-    n_ok = rn < N
-    rm64 = rm.to(tl.int64)
-    rk = tl.arange(0, BK)
-    acc = tl.zeros((BM, BN), dtype=tl.float32)
-    for k0 in range(0, K2, BK):
-        k_ok = (k0 + rk) < K2
-        a = tl.load(a_ptr + rm64[:, None] * sam + (k0 + rk)[None, :] * sak, mask=m_ok[:, None] & k_ok[None, :],
-                    other=0.0)
-        b = tl.load(b_ptr + (k0 + rk)[:, None] * sbk + rn[None, :] * sbn, mask=k_ok[:, None] & n_ok[None, :],
-                    other=0.0)
-        acc = _dot(a, b, acc, IEEE, DOT_F32)
-    if HAS_BIAS:
-        acc += tl.load(bias_ptr + rn, mask=n_ok, other=0.0).to(tl.float32)[None, :]
-    tl.store(out_ptr + rm64[:, None] * N + rn[None, :], acc.to(out_ptr.dtype.element_ty),
-             mask=m_ok[:, None] & n_ok[None, :])
-
-
-_thin_mm_tuned = triton.autotune(
-    configs=[triton.Config({"BM": bm, "BN": bn, "BK": PAD_K}, num_warps=w, num_stages=st)
-             for bm, bn, w, st in ((128, 256, 8, 2), (128, 128, 4, 2), (64, 256, 4, 2), (256, 128, 8, 2),
-                                   (128, 128, 8, 3))],
-    key=["MB", "N", "K2", "sak", "sbk", "sbn"], do_bench=_quick_bench)(_thin_mm)
-
-
-def _dual_mm_thin(a1, b1, a2, b2, bias, out):
-    # the LoRA product (with the bias) by _thin_mm, then the cuBLAS base product reads it back as C
-    M, K2 = a2.shape
-    N = out.shape[1]
-    ieee, dot_f32 = _flags(a2.dtype)
-    args = (a2, b2, bias if bias is not None else out, out, M, _bucket(M), N, a2.stride(0), a2.stride(1),
-            b2.stride(0), b2.stride(1), K2)
-    if _INTERPRET or a2.dtype == torch.float32:
-        bm, bn, bk = (16, 32, 16) if _INTERPRET else (64, 64, 32)
-        _thin_mm[(_cdiv(M, bm) * _cdiv(N, bn),)](*args, BM=bm, BN=bn, BK=bk, HAS_BIAS=bias is not None, IEEE=ieee,
-                                                 DOT_F32=dot_f32, num_warps=4, num_stages=2)
-    else:
-        grid = lambda m: (_cdiv(M, m["BM"]) * _cdiv(N, m["BN"]),)  # noqa: E731
-        _thin_mm_tuned[grid](*args, HAS_BIAS=bias is not None, IEEE=ieee, DOT_F32=dot_f32)
-    return out.addmm_(a1, b1)
-
-
-_IMPLS = {"triton": _dual_mm_pointers, "tma": _dual_mm_tensor_memory, "cublas": _dual_mm_cublas,
-          "thin": _dual_mm_thin}
+_IMPLS = {"triton": _dual_mm_pointers, "tma": _dual_mm_tensor_memory, "cublas": _dual_mm_cublas}
 _CHOSEN: dict[tuple, str] = {}
 
 
@@ -655,7 +600,7 @@ def _choose(a1, b1, a2, b2, bias, out) -> str:
         return "cublas"
     key = (_bucket(a1.shape[0]), a1.shape[1], tuple(b1.shape), tuple(b1.stride()), a2.shape[1], a1.dtype, bias is None)
     if key not in _CHOSEN:
-        names = ["cublas", "thin", "triton"] + (["tma"] if _tma_usable(a1, b1, a2, b2, out) else [])
+        names = ["cublas", "triton"] + (["tma"] if _tma_usable(a1, b1, a2, b2, out) else [])
         ref = _dual_mm_cublas(a1, b1, a2, b2, bias, torch.empty_like(out)).float()
         times = {}
         for name in names:
@@ -687,8 +632,7 @@ def dual_mm(a1, b1, a2, b2, bias=None, out_dtype=None):
 
     GEMM_BACKEND: "auto" (default: cuBLAS up to SMALL_M rows, above the fastest of the below per
     shape, timed once), "triton" (pointer loads, one-loop variant), "tma" (tensor-memory-accelerator
-    tiles), "cublas" (two cuBLAS calls), "thin" (the LoRA product by _thin_mm, then the cuBLAS base
-    product reading it back as C)."""
+    tiles), "cublas" (two cuBLAS calls)."""
     M, K1 = a1.shape
     N = b1.shape[1]
     out = torch.empty(M, N, device=a1.device, dtype=out_dtype or a1.dtype)

@@ -197,10 +197,9 @@ def test_router_only_training_skips_expert_grads_and_trainable_base_uses_referen
     assert rel_err(Wt.grad, torch.ones(31, 14, dtype=torch.float64).t() @ x.double().cpu()) < 1e-5
 
 
-@pytest.mark.parametrize("backend", ["triton", "tma", "thin"])
+@pytest.mark.parametrize("backend", ["triton", "tma"])
 def test_fused_gemm_variants_bf16(monkeypatch, backend):
-    """The Triton GEMMs (pointer loads; TMA descriptors; the thin LoRA product before the base
-    product) in forward and backward layouts."""
+    """Both Triton GEMMs (pointer loads; TMA descriptors) in forward and backward layouts."""
     monkeypatch.setattr(K, "GEMM_BACKEND", backend)
     gen = torch.Generator().manual_seed(17)
     T, d_in, d_out, E, r, k = 70, 64, 40, 4, 16, 2
@@ -211,26 +210,6 @@ def test_fused_gemm_variants_bf16(monkeypatch, backend):
     ref = _grads(_reference, *_double(x, W, b, A, B, s, G), k, gy, gp)
     for name, g, r_ in zip(["y", "probs", "dx", "dA", "dB", "dG"], got, ref):
         assert rel_err(g, r_) < TOL[torch.bfloat16], name
-
-
-@pytest.mark.parametrize("dtype, M, K1, K2, N, b2_kn, bias, a2_slice", [
-    (torch.float32, 37, 40, 19, 45, False, True, False),    # b2 a transposed [N, K2] view (B_cat.t())
-    (torch.bfloat16, 70, 64, 128, 96, True, False, False),  # b2 contiguous [K2, N] ([A_cat; G])
-    (torch.float32, 29, 24, 7, 33, True, False, True),      # a2 a column slice of a wider buffer (gcat)
-])
-def test_thin_lora_product_then_base(dtype, M, K1, K2, N, b2_kn, bias, a2_slice):
-    """dual_mm's "thin" implementation: a2 @ b2 (+ bias) by _thin_mm into NaN-poisoned memory, then
-    the base product added by cuBLAS, against float64."""
-    gen = torch.Generator().manual_seed(M + K2)
-    t = lambda *shape: torch.randn(*shape, generator=gen).to(dtype).to(DEVICE)  # noqa: E731
-    a1, b1 = t(M, K1), t(K1, N)
-    a2 = t(M, K2 + 5)[:, 3:3 + K2] if a2_slice else t(M, K2)
-    b2 = t(K2, N) if b2_kn else t(N, K2).t()
-    b = t(N) if bias else None
-    out = torch.full((M, N), float("nan"), dtype=dtype, device=DEVICE)
-    got = K._dual_mm_thin(a1, b1, a2, b2, b, out)
-    want = a1.double() @ b1.double() + a2.double() @ b2.double() + (b.double() if bias else 0)
-    assert got is out and rel_err(got, want) < TOL[dtype]
 
 
 def _gpu_case(monkeypatch, backend, T, d_in, d_out, E, r, k):
@@ -246,7 +225,7 @@ def _gpu_case(monkeypatch, backend, T, d_in, d_out, E, r, k):
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("backend", ["auto", "triton", "tma", "cublas", "thin"])
+@pytest.mark.parametrize("backend", ["auto", "triton", "tma", "cublas"])
 def test_gpu_bf16_every_gemm_backend(monkeypatch, backend):
     _gpu_case(monkeypatch, backend, 4096, 1024, 2752, 8, 16, 2)
 
