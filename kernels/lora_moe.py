@@ -32,6 +32,7 @@ reference (kernels/reference.py: lora_moe, route_topk) is the CPU path and the o
 from __future__ import annotations
 
 import os
+import statistics
 
 import torch
 import triton
@@ -327,14 +328,29 @@ def _launch(launcher, x, T, extra, key, args, consts):
         launcher.launch(full_key, grid, args, meta, x.get_device())
 
 
+TUNING_ROUNDS = 4  # even: rounds alternate the order of the configs
+
+
 def _tune_route(kernel, T, extra, args, kw) -> dict:
-    times = {}
+    """The fastest of ROUTE_CONFIGS by the median of TUNING_ROUNDS rounds that each time every config
+    once, in order and in reverse order by turns. The GPU's clocks drift over a tuning (power,
+    temperature); timed one config after another, a steady drift would favour the first or the last
+    config, while the median of alternating rounds cancels it."""
+    runs = {}
     for i, cfg in enumerate(ROUTE_CONFIGS):
+        run = lambda cfg=cfg: kernel[(_cdiv(T, cfg["BM"]) + extra,)](*args, **kw, **cfg)  # noqa: E731
         try:  # the route kernels only write their outputs: safe to run repeatedly
-            times[i] = _quick_bench(lambda: kernel[(_cdiv(T, cfg["BM"]) + extra,)](*args, **kw, **cfg), None)  # noqa: B023
+            run()  # compiles
         except Exception:  # a config this GPU cannot build (shared memory, registers) is not a candidate
             continue
-    return ROUTE_CONFIGS[min(times, key=times.get) if times else 0]
+        runs[i] = run
+    times = {i: [] for i in runs}
+    order = list(runs)
+    for _ in range(TUNING_ROUNDS):
+        for i in order:
+            times[i].append(_quick_bench(runs[i], None))
+        order.reverse()
+    return ROUTE_CONFIGS[min(times, key=lambda i: statistics.median(times[i])) if times else 0]
 
 
 def _column_block(width: int) -> int:
