@@ -331,6 +331,12 @@ def _launch(launcher, x, T, extra, key, args, consts):
 TUNING_ROUNDS = 4  # even: rounds alternate the order of the configs
 
 
+def _tuning_time(fn) -> float:
+    """One timing of a route-tuning round (ms): 15 ms of runs, so that the rounds of all the configs
+    together take about what one pass of _quick_bench over them did."""
+    return triton.testing.do_bench(fn, warmup=5, rep=10)
+
+
 def _tune_route(kernel, T, extra, args, kw) -> dict:
     """The fastest of ROUTE_CONFIGS by the median of TUNING_ROUNDS rounds that each time every config
     once, in order and in reverse order by turns. The GPU's clocks drift over a tuning (power,
@@ -348,7 +354,7 @@ def _tune_route(kernel, T, extra, args, kw) -> dict:
     order = list(runs)
     for _ in range(TUNING_ROUNDS):
         for i in order:
-            times[i].append(_quick_bench(runs[i], None))
+            times[i].append(_tuning_time(runs[i]))
         order.reverse()
     return ROUTE_CONFIGS[min(times, key=lambda i: statistics.median(times[i])) if times else 0]
 

@@ -313,12 +313,12 @@ def test_route_tuning_cancels_a_steady_drift_of_the_clocks(monkeypatch):
     monkeypatch.setattr(K, "ROUTE_CONFIGS", configs)
     timings = []
 
-    def drifting_timer(fn, quantiles):
+    def drifting_timer(fn):
         fn()
         i = [c["BM"] for c in configs].index(calls[-1])
         timings.append(i)
         return true_ms[i] - 0.3 * len(timings)
-    monkeypatch.setattr(K, "_quick_bench", drifting_timer)
+    monkeypatch.setattr(K, "_tuning_time", drifting_timer)
     assert K._tune_route(Kernel(), 1000, 0, (), {}) == configs[0]
     assert timings[:3] == [0, 1, 2] and timings[3:6] == [2, 1, 0] and len(timings) == 3 * K.TUNING_ROUNDS
     one_pass = {i: true_ms[i] - 0.3 * (n + 1) for n, i in enumerate(timings[:3])}
