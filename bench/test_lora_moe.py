@@ -6,7 +6,9 @@ k=2, r=16; CPU: small shapes in the interpreter (correctness of the same code, t
 
 Peers (bench/peers.py): the seed's per-expert loop, dense all-experts einsum, a generic grouped
 Triton MoE (sort by expert, SGMV, index_add), and a single peft-style LoRA (rank r, no routing).
-`rocket_cublas` is rocket with its base product in cuBLAS (LoRA product first, read back as C).
+`rocket_cublas` is rocket with every product in cuBLAS, the base product first and the LoRA product
+added over y (what `auto` does up to SMALL_M tokens; above, `auto` puts the LoRA product first and
+the base product reads it back as C).
 """
 from functools import partial
 

@@ -325,6 +325,28 @@ def test_route_tuning_cancels_a_steady_drift_of_the_clocks(monkeypatch):
     assert min(one_pass, key=one_pass.get) != 0  # what a single pass would have picked
 
 
+def test_route_tuning_drops_a_config_whose_timing_fails(monkeypatch):
+    """A config that builds and runs but then cannot be timed (the timer raises in a later round) is
+    dropped, however fast its earlier timings were; the rest are still compared."""
+    monkeypatch.setattr(K, "ROUTE_CONFIGS", [dict(BM=bm, BK=64, num_warps=4, num_stages=3) for bm in (64, 128, 16)])
+    launched, timed = [], []
+
+    def timer(fn):
+        fn()
+        bm = launched[-1]
+        if bm == 16 and bm in timed:
+            raise torch.cuda.OutOfMemoryError("no memory for the cache flush")
+        timed.append(bm)
+        return {64: 2.0, 128: 1.5, 16: 0.1}[bm]
+
+    class Kernel:
+        def __getitem__(self, grid):
+            return lambda *args, **meta: launched.append(meta["BM"])
+    monkeypatch.setattr(K, "_tuning_time", timer)
+    assert K._tune_route(Kernel(), 1000, 0, (), {})["BM"] == 128
+    assert timed.count(16) == 1 and timed.count(64) == timed.count(128) == K.TUNING_ROUNDS
+
+
 def test_token_count_buckets_are_powers_of_two():
     assert [K._bucket(m) for m in (0, 1, 2, 3, 1536, 2048, 2049, 3584, 16384)] == [1, 1, 2, 4, 2048, 2048, 4096, 4096,
                                                                                   16384]
