@@ -751,6 +751,34 @@ def _as(t, dtype):
     return (t if t.dtype == dtype else t.to(dtype)).contiguous()
 
 
+def _check_operands(x, weight, bias, lora_A, lora_B, scaling, router_weight, top_k, x_lora):
+    """A one-line ValueError naming the first operand whose shape disagrees with x, weight and lora_A:
+    the kernels index every operand by those shapes, so a mismatch would read out of bounds."""
+    if lora_A.dim() != 3:
+        raise ValueError(f"lora_moe: lora_A must be [E, r, d_in], got {list(lora_A.shape)}")
+    E, r, d_in = lora_A.shape
+    d_out = weight.shape[0]
+    n_scaling = scaling.numel() if isinstance(scaling, torch.Tensor) else len(scaling) if isinstance(
+        scaling, (list, tuple)) else 1
+    if (x.shape[-1] == d_in and weight.shape == (d_out, d_in) and lora_B.shape == (E, d_out, r)
+            and router_weight.shape == (E, d_in) and (bias is None or bias.shape == (d_out,))
+            and (x_lora is None or x_lora.shape == x.shape) and n_scaling in (1, E) and 1 <= top_k <= E):
+        return
+    for name, got, want in (("x", tuple(x.shape[-1:]), (d_in,)), ("weight", tuple(weight.shape), (d_out, d_in)),
+                            ("lora_B", tuple(lora_B.shape), (E, d_out, r)),
+                            ("router_weight", tuple(router_weight.shape), (E, d_in)),
+                            ("bias", None if bias is None else tuple(bias.shape), None if bias is None else (d_out,)),
+                            ("x_lora", None if x_lora is None else tuple(x_lora.shape),
+                             None if x_lora is None else tuple(x.shape))):
+        if got != want:
+            where = " in its last dimension" if name == "x" else ""
+            raise ValueError(f"lora_moe: {name} is {list(got)} but lora_A {list(lora_A.shape)} and weight "
+                             f"{list(weight.shape)} need {list(want)}{where}")
+    if n_scaling not in (1, E):
+        raise ValueError(f"lora_moe: scaling has {n_scaling} entries for {E} experts (give one, or one per expert)")
+    raise ValueError(f"lora_moe: top_k={top_k} must be in [1, {E}] (the number of experts)")
+
+
 def lora_moe(x, weight, bias, lora_A, lora_B, scaling, router_weight, top_k, x_lora=None,
              return_routing: bool = False):
     """Same contract as reference.lora_moe. With return_routing, returns (y, probs [T, E] float32,
@@ -758,8 +786,10 @@ def lora_moe(x, weight, bias, lora_A, lora_B, scaling, router_weight, top_k, x_l
 
     Triton path (CUDA, or the interpreter): W and b must be frozen (the MoE layer never trains them;
     otherwise the reference runs); lora_A, lora_B, router_weight may be float32 masters of a
-    half-precision x (rounded to x's dtype in the kernels, gradients in their own dtype).
+    half-precision x (rounded to x's dtype in the kernels, gradients in their own dtype). scaling:
+    one per expert, or one for all. Operands of mismatched shapes raise a one-line ValueError.
     """
+    _check_operands(x, weight, bias, lora_A, lora_B, scaling, router_weight, top_k, x_lora)
     frozen = not (weight.requires_grad or (bias is not None and bias.requires_grad))
     if not (frozen and use_triton(x, weight, lora_A, lora_B, router_weight)):
         y = R.lora_moe(x, weight, bias, lora_A, lora_B, scaling, router_weight, top_k, x_lora)
@@ -773,6 +803,8 @@ def lora_moe(x, weight, bias, lora_A, lora_B, scaling, router_weight, top_k, x_l
     xl2 = None if x_lora is None else _as(x_lora.reshape(-1, x.shape[-1]), dt)
     if not (isinstance(scaling, torch.Tensor) and scaling.dtype == torch.float32 and scaling.device == x.device):
         scaling = torch.as_tensor(scaling, device=x.device).to(torch.float32)
+    if scaling.numel() != lora_A.shape[0]:  # one for all experts: the kernels read one per expert
+        scaling = scaling.reshape(1).expand(lora_A.shape[0])
     out = LoraMoEFunction.apply(
         x2, weight if weight.dtype == dt else weight.to(dt), None if bias is None else _as(bias, dt),
         lora_A.contiguous(), lora_B.contiguous(), scaling.contiguous(), router_weight.contiguous(), int(top_k), xl2,

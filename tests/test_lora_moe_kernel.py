@@ -347,6 +347,33 @@ def test_route_tuning_drops_a_config_whose_timing_fails(monkeypatch):
     assert timed.count(16) == 1 and timed.count(64) == timed.count(128) == K.TUNING_ROUNDS
 
 
+@pytest.mark.parametrize("bad, field", [
+    (dict(x=(9, 17)), "x is [17]"), (dict(W=(12, 17)), "weight is [12, 17]"), (dict(B=(3, 12, 5)), "lora_B"),
+    (dict(G=(2, 16)), "router_weight"), (dict(b=(13,)), "bias"), (dict(xl=(9, 15)), "x_lora"),
+    (dict(A=(3, 16)), "lora_A must be"), (dict(s=(2,)), "scaling has 2 entries"), (dict(k=4), "top_k=4"),
+    (dict(k=0), "top_k=0"),
+])
+def test_mismatched_operands_raise_one_line_errors(bad, field):
+    """Each operand of the wrong shape (or top_k outside [1, E]) is named in one line, before any kernel
+    could read out of bounds."""
+    gen = torch.Generator().manual_seed(3)
+    shapes = dict(x=(9, 16), W=(12, 16), b=(12,), A=(3, 4, 16), B=(3, 12, 4), G=(3, 16), s=(3,), xl=(9, 16)) | {
+        n: v for n, v in bad.items() if n != "k"}
+    t = {n: torch.randn(*shape, generator=gen).to(DEVICE) for n, shape in shapes.items()}
+    with pytest.raises(ValueError, match="^lora_moe: " + field.replace("[", r"\[")) as e:
+        K.lora_moe(t["x"], t["W"], t["b"], t["A"], t["B"], t["s"], t["G"], bad.get("k", 2), t["xl"])
+    assert "\n" not in str(e.value)
+
+
+def test_one_scaling_for_all_experts():
+    """A float (or one-element) scaling applies to every expert, as in the reference."""
+    gen = torch.Generator().manual_seed(4)
+    x, W, b, A, B, _, G = _inputs(23, 20, 18, 4, 3, torch.float32, gen)
+    want = R.lora_moe(*_double(x, W, b, A, B), torch.full((4,), 1.7, dtype=torch.float64), G.double(), 2)
+    for scaling in (1.7, torch.tensor([1.7])):
+        assert rel_err(K.lora_moe(x, W, b, A, B, scaling, G, 2), want) < TOL[torch.float32]
+
+
 def test_token_count_buckets_are_powers_of_two():
     assert [K._bucket(m) for m in (0, 1, 2, 3, 1536, 2048, 2049, 3584, 16384)] == [1, 1, 2, 4, 2048, 2048, 4096, 4096,
                                                                                   16384]
