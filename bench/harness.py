@@ -52,6 +52,22 @@ def interleaved_median_ms(fns: dict, device: torch.device | str, rounds: int = 3
     return {name: statistics.median(times) for name, times in per_round.items()}
 
 
+def cuda_graph(fn):
+    """fn() captured in a CUDA graph, returned as the graph's replay (GPU only). fn runs twice first on
+    a side stream, as torch.cuda.graphs asks (kernels compile and tune there). Timing the replay
+    leaves out the host's cost of issuing fn's launches: what the GPU itself takes."""
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        for _ in range(2):
+            fn()
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        fn()
+    return graph.replay
+
+
 def device_name(device) -> str:
     device = torch.device(device)
     if device.type == "cuda":

@@ -315,10 +315,7 @@ def _launch(launcher, x, T, extra, key, args, consts):
         if _INTERPRET or x.dtype == torch.float32:
             return m | (dict(BM=16, BK=32, num_warps=4, num_stages=1) if _INTERPRET
                         else dict(BM=32, BK=32, num_warps=4, num_stages=2))
-        tkey = (id(kernel), full_key)
-        if tkey not in _ROUTE_TUNED:
-            _ROUTE_TUNED[tkey] = _tune_route(kernel, T, extra, args, m)
-        return m | _ROUTE_TUNED[tkey]
+        return m | _route_config(kernel, full_key, T, extra, args, m)
 
     grid = lambda m: (_cdiv(T, m["BM"]) + extra,)  # noqa: E731
     if _INTERPRET:
@@ -326,6 +323,22 @@ def _launch(launcher, x, T, extra, key, args, consts):
         kernel[grid(m)](*args, **m)
     else:
         launcher.launch(full_key, grid, args, meta, x.get_device())
+
+
+def _capturing() -> bool:
+    """Whether the current CUDA stream is capturing a graph: then nothing may be timed (a timer
+    synchronises the device, which a capture forbids)."""
+    return torch.cuda.is_available() and torch.cuda.is_current_stream_capturing()
+
+
+def _route_config(kernel, full_key, T, extra, args, m) -> dict:
+    """The route kernel's tuned config for full_key, tuned now if it is new. A key first seen inside
+    a CUDA-graph capture cannot be timed: it keeps ROUTE_CONFIGS[0] (the launcher then holds that
+    compiled kernel), so a layer warmed up before its capture, as torch.cuda.graphs asks, runs tuned."""
+    tkey = (id(kernel), full_key)
+    if tkey not in _ROUTE_TUNED:
+        _ROUTE_TUNED[tkey] = ROUTE_CONFIGS[0] if _capturing() else _tune_route(kernel, T, extra, args, m)
+    return _ROUTE_TUNED[tkey]
 
 
 TUNING_ROUNDS = 4  # even: rounds alternate the order of the configs
@@ -626,6 +639,8 @@ def _choose(a1, b1, a2, b2, bias, out) -> str:
         return "cublas"
     key = (_bucket(a1.shape[0]), a1.shape[1], tuple(b1.shape), tuple(b1.stride()), a2.shape[1], a1.dtype, bias is None)
     if key not in _CHOSEN:
+        if _capturing():  # inside a CUDA-graph capture nothing can be timed: cuBLAS, chosen again after it
+            return "cublas"
         names = ["cublas", "triton"] + (["tma"] if _tma_usable(a1, b1, a2, b2, out) else [])
         ref = _dual_mm_cublas(a1, b1, a2, b2, bias, torch.empty_like(out)).float()
         times = {}

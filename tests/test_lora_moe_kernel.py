@@ -256,6 +256,46 @@ def test_gpu_direct_launches_match_jit_launches(monkeypatch):
 
 
 @pytest.mark.gpu
+@pytest.mark.parametrize("T, d_in, warm_up", [(777, 1024, True), (5000, 1024, True), (300, 640, False)])
+def test_gpu_cuda_graph_replays_forward_and_backward(T, d_in, warm_up):
+    """Forward and backward captured in one CUDA graph replay on new inputs (copied into the captured
+    ones) to what eager calls give: T=777 on the cuBLAS-first path, T=5000 above SMALL_M, and a shape
+    never run before the capture (untuned: the default route config, cuBLAS)."""
+    E, r, k, d_out = 4, 16, 2, 768
+
+    def fresh(seed):
+        gen = torch.Generator().manual_seed(seed)
+        x, W, b, A, B, s, G = _inputs(T, d_in, d_out, E, r, torch.bfloat16, gen)
+        return [x, A.float(), B.float(), G.float()], torch.randn(T, d_out, generator=gen).to(DEVICE).bfloat16(), (
+            W, b, s)
+
+    def step(leaves, gy, W, b, s):  # float32 masters, as in training
+        y, probs, _ = K.lora_moe(leaves[0], W, b, leaves[1], leaves[2], s, leaves[3], k, return_routing=True)
+        return [y, probs, *torch.autograd.grad(y, leaves, gy)]
+    inputs, gy, frozen = fresh(1)
+    leaves = [t.detach().clone().requires_grad_() for t in inputs]
+    if warm_up:  # on a side stream, as torch.cuda.graphs asks: compiles and tunes
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):
+            step(leaves, gy, *frozen)
+        torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        captured = step(leaves, gy, *frozen)
+    for seed in (2, 3):
+        new, new_gy, _ = fresh(seed)
+        with torch.no_grad():
+            for leaf, t in zip(leaves, new):
+                leaf.copy_(t)
+            gy.copy_(new_gy)
+        graph.replay()
+        eager = step([t.detach().clone().requires_grad_() for t in new], new_gy, *frozen)
+        for name, g, e in zip(["y", "probs", "dx", "dA", "dB", "dG"], captured, eager):
+            assert rel_err(g, e) < 1e-3, (name, seed)
+
+
+@pytest.mark.gpu
 @pytest.mark.parametrize("T, d_in, d_out, E, r, k", [(1000, 4096, 1000, 4, 16, 2), (3, 512, 384, 64, 8, 7),
                                                      (777, 1000, 1100, 5, 12, 3)])
 def test_gpu_bf16_odd_shapes(monkeypatch, T, d_in, d_out, E, r, k):
@@ -345,6 +385,24 @@ def test_route_tuning_drops_a_config_whose_timing_fails(monkeypatch):
     monkeypatch.setattr(K, "_tuning_time", timer)
     assert K._tune_route(Kernel(), 1000, 0, (), {})["BM"] == 128
     assert timed.count(16) == 1 and timed.count(64) == timed.count(128) == K.TUNING_ROUNDS
+
+
+def test_nothing_is_timed_inside_a_cuda_graph_capture(monkeypatch):
+    """A route key first seen while a CUDA graph is being captured keeps ROUTE_CONFIGS[0] untimed (a
+    timer would synchronise the capturing stream), and "auto" takes cuBLAS there without recording a
+    choice; outside a capture both time as before."""
+    tuned = []
+    monkeypatch.setattr(K, "_tune_route", lambda kernel, T, extra, args, kw: tuned.append(T) or K.ROUTE_CONFIGS[2])
+    monkeypatch.setattr(K, "_ROUTE_TUNED", {})
+    monkeypatch.setattr(K, "_CHOSEN", {})
+    monkeypatch.setattr(K, "_capturing", lambda: True)
+    assert K._route_config(K._FWD.kernel, (4096, "key"), 3000, 0, (), {}) == K.ROUTE_CONFIGS[0] and tuned == []
+    big = torch.randn(K.SMALL_M + 1, 8)
+    assert K._choose(big, torch.randn(8, 5), torch.randn(K.SMALL_M + 1, 3), torch.randn(3, 5), None,
+                     torch.empty(K.SMALL_M + 1, 5)) == "cublas" and K._CHOSEN == {}
+    monkeypatch.setattr(K, "_capturing", lambda: False)
+    assert K._route_config(K._FWD.kernel, (8192, "key"), 5000, 0, (), {}) == K.ROUTE_CONFIGS[2] and tuned == [5000]
+    assert K._route_config(K._FWD.kernel, (8192, "key"), 6000, 0, (), {}) == K.ROUTE_CONFIGS[2] and tuned == [5000]
 
 
 @pytest.mark.parametrize("bad, field", [
