@@ -36,7 +36,9 @@ class LoraMoELinear(nn.Module):
     drawn from a generator seeded with `seed`; dropout: on the expert input only (peft's
     lora_dropout). `load_balancing=True` sets `self.aux_loss` (Switch loss, reference
     `load_balancing_loss`, differentiable to router and input) on every forward; otherwise it stays
-    None. `train_router_only=True` freezes the experts (see `set_train_router_only`).
+    None. `train_router_only=True` freezes the experts (see `set_train_router_only`). On CUDA the
+    layer can be captured in a CUDA graph: `torch.cuda.make_graphed_callables` warms it up itself;
+    before a raw `torch.cuda.graph` capture, call it once at that token count.
     """
 
     def __init__(self, base: nn.Linear, lora_A: torch.Tensor, lora_B: torch.Tensor, scaling, top_k: int = 2,
