@@ -32,7 +32,8 @@ reference (kernels/reference.py: lora_moe, route_topk) is the CPU path and the o
 Forward and backward can be captured in a CUDA graph (torch.cuda.graph, make_graphed_callables),
 which removes the host's launch cost at small T. Nothing is timed inside a capture, so run the
 layer once per token-count bucket before capturing, as torch.cuda.graphs asks: the capture then
-replays the tuned kernels.
+replays the tuned kernels. Under torch.compile the layer runs as it is and the model around it is
+compiled (one graph break per layer call).
 """
 from __future__ import annotations
 
@@ -799,6 +800,8 @@ def _check_operands(x, weight, bias, lora_A, lora_B, scaling, router_weight, top
     raise ValueError(f"lora_moe: top_k={top_k} must be in [1, {E}] (the number of experts)")
 
 
+@torch.compiler.disable  # torch.compile runs the layer as it is and compiles the model around it:
+# dynamo cannot trace the direct kernel launches (each would break the graph again)
 def lora_moe(x, weight, bias, lora_A, lora_B, scaling, router_weight, top_k, x_lora=None,
              return_routing: bool = False):
     """Same contract as reference.lora_moe. With return_routing, returns (y, probs [T, E] float32,

@@ -38,7 +38,8 @@ class LoraMoELinear(nn.Module):
     `load_balancing_loss`, differentiable to router and input) on every forward; otherwise it stays
     None. `train_router_only=True` freezes the experts (see `set_train_router_only`). On CUDA the
     layer can be captured in a CUDA graph: `torch.cuda.make_graphed_callables` warms it up itself;
-    before a raw `torch.cuda.graph` capture, call it once at that token count.
+    before a raw `torch.cuda.graph` capture, call it once at that token count. Under `torch.compile`
+    the layer runs as it is and the model around it is compiled.
     """
 
     def __init__(self, base: nn.Linear, lora_A: torch.Tensor, lora_B: torch.Tensor, scaling, top_k: int = 2,

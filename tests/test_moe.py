@@ -91,6 +91,31 @@ def test_gpu_layer_under_make_graphed_callables_trains_like_the_eager_layer():
             assert rel_err(g, e) < 1e-3, name
 
 
+@pytest.mark.gpu
+def test_gpu_layer_inside_torch_compile_matches_the_eager_layer():
+    """A model around the layer compiled with torch.compile (the layer's kernels run as they are,
+    the rest is compiled) gives the eager output and gradients; the graph breaks only where the
+    layer is called, never inside its kernel launches."""
+    import torch._dynamo
+    torch._dynamo.reset()
+    torch._dynamo.utils.counters.clear()
+    gen = torch.Generator().manual_seed(9)
+    eager = nn.Sequential(_layer(512, 384, 4, 8, 2, gen), nn.GELU(), nn.Linear(384, 256)).to(DEVICE, torch.bfloat16)
+    inner = copy.deepcopy(eager)
+    compiled = torch.compile(inner)
+    x = torch.randn(2, 150, 512, generator=gen).to(DEVICE, torch.bfloat16)
+    outs = []
+    for model, layer in ((compiled, inner[0]), (eager, eager[0])):
+        xi = x.clone().requires_grad_()
+        y = model(xi)
+        y.float().square().mean().backward()
+        outs.append([y.detach(), xi.grad] + [p.grad for p in (layer.lora_A, layer.lora_B, layer.router.weight)])
+    for name, g, e in zip(["y", "dx", "dA", "dB", "dG"], *outs):
+        assert rel_err(g, e) < 2e-2, name
+    breaks = torch._dynamo.utils.counters["graph_break"]
+    assert breaks and all("torch.compiler.disable" in reason for reason in breaks), list(breaks)
+
+
 def test_every_trainable_tensor_changes_after_an_optimizer_step():
     gen = torch.Generator().manual_seed(1)
     layer = _layer(24, 18, 4, 5, 2, gen)
