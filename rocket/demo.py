@@ -170,7 +170,7 @@ def fit(model, tokenized, steps: int, lr: float, batch: int, seed: int, desc: st
         torch.nn.utils.clip_grad_norm_(params, 1.0)
         opt.step()
         sched.step()
-        loss = float(out.loss)
+        loss = out.loss.item()
         bar.set_postfix(loss=f"{loss:.3f}")
     model.eval()
     return loss

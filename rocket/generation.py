@@ -6,6 +6,7 @@ prompts cost a few batched forwards per generated token instead of N·K `generat
 """
 from __future__ import annotations
 
+import inspect
 import re
 
 import torch
@@ -50,6 +51,14 @@ def get_extractor(name: str):
     return EXTRACTORS[name]
 
 
+def _kv_cache_io(decoder):
+    """(name of the decoder's KV-cache argument, the cache of an output): transformers renamed
+    `past_key_values` to `cache` (the old name is deprecated, to be removed in 5.40)."""
+    if "cache" in inspect.signature(decoder.forward).parameters:
+        return "cache", lambda state: state.cache
+    return "past_key_values", lambda state: state.past_key_values
+
+
 @torch.no_grad()
 def greedy_generate(model, rows, prompts: list[list[int]], n_adapters: int, eos_id: int, pad_id: int,
                     max_new_tokens: int = 64, max_tokens: int | None = None,
@@ -57,6 +66,7 @@ def greedy_generate(model, rows, prompts: list[list[int]], n_adapters: int, eos_
     """Greedy continuations of every prompt under every adapter: out[a][k] = new token ids (EOS
     excluded), for a model wrapped by rocket.scoring.multi_lora_model (`rows` selects adapters)."""
     decoder = model.get_decoder()
+    kv_arg, kv_of = _kv_cache_io(decoder)
     lm_head = model.get_output_embeddings()
     device = lm_head.weight.device
     max_tokens = max_tokens or (32768 if device.type == "cuda" else 4096)
@@ -98,7 +108,7 @@ def greedy_generate(model, rows, prompts: list[list[int]], n_adapters: int, eos_
             mask = torch.cat([mask, torch.ones(B, 1, dtype=mask.dtype, device=device)], dim=1)
             positions = positions[:, -1:] + 1
             state = decoder(input_ids=nxt[:, None], attention_mask=mask, position_ids=positions,
-                            past_key_values=state.past_key_values, use_cache=True)
+                            use_cache=True, **{kv_arg: kv_of(state)})
         tokens = torch.stack(steps, dim=1).tolist()
         for (a, k), seq in zip(batch, tokens):
             out[a][k] = seq[:seq.index(eos_id)] if eos_id in seq else seq
