@@ -382,6 +382,11 @@ def _tune_route(kernel, T, extra, args, kw) -> dict:
     return ROUTE_CONFIGS[min(times, key=lambda i: statistics.median(times[i])) if times else 0]
 
 
+def _expert_block(n_experts: int) -> int:
+    """EP: the route kernels' block over the experts (a power of two, at least 16 for tl.dot)."""
+    return max(16, _pow2(n_experts))
+
+
 def _column_block(width: int) -> int:
     """BER: the route kernels' column block over the E·r columns (a power of two, 16 to 128)."""
     return max(16, min(128, _pow2(width)))
@@ -406,7 +411,7 @@ def route_forward(x, x_lora, lora_A, lora_B, G, scaling, top_k):
         _launch(_FWD, x, T, _cdiv(d_out, _B_ROWS), (d_in, d_out, E, r, top_k, has_xl, lora_A.dtype, G.dtype,
                                                      lora_B.dtype),
                 (x, x_lora if has_xl else x, lora_A, G, scaling, lora_B, probs, experts, h, hm, B_cat, T),
-                lambda: dict(K=d_in, N=d_out, E=E, R=r, KP=KP, EP=max(16, _pow2(E)), BER=_column_block(KP),
+                lambda: dict(K=d_in, N=d_out, E=E, R=r, KP=KP, EP=_expert_block(E), BER=_column_block(KP),
                              TOPK=top_k, HAS_XL=has_xl, COPY_ROWS=_B_ROWS))
     return probs, experts, h, hm, B_cat
 
@@ -426,7 +431,7 @@ def route_backward(g, B_cat, h, scaling, probs, experts, dprobs, lora_A, G, with
                 (d_out, d_in, E, r, top_k, has_dp, with_ag, B_cat.dtype, lora_A.dtype, G.dtype),
                 (g, B_cat, h, scaling, probs, experts, dprobs.contiguous() if has_dp else probs, gcat, lora_A, G,
                  AG if with_ag else gcat, T),
-                lambda: dict(N=d_out, K=d_in, E=E, R=r, KP=B_cat.shape[1], KG=KG, EP=max(16, _pow2(E)),
+                lambda: dict(N=d_out, K=d_in, E=E, R=r, KP=B_cat.shape[1], KG=KG, EP=_expert_block(E),
                              BER=_column_block(E * r), TOPK=top_k, HAS_DP=has_dp, COPY_ROWS=_AG_ROWS))
     return gcat, AG
 
