@@ -3,6 +3,7 @@ mixed-rank bank; multi-adapter greedy decoding vs peft's generate; CLI; bad inpu
 import copy
 import json
 import os
+import time
 
 import pytest
 import torch
@@ -234,27 +235,35 @@ def test_cli_score_writes_json_and_heatmap(reference_path, tiny_model_dir, lora_
     assert not (tmp_path / "x.json").exists()
 
 
-def _sharded_worker(rank, world, init, model_dir, bank_dir, data, out):
+def _sharded_worker(rank, world, rendezvous, model_dir, bank_dir, data, out):
     import torch.distributed as dist
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from rocket.data import load_examples
     os.environ["TRITON_INTERPRET"] = "0"
-    dist.init_process_group("gloo", init_method=init, rank=rank, world_size=world)
+    store = dist.FileStore(rendezvous, world)
+    dist.init_process_group("gloo", store=store, rank=rank, world_size=world)
     model = AutoModelForCausalLM.from_pretrained(model_dir).eval()
     tok = AutoTokenizer.from_pretrained(model_dir)
     scores = score_adapters(model, tok, LoraBank.load(bank_dir), load_examples(data)[:4], progress=False)
     if rank == 0:
         scores.save(out)
-    dist.barrier()  # no rank tears gloo down while the other still runs (that aborts it)
+    # A rank once aborted in CI with "terminate called without an active exception": a C++ thread torn
+    # down mid-flight, i.e. gloo's teardown racing its peer or interpreter exit. So teardown starts only once
+    # every rank has said "done" through the file store (no sockets), and the worker leaves without running
+    # C++ destructors at exit.
+    store.add("done", 1)
+    while store.add("done", 0) < world:
+        time.sleep(0.01)
     dist.destroy_process_group()
+    os._exit(0)
 
 
 def test_adapters_sharded_over_processes(reference_path, tiny_model_dir, lora_bank_dir, tmp_path):
     import torch.multiprocessing as mp
     data = os.path.join(os.path.dirname(__file__), "data", "arc-c_10shot.jsonl")
     out = tmp_path / "sharded.json"
-    mp.spawn(_sharded_worker, args=(2, f"file://{tmp_path / 'rdv'}", str(tiny_model_dir), str(lora_bank_dir),
+    mp.spawn(_sharded_worker, args=(2, str(tmp_path / "rdv"), str(tiny_model_dir), str(lora_bank_dir),
                                     data, str(out)), nprocs=2, join=True)
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
