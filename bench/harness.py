@@ -52,6 +52,21 @@ def interleaved_median_ms(fns: dict, device: torch.device | str, rounds: int = 3
     return {name: statistics.median(times) for name, times in per_round.items()}
 
 
+def host_wall(step, n: int = 15) -> tuple[float, float]:
+    """(median host issue ms, median wall ms) of step() on the GPU: issue = until step() returns,
+    wall = until the device is done. Issue near wall means the host bounds the step."""
+    issue, wall = [], []
+    for _ in range(n):
+        torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        step()
+        t1 = time.perf_counter()
+        torch.cuda.synchronize()
+        issue.append(t1 - t0)
+        wall.append(time.perf_counter() - t0)
+    return 1e3 * statistics.median(issue), 1e3 * statistics.median(wall)
+
+
 def cuda_graph(fn):
     """fn() captured in a CUDA graph, returned as the graph's replay (GPU only). fn runs twice first on
     a side stream, as torch.cuda.graphs asks (kernels compile and tune there). Timing the replay

@@ -7,8 +7,6 @@ from __future__ import annotations
 
 import copy
 import json
-import os
-import statistics
 import sys
 import time
 import warnings
@@ -17,24 +15,10 @@ import torch
 from torch.autograd import DeviceType
 from torch.profiler import ProfilerActivity, profile
 
-from bench.harness import RESULTS, git_commit, median_ms
+from bench.harness import RESULTS, git_commit, host_wall, median_ms
 
 DEV = torch.device("cuda")
 SUMMARY: dict = {}
-
-
-def host_wall(step, n=15):
-    """(median host issue ms, median wall ms) of step(): issue = until step() returns, wall = until the device is done."""
-    issue, wall = [], []
-    for _ in range(n):
-        torch.cuda.synchronize()
-        t0 = time.perf_counter()
-        step()
-        t1 = time.perf_counter()
-        torch.cuda.synchronize()
-        issue.append(t1 - t0)
-        wall.append(time.perf_counter() - t0)
-    return 1e3 * statistics.median(issue), 1e3 * statistics.median(wall)
 
 
 def kernels(step, n=3, rows=25, title=""):

@@ -17,11 +17,10 @@ sees it. The loop and grouped peers read the routing on the host, so they cannot
 """
 from functools import partial
 
-import pytest
 import torch
 import torch.nn.functional as F
 
-from bench.harness import cuda_graph, interleaved_median_ms, median_ms
+from bench.harness import cuda_graph, host_wall, interleaved_median_ms, median_ms
 from bench.peers import lora_moe_dense_einsum, lora_moe_grouped, lora_moe_loop, lora_single
 from tests.helpers import rel_err
 from rocket.kernels import lora_moe as K
@@ -80,18 +79,6 @@ def _fwd_bwd(fn, wrt, v):
     return step
 
 
-def _host_ms(step, reps=20):
-    import statistics
-    import time
-    times = []
-    for _ in range(reps):
-        torch.cuda.synchronize()
-        t = time.perf_counter()
-        step()
-        times.append((time.perf_counter() - t) * 1e3)
-    return statistics.median(times)
-
-
 def _profile(step, n=16):
     from torch.profiler import ProfilerActivity, profile
     step()
@@ -144,7 +131,7 @@ def test_lora_moe_layer(recorder, device, on_gpu):
         ratio_fwdbwd = {n: t / fwdbwd["base"] for n, t in fwdbwd.items()}
         extra = {}
         if on_gpu:  # host (CPU) time to issue one fwd+bwd: where it exceeds the GPU time, launches bound the step
-            extra["host_issue_ms"] = {n: _host_ms(_fwd_bwd(*methods[n], v)) for n in ("base", "rocket", "single_lora")}
+            extra["host_issue_ms"] = {n: host_wall(_fwd_bwd(*methods[n], v), 20)[0] for n in ("base", "rocket", "single_lora")}
             replays = {n: cuda_graph(_fwd_bwd(*methods[n], v)) for n in GRAPHABLE if n in methods}
             graphed = interleaved_median_ms(replays, device)
             del replays  # each graph holds its own memory pool
