@@ -131,7 +131,8 @@ def test_lora_moe_layer(recorder, device, on_gpu):
         ratio_fwdbwd = {n: t / fwdbwd["base"] for n, t in fwdbwd.items()}
         extra = {}
         if on_gpu:  # host (CPU) time to issue one fwd+bwd: where it exceeds the GPU time, launches bound the step
-            extra["host_issue_ms"] = {n: host_wall(_fwd_bwd(*methods[n], v), 20)[0] for n in ("base", "rocket", "single_lora")}
+            extra["host_issue_ms"] = {n: host_wall(_fwd_bwd(*methods[n], v), 20)[0]
+                                      for n in ("base", "rocket", "single_lora")}
             replays = {n: cuda_graph(_fwd_bwd(*methods[n], v)) for n in GRAPHABLE if n in methods}
             graphed = interleaved_median_ms(replays, device)
             del replays  # each graph holds its own memory pool
