@@ -6,9 +6,9 @@ for the compiled kernel's own launcher (bench/results/profile_moe-gpu-20261130-0
 LoRA-MoE training step launches the route kernels hundreds of times, each one host-bound, so
 `Launcher` keeps the compiled kernel of the first JIT launch under a key holding everything the
 binder specialises on (each tensor's dtype and alignment, each integer's residue mod 16, equality
-to 1 and 64-bit range: a key at least as fine as Triton's) plus the caller's own key for the constexprs, and launches it
-directly after that. The interpreter, active launch hooks (profilers such as proton), and a Triton
-whose launcher signature differs take the JIT path.
+to 1 and 64-bit range: a key at least as fine as Triton's) plus the caller's own key for the
+constexprs, and launches it directly after that. The interpreter, active launch hooks (profilers
+such as proton), and a Triton whose launcher signature differs take the JIT path.
 """
 from __future__ import annotations
 
