@@ -1,12 +1,13 @@
-"""Build of rocket: pure-Python packages plus the C++/CUDA extension `rocket._C`.
+"""Build of rocket: the pure-Python package `rocket` (kernels included, as `rocket.kernels`) plus the
+C++/CUDA extension `rocket._C`.
 
-`kernels/` is installed as `rocket.kernels`. The extension always gets its C++ (OpenMP) sources;
-its CUDA sources join when the installed torch has CUDA and nvcc is found (CUDA_HOME).
+The extension always gets its C++ (OpenMP) sources; its CUDA sources join when the installed torch
+has CUDA and nvcc is found (CUDA_HOME).
 """
 import glob
 import os
 
-from setuptools import setup
+from setuptools import find_packages, setup
 
 from torch.utils.cpp_extension import CUDA_HOME, BuildExtension, CppExtension, CUDAExtension
 import torch
@@ -29,8 +30,7 @@ def extension():
 
 
 setup(
-    packages=["rocket", "rocket.kernels"],
-    package_dir={"rocket": "rocket", "rocket.kernels": "kernels"},
+    packages=find_packages(include=["rocket", "rocket.*"]),
     package_data={"rocket": ["configs/*.json"]},  # the shipped DeepSpeed ZeRO-2/3 configs
     ext_modules=[extension()],
     cmdclass={"build_ext": BuildExtension.with_options(use_ninja=True)},

@@ -1,4 +1,4 @@
-"""Device script: tile configurations of the fused dedup join (kernels/dedup.py), checked against
+"""Device script: tile configurations of the fused dedup join (rocket/kernels/dedup.py), checked against
 each other and timed, plus the two ceilings (cuBLAS bf16 matmul at the join's K) and the 1e6 run.
 
     python3 bench/dedup_tune.py --out $OUT/dedup_tune.json [--n 100000] [--big 1000000]

@@ -58,7 +58,7 @@ def syncs(step, title):
 
 
 def _main_module():
-    """main's kernels/lora_moe.py (carried as bench/_main_lora_moe.py) for a same-run A/B, if present."""
+    """main's rocket/kernels/lora_moe.py (carried as bench/_main_lora_moe.py) for a same-run A/B, if present."""
     try:
         from bench import _main_lora_moe
     except ImportError:

@@ -1,9 +1,13 @@
 """rocket: K-shot data → task expert, by reusing open LoRA adapters and open instruction data.
 
-The public API is imported lazily so that `import rocket` stays cheap and a stage's optional
-dependencies (faiss, deepspeed, sentence-transformers) are needed only by that stage.
+The public API is imported lazily so that a stage's optional dependencies (faiss, deepspeed,
+sentence-transformers) are needed only by that stage.
 """
 from importlib import import_module
+
+# The extension rocket._C links against torch's shared libraries (libc10, libtorch), which only
+# `import torch` loads: importing it here lets `import rocket._C` work on its own.
+import torch  # noqa: F401
 
 __version__ = "0.1.0"
 

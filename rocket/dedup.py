@@ -10,7 +10,7 @@ accumulation, output rounding); those few rows are re-decided in float64. Decisi
 equal the rule evaluated in float64 on the given values (DESIGN's exact rule), whatever dtype the
 join used.
 
-- CUDA: the fused Triton join (kernels/dedup.py, tensor cores, no n×n matrix), or `backend=
+- CUDA: the fused Triton join (rocket/kernels/dedup.py, tensor cores, no n×n matrix), or `backend=
   "cublas"` for the unfused cuBLAS-tile + reduction path of rocket._C (kept for comparison).
 - CPU: the multithreaded C++ join of rocket._C (float32 BLAS tiles + OpenMP reduction).
 - method="knn": FAISS, neighbours above τ among each item's k nearest (see rocket/knn_dedup.py):

@@ -1,4 +1,4 @@
-"""Fused Llama glue kernels (kernels/llama_ops.py) vs the references, and rocket.fastpath vs
+"""Fused Llama glue kernels (rocket/kernels/llama_ops.py) vs the references, and rocket.fastpath vs
 transformers' own forward of the tiny Llama."""
 import copy
 

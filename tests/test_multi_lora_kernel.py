@@ -1,4 +1,4 @@
-"""SGMV multi-adapter LoRA kernel vs the reference (kernels/reference.py: multi_lora)."""
+"""SGMV multi-adapter LoRA kernel vs the reference (rocket/kernels/reference.py: multi_lora)."""
 import pytest
 import torch
 

@@ -74,7 +74,7 @@ def test_trace_formula_equals_explicit_cosine(dtype, atol, block_rows):
 
 
 def test_pair_inner_products_match_reference_trace():
-    """The Gram block sums equal kernels/reference.lora_delta_inner on every pair of one module."""
+    """The Gram block sums equal rocket/kernels/reference.lora_delta_inner on every pair of one module."""
     from rocket.selection import _block_inner, _stack_rows
     bank = random_bank(7, seed=5, dtype=torch.float64, coverage=1.0)
     m = MODULES[3]

@@ -10,7 +10,7 @@ read and write each tensor once:
   silu_mul       silu(gate) · up (gate and up may be halves of one fused product)
 
 Rounding follows transformers' eager Llama (bf16 results rounded where HF rounds them), so the
-outputs agree with it to the last bit or one bf16 ulp. Forward only. References: kernels/reference.py.
+outputs agree with it to the last bit or one bf16 ulp. Forward only. References: rocket/kernels/reference.py.
 """
 from __future__ import annotations
 

@@ -27,7 +27,7 @@ per call only the token count and the pointers are specialised); and autotuning 
 token count to a power of two (variable-length batches do not retune).
 
 No [T, E, d] tensor exists; the only per-token intermediates are [T, E·r] and [T, E]. The
-reference (kernels/reference.py: lora_moe, route_topk) is the CPU path and the oracle.
+reference (rocket/kernels/reference.py: lora_moe, route_topk) is the CPU path and the oracle.
 
 Forward and backward can be captured in a CUDA graph (torch.cuda.graph, make_graphed_callables),
 which removes the host's launch cost at small T. Nothing is timed inside a capture, so run the

@@ -21,7 +21,7 @@ import triton.language as tl
 
 # Tile configuration for Hopper (wgmma): 128×256 tiles, K step 64, 8 warps. Tuned on the device.
 CONFIG = dict(BM=128, BN=256, BK=64, GS=8, num_warps=8, num_stages=3)
-# The interpreter miscomputes tl.dot on 16-bit operands (see kernels/multi_lora.py): there the dots
+# The interpreter miscomputes tl.dot on 16-bit operands (see rocket/kernels/multi_lora.py): there the dots
 # run on the same values upcast to float32.
 _INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 
