@@ -15,7 +15,8 @@ import torch
 import torch.nn.functional as F
 import triton.testing
 
-from rocket.dedup import dedup, error_bound
+from rocket.augment.deduplicate import dedup
+from rocket.augment.exact import error_bound
 from rocket.kernels import dedup as K
 
 CONFIGS = [  # most promising first: the tuning budget may cut the list short

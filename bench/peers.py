@@ -127,7 +127,7 @@ def delta_cos_explicit(modules, chunk: int = 16):
 
 # --------------------------------------------------------------------------- LoRA-MoE layer (issue 3)
 # One LoRA-MoE layer y = xWᵀ + b + Σ_topk w·s_e·B_e A_e x (2-D x), gradients by autograd.
-# The seed's algorithm: softmax → top-k → renorm, one masked pass per expert with index_add.
+# The reference implementation's algorithm: softmax → top-k → renorm, one masked pass per expert with index_add.
 lora_moe_loop = R.lora_moe_loop
 
 

@@ -113,7 +113,7 @@ def host():
     from torch import nn
     from rocket.kernels import lora_moe as K
     from rocket.kernels.direct_launch import Launcher
-    from rocket.moe import LoraMoELinear
+    from rocket.moe.layer import LoraMoELinear
     T, d_in, d_out, E, r = 64, 2048, 5504, 4, 16
     bf = dict(device=DEV, dtype=torch.bfloat16)
     x = torch.randn(T, d_in, **bf)
@@ -201,8 +201,10 @@ def host():
 def train():
     from bench.test_train import GPU as S
     from bench.test_train import build_model, random_bank
-    from rocket.moe import inject_lora_moe
-    from rocket.train import TorchEngine, TrainConfig, token_loss_sum
+    from rocket.moe.inject import inject_lora_moe
+    from rocket.training.engines import TorchEngine
+    from rocket.training.config import TrainConfig
+    from rocket.training.batches import token_loss_sum
     base = build_model(S, DEV)
     gen = torch.Generator().manual_seed(0)
     B, L = 8, 384
@@ -238,7 +240,7 @@ def train():
         eng.backward(token_loss_sum(logits, labels) / n)
         eng.step(1e-5)
 
-    import rocket.moe as moe_mod
+    import rocket.moe.layer as moe_mod
     main, new = _main_module(), moe_mod.lora_moe
 
     def main_lora_moe(x, W, b, A, B, s, G, k, xl, return_routing=False):  # main's layer: casts outside

@@ -18,7 +18,7 @@ import torch.nn.functional as F
 
 from bench.harness import median_ms
 from bench.peers import dedup_blocked_torch, dedup_blocked_torch_lowp
-from rocket.dedup import dedup
+from rocket.augment.deduplicate import dedup
 
 CPU_FULL = os.environ.get("ROCKET_BENCH_DEDUP_CPU_FULL", "0") == "1"
 

@@ -4,7 +4,7 @@ linear alone, timed in interleaved rounds, each timing in its own steady state o
 (bench.harness.interleaved_median_ms). GPU: bf16, T ∈ {4096, 16384}, 4096 → {4096, 11008}, E ∈ {4, 8},
 k=2, r=16; CPU: small shapes in the interpreter (correctness of the same code, timings are not results).
 
-Peers (bench/peers.py): the seed's per-expert loop, dense all-experts einsum, a generic grouped
+Peers (bench/peers.py): the reference implementation's per-expert loop, dense all-experts einsum, a generic grouped
 Triton MoE (sort by expert, SGMV, index_add), and a single peft-style LoRA (rank r, no routing).
 `rocket_cublas` is rocket with every product in cuBLAS, the base product first and the LoRA product
 added over y (what `auto` does up to SMALL_M tokens; above, `auto` puts the LoRA product first and

@@ -12,8 +12,8 @@ import torch
 
 from bench.harness import median_ms
 from bench.peers import delta_cos_explicit, delta_cos_pairwise_traces
-from rocket.bank import LoraAdapter, LoraBank
-from rocket.selection import group_similarity
+from rocket.adapters.bank import LoraAdapter, LoraBank
+from rocket.adapters.similarity import group_similarity
 
 TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 

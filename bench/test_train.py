@@ -5,10 +5,10 @@ Rows (tokens/s = non-padding tokens through forward + backward + AdamW per secon
 - rocket MoE under DeepSpeed ZeRO-3 (when installed) and under the plain torch loop;
 - peer `peft_lora`: one peft LoRA (r=16, same seven projections) in a plain torch loop, bf16
   autocast and fp32 adapters as HF Trainer runs it (goal: rocket ≥ 0.85× its tokens/s);
-- peer `seed_loop`: the same MoE with the seed's per-expert loop (reference.lora_moe_loop) in
+- peer `seed_loop`: the same MoE with the reference implementation's per-expert loop (reference.lora_moe_loop) in
   place of the fused layer (goal: rocket ≥ 3×).
 GPU: hidden 2048, 16 layers, MLP 5504, vocab 32000 (~1.1B), E=4 experts r=16, top-2, micro-batch 8,
-examples of 150–500 tokens, lengths padded to a multiple of 64; 40 steps (16 for the seed loop), so
+examples of 150–500 tokens, lengths padded to a multiple of 64; 40 steps (16 for the reference implementation loop), so
 the suite fits one device call. Every row leaves out the first step of each batch shape.
 CPU: tiny shapes, a correctness run of the same code.
 """
@@ -20,10 +20,13 @@ from pathlib import Path
 import pytest
 import torch
 
-from rocket.bank import LoraAdapter, LoraBank
+from rocket.adapters.bank import LoraAdapter, LoraBank
 from rocket.kernels import reference as R
 from rocket.tiny import LLAMA_TARGETS
-from rocket.train import collate, length_grouped_batches, prepare_examples, token_loss_sum, train, TrainConfig
+from rocket.data.tokenize import pad_batch
+from rocket.training.batches import length_grouped_batches, prepare_examples, token_loss_sum
+from rocket.training.loop import train
+from rocket.training.config import TrainConfig
 
 GPU = dict(hidden=2048, layers=16, heads=16, mlp=5504, vocab=32000, E=4, r=16, n=4000, prompt=(100, 300),
            answer=(50, 200), batch=8, steps=40, loop_steps=16, warm=6, pad=64)
@@ -122,7 +125,7 @@ def peft_steps(model, tok, examples, cfg, steps, device):
     out = []
     for b in batches[:steps]:
         t0 = time.perf_counter()
-        batch = collate(toks, b, tok.pad_token_id, device, cfg.pad_to_multiple)
+        batch = pad_batch([toks[i] for i in b], tok.pad_token_id, device, cfg.pad_to_multiple)
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
             logits = pm(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
         n = (batch["labels"][:, 1:] != -100).sum()
@@ -174,7 +177,7 @@ def test_train_throughput(recorder, device, on_gpu, monkeypatch, tmp_path):
     done("rocket_torch", history(r), r.losses)
     done("peft_lora", peft_steps(_fresh(base), tok, examples, TrainConfig(**cfg), s["steps"], device))
     with monkeypatch.context() as m:
-        import rocket.moe as moe
+        import rocket.moe.layer as moe
         m.setattr(moe, "lora_moe", lambda *a, return_routing=False, **k: R.lora_moe_loop(*a, **k))
         r = run("seed_loop", "torch", steps=s["loop_steps"])
     done("seed_loop", history(r))

@@ -31,7 +31,7 @@ def child(out: Path, steps: int, stage: int) -> None:
     """One torchrun process: train, then rank 0 writes this world size's row to `out`."""
     from bench.test_train import CPU, GPU, IntTokenizer, build_model, history, random_bank, random_examples, rate, \
         template_file
-    from rocket.train import train
+    from rocket.training.loop import train
 
     rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
     on_gpu = torch.cuda.is_available()

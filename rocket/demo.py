@@ -25,7 +25,8 @@ from pathlib import Path
 
 import torch
 
-from rocket.data import IGNORE_INDEX, tokenize_example, write_jsonl
+from rocket.data.tokenize import IGNORE_INDEX, tokenize_example, pad_batch
+from rocket.data.examples import write_jsonl
 from rocket.errors import RocketError
 
 TEMPLATE = "chat"
@@ -140,16 +141,8 @@ def _batches(tokenized, batch: int, steps: int, rng: random.Random, pad_id: int)
             rng.shuffle(fresh)
             order += fresh
         chosen, order = order[:batch], order[batch:]
-        L = max(len(tokenized[i].input_ids) for i in chosen)
-        ids = torch.full((len(chosen), L), pad_id, dtype=torch.long)
-        labels = torch.full((len(chosen), L), IGNORE_INDEX, dtype=torch.long)
-        mask = torch.zeros((len(chosen), L), dtype=torch.long)
-        for b, i in enumerate(chosen):
-            t = tokenized[i]
-            ids[b, :len(t.input_ids)] = torch.tensor(t.input_ids)
-            labels[b, :len(t.labels)] = torch.tensor(t.labels)
-            mask[b, :len(t.input_ids)] = 1
-        yield ids, labels, mask
+        b = pad_batch([tokenized[i] for i in chosen], pad_id)
+        yield b["input_ids"], b["labels"], b["attention_mask"]
 
 
 def fit(model, tokenized, steps: int, lr: float, batch: int, seed: int, desc: str, progress: bool) -> float:
@@ -259,15 +252,8 @@ def example_losses(model, tokenized, batch: int = 32) -> torch.Tensor:
     pad = model.config.pad_token_id or 0
     out = []
     for start in range(0, len(tokenized), batch):
-        rows = tokenized[start:start + batch]
-        L = max(len(t.input_ids) for t in rows)
-        ids = torch.full((len(rows), L), pad, dtype=torch.long)
-        labels = torch.full((len(rows), L), IGNORE_INDEX, dtype=torch.long)
-        mask = torch.zeros((len(rows), L), dtype=torch.long)
-        for b, t in enumerate(rows):
-            ids[b, :len(t.input_ids)] = torch.tensor(t.input_ids)
-            labels[b, :len(t.labels)] = torch.tensor(t.labels)
-            mask[b, :len(t.input_ids)] = 1
+        b = pad_batch(tokenized[start:start + batch], pad)
+        ids, labels, mask = b["input_ids"], b["labels"], b["attention_mask"]
         logits = model(input_ids=ids, attention_mask=mask).logits[:, :-1].float()
         target = labels[:, 1:]
         ce = torch.nn.functional.cross_entropy(logits.transpose(1, 2), target, ignore_index=IGNORE_INDEX,
@@ -288,10 +274,10 @@ def _world_ready(world: Path, cfg: DemoSize, seed: int) -> bool:
 
 def run_config(world: Path, run_dir: Path, cfg: DemoSize, seed: int, progress: bool, embed_model=None):
     """The `rocket run` options the demo uses (what `rocket run` would be given on the command line)."""
-    from rocket.pipeline import RunConfig
+    from rocket.pipeline.run import RunConfig
 
     return RunConfig(base_model=str(world / "base_model"), bank=str(world / "bank"), kshot=str(world / "kshot.jsonl"),
-                     opensource=str(world / "pool.jsonl"), out=str(run_dir), template=TEMPLATE,
+                     pool=str(world / "pool.jsonl"), out=str(run_dir), template=TEMPLATE,
                      n_experts=4, top_m=4, target=cfg.kshot + cfg.target, threshold=0.9, embed_model=embed_model,
                      train=dict(epochs=cfg.epochs, lr=1e-3, batch_size=cfg.batch, top_k=2, backend="torch"),
                      device="cpu", seed=seed, progress=progress)
@@ -299,11 +285,12 @@ def run_config(world: Path, run_dir: Path, cfg: DemoSize, seed: int, progress: b
 
 def evaluate(world: Path, run_dir: Path, truth: dict) -> dict:
     """What the pipeline recovered, against what build_world planted."""
-    from rocket.bank import LoraBank
-    from rocket.data import load_examples
-    from rocket.pipeline import load_base
-    from rocket.scoring import Scores, score_adapters
-    from rocket.train import load_moe
+    from rocket.adapters.bank import LoraBank
+    from rocket.data.examples import load_examples
+    from rocket.modeling import load_base
+    from rocket.data.scores import Scores
+    from rocket.scoring.score import score_adapters
+    from rocket.moe.state import load_moe
 
     related = set(truth["related"])
     scores = Scores.load(run_dir / "scores.json")
@@ -347,7 +334,7 @@ def evaluate(world: Path, run_dir: Path, truth: dict) -> dict:
 
 
 def checks(result: dict, truth: dict) -> dict[str, bool]:
-    """The structure the demo must recover (DESIGN: issue 8)."""
+    """The structure the demo must recover ."""
     related = set(truth["related"])
     return {
         "the two related adapters rank first by PPL_R": set(result["ranking"][:2]) == related,
@@ -391,7 +378,7 @@ def run_demo(out: str | Path = "rocket-demo", size: str = "full", seed: int = 0,
              embed_model: str | None = None, log=print) -> dict:
     """Build the world (or reuse it), run the pipeline on it, evaluate, print the summary.
     Returns {'result', 'checks', 'seconds', 'run_dir'}; writes demo.json and report.html in out/run."""
-    from rocket.pipeline import run_pipeline
+    from rocket.pipeline.run import run_pipeline
     from rocket.report import write_report
 
     if size not in SIZES:

@@ -11,12 +11,13 @@ import base64
 import html
 import io
 import json
-import os
 from pathlib import Path
 
 import torch
 
 from rocket.errors import RocketError
+from rocket.data.tokenize import pad_batch
+from rocket.io import atomic_write
 
 
 # --------------------------------------------------------------------------- routing statistics
@@ -25,7 +26,7 @@ def routing_counts(model, tokenized, batch: int = 16) -> dict[str, list[list[int
     """Per MoE layer and expert: how many tokens choose it at each top-k slot ([E][k] counts), over
     the real (unpadded) tokens of `tokenized`. Uses each layer's router exactly as its forward does
     (softmax in float32, top-k)."""
-    from rocket.moe import moe_layers
+    from rocket.moe.inject import moe_layers
 
     layers = moe_layers(model)
     if not layers:
@@ -47,13 +48,8 @@ def routing_counts(model, tokenized, batch: int = 16) -> dict[str, list[list[int
     pad = getattr(model.config, "pad_token_id", 0) or 0
     try:
         for start in range(0, len(tokenized), batch):
-            rows = tokenized[start:start + batch]
-            L = max(len(t.input_ids) for t in rows)
-            ids = torch.full((len(rows), L), pad, dtype=torch.long)
-            mask = torch.zeros((len(rows), L), dtype=torch.long)
-            for b, t in enumerate(rows):
-                ids[b, :len(t.input_ids)] = torch.tensor(t.input_ids)
-                mask[b, :len(t.input_ids)] = 1
+            b = pad_batch(tokenized[start:start + batch], pad)
+            ids, mask = b["input_ids"], b["attention_mask"]
             mask_box["mask"] = mask.reshape(-1).bool().to(device)
             model(input_ids=ids.to(device), attention_mask=mask.to(device))
     finally:
@@ -66,9 +62,10 @@ def routing_stats(pipeline) -> dict:
     """Routing counts of the trained MoE of a run on its K-shot examples (see routing_counts)."""
     import copy
 
-    from rocket.data import load_examples, tokenize_examples
-    from rocket.moe import moe_config
-    from rocket.train import load_moe
+    from rocket.data.examples import load_examples
+    from rocket.data.tokenize import tokenize_examples
+    from rocket.moe.state import moe_config
+    from rocket.moe.state import load_moe
 
     c = pipeline.cfg
     base, tokenizer = pipeline.base()
@@ -238,8 +235,4 @@ def render_report(run_dir: str | Path, extra_sections: list[tuple[str, str]] | N
 
 def write_report(run_dir: str | Path, out: str | Path, extra_sections=None) -> Path:
     """Write report.html atomically."""
-    out = Path(out)
-    tmp = out.with_name(out.name + ".tmp")
-    tmp.write_text(render_report(run_dir, extra_sections), encoding="utf-8")
-    os.replace(tmp, out)
-    return out
+    return atomic_write(out, render_report(run_dir, extra_sections))

@@ -12,7 +12,7 @@ if not torch.cuda.is_available():
 
 import pytest  # noqa: E402
 
-from rocket.data import load_examples  # noqa: E402
+from rocket.data.examples import load_examples  # noqa: E402
 from tests.helpers import BANK_SPEC  # noqa: E402
 from rocket.tiny import build_llama, build_tokenizer, make_random_adapter  # noqa: E402
 

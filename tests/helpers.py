@@ -26,7 +26,7 @@ def poison_like(t: torch.Tensor) -> torch.Tensor:
 
 
 def assert_stacked(st, adapters, module: str, dtype) -> None:
-    """The stacked layout of `module` over `adapters` (rocket.bank.StackedModule): each adapter's A and
+    """The stacked layout of `module` over `adapters` (rocket.adapters.stacking.StackedModule): each adapter's A and
     B cast to dtype in the leading rows/columns, zero rank padding, zeros with scaling 0 and
     present=False where an adapter lacks the module."""
     r_max = max((a.weights[module][0].shape[0] for a in adapters if module in a.weights), default=0)

@@ -8,10 +8,11 @@ import torch
 import torch.nn.functional as F
 
 from rocket import select_data
-from rocket.augment import SelectionError, retrieve
+from rocket.errors import AugmentError
+from rocket.augment.retrieval import retrieve
 from rocket.cli import main as cli_main
-from rocket.data import load_examples
-from rocket.embed import load_embedder
+from rocket.data.examples import load_examples
+from rocket.augment.embed import load_embedder
 from tests.conftest import DATA
 
 
@@ -129,7 +130,7 @@ def test_precomputed_embeddings_are_normalised_and_checked():
                     (dict(pool_embeddings=pool_emb, threshold=1.5), r"threshold must be a cosine in \[-1, 1\]"),
                     (dict(pool_embeddings=pool_emb, index="hnsw"), "unknown index 'hnsw'")]:
         kw = {"target": 10, "threshold": 0.9, **kw}
-        with pytest.raises(SelectionError, match=msg):
+        with pytest.raises(AugmentError, match=msg):
             select_data(kshot, pool, kshot_embeddings=kshot_emb, device="cpu", progress=False, **kw)
 
 
@@ -179,9 +180,9 @@ def test_cli_end_to_end_with_seed_aliases(files, capsys):
 
 def test_cli_seed_prefix_and_embed_model(files):
     root, kshot_path, pool_path = files
-    from rocket.embed import default_model_dir
+    from rocket.augment.embed import default_model_dir
     out, rep = root / "aug_prefix.jsonl", root / "report_prefix.json"
-    assert cli_main(["augment", "--opensource", str(pool_path), "--kshot", str(kshot_path), "--target", "12",
+    assert cli_main(["augment", "--pool", str(pool_path), "--kshot", str(kshot_path), "--target", "12",
                      "--out", str(out), "--report", str(rep), "--retrieval-prefix", "--device", "cpu",
                      "--embed-model", str(default_model_dir()), "--no-progress"]) == 0
     report = json.loads(rep.read_text())
@@ -197,7 +198,7 @@ def test_malformed_pool_line_is_reported_and_nothing_written(tmp_path, capsys, b
     good = json.dumps({"instruction": "q", "input": "", "output": "a"})
     pool.write_text(f"{good}\n{good}\n{bad_line}\n{good}\n")
     out, rep = tmp_path / "aug.jsonl", tmp_path / "report.json"
-    code = cli_main(["augment", "--opensource", str(pool), "--kshot", str(DATA / "arc-c_10shot.jsonl"),
+    code = cli_main(["augment", "--pool", str(pool), "--kshot", str(DATA / "arc-c_10shot.jsonl"),
                      "--out", str(out), "--report", str(rep), "--device", "cpu"])
     err = capsys.readouterr().err
     assert code == 2 and f"{pool}:3: " in err and len(err.strip().splitlines()) == 1

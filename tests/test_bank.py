@@ -7,7 +7,7 @@ import torch
 from safetensors.torch import load_file
 
 from tests.helpers import BANK_SPEC, assert_stacked
-from rocket.bank import BankError, LoraBank, load_adapter
+from rocket.adapters.bank import BankError, LoraBank, load_adapter
 from rocket.tiny import make_random_adapter
 
 Q0 = "model.layers.0.self_attn.q_proj"
@@ -50,7 +50,7 @@ def test_stack_pads_ranks_and_zeroes_missing(lora_bank_dir):
 
 def test_manifest_in_seed_format(lora_bank_dir, tmp_path):
     manifest = tmp_path / "experts.txt"
-    # the seed's manifests list .../adapter_model.bin files; convert two adapters to .bin
+    # the reference implementation's manifests list .../adapter_model.bin files; convert two adapters to .bin
     lines = []
     for name in ("all_r8", "qv_r4"):
         d = tmp_path / name

@@ -2,8 +2,9 @@ import json
 
 import pytest
 
-from rocket.data import (IGNORE_INDEX, DataError, PromptTemplate, load_examples, tokenize_example,
-                         tokenize_examples, write_jsonl)
+from rocket.data.tokenize import IGNORE_INDEX, tokenize_example, tokenize_examples
+from rocket.data.examples import DataError, load_examples, write_jsonl
+from rocket.data.templates import PromptTemplate
 
 
 def test_loads_the_real_kshot_file(kshot_examples):

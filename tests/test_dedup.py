@@ -1,4 +1,4 @@
-"""rocket.dedup as an API: methods (exact / knn / auto), the FAISS kNN path against exact, errors."""
+"""The dedup API (rocket.augment.deduplicate): methods (exact / knn / auto), the FAISS kNN path against exact, errors."""
 import importlib
 
 import pytest
@@ -9,14 +9,15 @@ import rocket
 from rocket.errors import RocketError
 from tests.test_dedup_op import brute_force, planted
 
-D = importlib.import_module("rocket.dedup")
+D = importlib.import_module("rocket.augment.deduplicate")
 
 faiss = pytest.importorskip("faiss")
 
 
 def test_public_name():
-    # rocket.dedup is the function, or (once the submodule is imported) the module, which calls it
+    # the public name is the function itself, never a module
     e = F.normalize(torch.tensor([[1.0, 0.0], [1.0, 0.01], [0.0, 1.0]]), dim=1)
+    assert rocket.dedup is D.dedup
     assert rocket.dedup(e, 0.9).tolist() == [0, 2]
 
 

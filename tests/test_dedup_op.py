@@ -5,7 +5,8 @@ import torch
 import torch.nn.functional as F
 
 from rocket import _C
-from rocket.dedup import dedup, error_bound
+from rocket.augment.deduplicate import dedup
+from rocket.augment.exact import error_bound
 from rocket.kernels import dedup as K
 from rocket.kernels import reference as R
 

@@ -8,7 +8,8 @@ import torch
 import torch.nn.functional as F
 
 from rocket import embed_texts
-from rocket.embed import Embedder, EmbedError, default_model_dir, load_embedder
+from rocket.errors import AugmentError
+from rocket.augment.embed import Embedder, default_model_dir, load_embedder
 
 TEXTS = ["A man is playing a guitar.", "Someone is strumming an acoustic guitar.",
          "The central bank raised interest rates by half a point.", "Photosynthesis turns light into sugar.",
@@ -73,11 +74,11 @@ def test_prefix_and_empty_input(minilm):
 
 
 def test_bad_inputs(minilm, tmp_path):
-    with pytest.raises(EmbedError, match="text 1: expected a string"):
+    with pytest.raises(AugmentError, match="text 1: expected a string"):
         minilm.encode(["ok", 3], progress=False)
-    with pytest.raises(EmbedError, match="unknown pooling 'max'"):
+    with pytest.raises(AugmentError, match="unknown pooling 'max'"):
         Embedder(None, "cpu", pooling="max")
-    with pytest.raises(EmbedError, match="no-such-model.*no hub access"):
+    with pytest.raises(AugmentError, match="no-such-model.*no hub access"):
         Embedder(str(tmp_path / "no-such-model"), "cpu")
 
 

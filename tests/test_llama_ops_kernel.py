@@ -5,7 +5,7 @@ import copy
 import pytest
 import torch
 
-from tests.helpers import poison_like, rel_err
+from tests.helpers import rel_err
 from rocket.kernels import reference as R
 from rocket.kernels.llama_ops import add_rms_norm, rotary_, silu_mul
 
@@ -69,10 +69,10 @@ def test_bad_shapes():
 def test_fast_forward_equals_transformers(tiny_llama, tiny_tokenizer, kshot_examples):
     """Packed rows through rocket.fastpath (all rows, and label rows only) vs each row alone through
     the HF model (float32)."""
-    from rocket.data import tokenize_examples
-    from rocket.fastpath import fast_forward, supports_fast_path
-    from rocket.packing import PackedBatch
-    from rocket.scoring import prepare_examples
+    from rocket.data.tokenize import tokenize_examples
+    from rocket.runtime.fastpath import fast_forward, supports_fast_path
+    from rocket.runtime.packing import PackedBatch
+    from rocket.scoring.score import prepare_examples
 
     model = tiny_llama.to(DEVICE)
     short = sorted(kshot_examples, key=lambda e: len(e["instruction"]) + len(e["output"]))[:2]
@@ -95,9 +95,9 @@ def test_fused_projections(tiny_llama):
     modules' weights are views into the fused buffers (an in-place update lands there, as adapter
     merges do), a layer with a non-Linear projection stays unfused, and close() gives every parameter
     its own tensor back with the values from before."""
-    from rocket.fastpath import FusedProjections, fast_forward
-    from rocket.packing import PackedBatch
-    from rocket.scoring import ScoringExample
+    from rocket.runtime.fastpath import FusedProjections, fast_forward
+    from rocket.runtime.packing import PackedBatch
+    from rocket.scoring.score import ScoringExample
 
     model = copy.deepcopy(tiny_llama).to(DEVICE)
     gen = torch.Generator().manual_seed(3)

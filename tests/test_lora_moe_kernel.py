@@ -1,4 +1,4 @@
-"""Fused LoRA-MoE kernels (rocket/kernels/lora_moe.py) vs the reference and the seed's per-expert loop:
+"""Fused LoRA-MoE kernels (rocket/kernels/lora_moe.py) vs the reference and the reference implementation's per-expert loop:
 outputs, routing and every gradient (x, A, B, router, and the probs path of the balancing loss)."""
 import pytest
 import torch

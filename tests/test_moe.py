@@ -6,10 +6,11 @@ import torch
 from torch import nn
 
 from tests.helpers import rel_err
-from rocket.bank import LoraBank
+from rocket.adapters.bank import LoraBank
 from rocket.kernels import reference as R
-from rocket.moe import (LoraMoELinear, MoEError, inject_lora_moe, load_moe_state, moe_aux_loss, moe_layers,
-                        moe_state_dict, read_moe_state, save_moe_state, set_train_router_only)
+from rocket.moe.layer import LoraMoELinear, MoEError
+from rocket.moe.inject import inject_lora_moe, moe_aux_loss, moe_layers, set_train_router_only
+from rocket.moe.state import load_moe_state, moe_state_dict, read_moe_state, save_moe_state
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 

@@ -5,8 +5,8 @@ from pathlib import Path
 import pytest
 
 from rocket.cli import main as cli_main
-from rocket.data import load_examples, write_jsonl
-from rocket.pipeline import STAGES, PipelineError, RunConfig, run_pipeline
+from rocket.data.examples import load_examples, write_jsonl
+from rocket.pipeline.run import STAGES, PipelineError, RunConfig, run_pipeline
 
 OUTPUTS = ["scores.json", "heatmap.png", "experts.txt", "experts.json", "similarity.png", "aug.jsonl", "aug.json",
            "checkpoint/moe.safetensors", "routing.json", "report.html"]
@@ -29,7 +29,7 @@ def inputs(tmp_path_factory, kshot_examples):
 
 def config(inputs, tiny_model_dir, lora_bank_dir, out, **kw):
     base = dict(base_model=str(tiny_model_dir), bank=str(lora_bank_dir), kshot=str(inputs / "kshot.jsonl"),
-                opensource=str(inputs / "pool.jsonl"), out=str(out), n_experts=2, top_m=3, target=10,
+                pool=str(inputs / "pool.jsonl"), out=str(out), n_experts=2, top_m=3, target=10,
                 threshold=0.9, train=dict(epochs=1, batch_size=4, cutoff=512, backend="torch"), device="cpu",
                 progress=False)
     base.update(kw)
@@ -67,14 +67,14 @@ def test_run_writes_every_output_then_skips(inputs, tiny_model_dir, lora_bank_di
 
 
 def test_killed_run_resumes_at_the_failed_stage(inputs, tiny_model_dir, lora_bank_dir, tmp_path, monkeypatch):
-    import rocket.train
+    import rocket.training.loop
 
     cfg = config(inputs, tiny_model_dir, lora_bank_dir, tmp_path / "run")
 
     def killed(*a, **k):
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(rocket.train, "train", killed)
+    monkeypatch.setattr(rocket.training.loop, "train", killed)
     with pytest.raises(KeyboardInterrupt):
         run_pipeline(cfg, log=lambda *a: None)
     out = Path(cfg.out)

@@ -8,14 +8,17 @@ import time
 import pytest
 import torch
 
-from rocket.bank import BankError, LoraBank
+from rocket.adapters.bank import BankError, LoraBank
 from rocket.cli import main as cli_main
-from rocket.data import DataError, tokenize_examples
+from rocket.data.examples import DataError
+from rocket.data.tokenize import tokenize_examples
 from rocket.errors import RocketError
-from rocket.generation import extract_choice, extract_number, greedy_generate
+from rocket.runtime.generation import extract_choice, extract_number, greedy_generate
 from rocket.kernels import reference as R
-from rocket.packing import pack_rows
-from rocket.scoring import Scores, multi_lora_model, score_adapters
+from rocket.runtime.packing import pack_rows
+from rocket.data.scores import Scores
+from rocket.runtime.adapters import multi_lora_model
+from rocket.scoring.score import score_adapters
 from rocket.tiny import build_llama, make_random_adapter
 
 
@@ -89,7 +92,7 @@ def test_losses_equal_peft_loop_fp32(reference_path, strategy, tiny_llama, tiny_
 
 def test_models_without_packing_score_one_row_per_pass(reference_path, monkeypatch, tiny_llama, tiny_tokenizer,
                                                       lora_bank_dir, kshot_examples, peft_reference):
-    monkeypatch.setattr("rocket.scoring.supports_packing", lambda model: False)
+    monkeypatch.setattr("rocket.scoring.score.supports_packing", lambda model: False)
     scores = score_adapters(tiny_llama, tiny_tokenizer, LoraBank.load(lora_bank_dir).subset([0, 2]),
                             kshot_examples[:4], progress=False, strategy="sgmv")
     assert torch.allclose(scores.loss, peft_reference[[0, 2], :4], rtol=0, atol=2e-5)
@@ -239,7 +242,7 @@ def _sharded_worker(rank, world, rendezvous, model_dir, bank_dir, data, out):
     import torch.distributed as dist
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from rocket.data import load_examples
+    from rocket.data.examples import load_examples
     os.environ["TRITON_INTERPRET"] = "0"
     store = dist.FileStore(rendezvous, world)
     dist.init_process_group("gloo", store=store, rank=rank, world_size=world)
@@ -267,7 +270,7 @@ def test_adapters_sharded_over_processes(reference_path, tiny_model_dir, lora_ba
                                     data, str(out)), nprocs=2, join=True)
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from rocket.data import load_examples
+    from rocket.data.examples import load_examples
     model = AutoModelForCausalLM.from_pretrained(str(tiny_model_dir)).eval()
     tok = AutoTokenizer.from_pretrained(str(tiny_model_dir))
     single = score_adapters(model, tok, LoraBank.load(lora_bank_dir), load_examples(data)[:4], progress=False,

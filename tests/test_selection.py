@@ -9,12 +9,13 @@ import pytest
 import torch
 from scipy.stats import rankdata
 
-from rocket.bank import LoraAdapter, LoraBank
+from rocket.adapters.bank import LoraAdapter, LoraBank
 from rocket.cli import main as cli_main
 from rocket.kernels import reference as R
-from rocket.scoring import Scores
-from rocket.selection import (SelectionError, combinations, group_similarity, rank_min, select_experts,
-                              tuple_similarity)
+from rocket.data.scores import Scores
+from rocket.errors import SelectionError
+from rocket.selection.ranking import combinations, rank_min, select_experts, tuple_similarity
+from rocket.adapters.similarity import group_similarity
 
 MODULES = ["layers.0.q", "layers.0.v", "layers.1.q", "layers.1.mlp"]
 SHAPES = {"layers.0.q": (24, 24), "layers.0.v": (24, 12), "layers.1.q": (24, 24), "layers.1.mlp": (24, 40)}
@@ -75,7 +76,7 @@ def test_trace_formula_equals_explicit_cosine(dtype, atol, block_rows):
 
 def test_pair_inner_products_match_reference_trace():
     """The Gram block sums equal rocket/kernels/reference.lora_delta_inner on every pair of one module."""
-    from rocket.selection import _block_inner, _stack_rows
+    from rocket.adapters.similarity import _block_inner, _stack_rows
     bank = random_bank(7, seed=5, dtype=torch.float64, coverage=1.0)
     m = MODULES[3]
     XA, XB, r = _stack_rows(bank.adapters, list(range(7)), m, torch.device("cpu"))
@@ -286,7 +287,7 @@ def test_cli_select_end_to_end(lora_bank_dir, tmp_path, capsys):
     report = json.loads(out.with_suffix(".json").read_text())
     lines = out.read_text().splitlines()
     assert len(lines) == 2 and all(Path(p).is_file() and Path(p).name.startswith("adapter_model") for p in lines)
-    chosen = LoraBank.load(out)   # the manifest is a bank in the seed's format
+    chosen = LoraBank.load(out)   # the manifest is a bank in the reference implementation's format
     assert chosen.names == report["experts"] and all(n in printed for n in chosen.names)
     expected = select_experts(Scores.load(tmp_path / "scores.json"), bank, top_m=3, n_experts=2, device="cpu")
     assert report["experts"] == expected.experts

@@ -5,8 +5,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from rocket.bank import LoraAdapter, LoraBank
-from rocket.staging import AdapterStager, stack_modules
+from rocket.adapters.bank import LoraAdapter, LoraBank
+from rocket.adapters.stacking import AdapterStager, stack_modules
 from tests.helpers import assert_stacked
 
 MODULES = {"m.q": (24, 40), "m.up": (24, 56), "m.down": (56, 24)}  # name: (d_in, d_out), odd sizes

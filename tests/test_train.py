@@ -7,10 +7,14 @@ import logging
 import pytest
 import torch
 
-from rocket.data import DataError, tokenize_examples
-from rocket.moe import moe_layers, moe_state_dict
-from rocket.train import (TrainConfig, TrainError, collate, length_grouped_batches, load_moe, prepare_examples,
-                          rank_batches, token_loss_sum, train)
+from rocket.data.examples import DataError
+from rocket.data.tokenize import pad_batch, tokenize_examples
+from rocket.moe.inject import moe_layers
+from rocket.moe.state import moe_state_dict
+from rocket.training.config import TrainConfig, TrainError
+from rocket.training.batches import length_grouped_batches, prepare_examples, rank_batches, token_loss_sum
+from rocket.moe.state import load_moe
+from rocket.training.loop import train
 
 try:
     import deepspeed  # noqa: F401
@@ -46,7 +50,7 @@ def _data_loss(model, tok, examples) -> float:
     model.eval()
     with torch.no_grad():
         for i in range(len(toks)):
-            b = collate(toks, [i], tok.pad_token_id, "cpu")
+            b = pad_batch([toks[i]], tok.pad_token_id, "cpu")
             logits = model(input_ids=b["input_ids"], attention_mask=b["attention_mask"]).logits
             total += float(token_loss_sum(logits, b["labels"]))
             n += int((b["labels"][:, 1:] != -100).sum())
@@ -114,8 +118,8 @@ def test_loss_decreases_and_load_moe_restores_the_trained_model(tiny_llama, tiny
     assert res.steps == 8 * 3 and len(res.losses) == res.steps and res.backend == "torch"
     trained = _data_loss(res.model, tiny_tokenizer, examples)
     fresh = copy.deepcopy(base)
-    from rocket.moe import inject_lora_moe
-    from rocket.bank import LoraBank
+    from rocket.moe.inject import inject_lora_moe
+    from rocket.adapters.bank import LoraBank
     bank = LoraBank.load(lora_bank_dir)
     inject_lora_moe(fresh, bank, list(range(len(bank))), top_k=2)
     before = _data_loss(fresh, tiny_tokenizer, examples)
@@ -133,8 +137,8 @@ def test_loss_decreases_and_load_moe_restores_the_trained_model(tiny_llama, tiny
 
 def test_router_only_changes_routers_and_leaves_experts(tiny_llama, tiny_tokenizer, examples, lora_bank_dir,
                                                         tmp_path):
-    from rocket.bank import LoraBank
-    from rocket.moe import inject_lora_moe
+    from rocket.adapters.bank import LoraBank
+    from rocket.moe.inject import inject_lora_moe
     bank = LoraBank.load(lora_bank_dir)
     init = moe_state_dict(inject_lora_moe(copy.deepcopy(tiny_llama), bank, list(range(len(bank))), top_k=2))
     res = _run(tiny_llama, tiny_tokenizer, examples, bank, tmp_path / "r", max_steps=3, lr=1e-2,
@@ -185,10 +189,35 @@ def test_resumed_run_reproduces_the_uninterrupted_trajectory(backend, tiny_llama
     assert len(set(full.losses)) == len(full.losses)  # the trajectory moves
 
 
+def test_auto_resume_continues_only_its_own_run(tiny_llama, tiny_tokenizer, examples, lora_bank_dir, tmp_path):
+    """resume="auto" (what `rocket run` uses): the checkpoints of the same run are continued exactly;
+    those of other data are set aside and training starts from step 0."""
+    kw = dict(epochs=2, lr=1e-2, batch_size=3, grad_accum=2, save_steps=1)
+    full = _run(copy.deepcopy(tiny_llama), tiny_tokenizer, examples, lora_bank_dir, tmp_path / "full", **kw)
+    with pytest.raises(_Killed):
+        _run(copy.deepcopy(tiny_llama), tiny_tokenizer, examples, lora_bank_dir, tmp_path / "cut",
+             on_step=_kill_after(2), **kw)
+    steps = []
+    resumed = _run(copy.deepcopy(tiny_llama), tiny_tokenizer, examples, lora_bank_dir, tmp_path / "cut",
+                   resume="auto", on_step=lambda info: steps.append(info.step), **kw)
+    assert steps == [3, 4] and resumed.losses == full.losses
+    other = examples[:-1] + [dict(examples[-1], output=examples[-1]["output"] + " Indeed.")]  # other data
+    with pytest.raises(_Killed):
+        _run(copy.deepcopy(tiny_llama), tiny_tokenizer, examples, lora_bank_dir, tmp_path / "mixed",
+             on_step=_kill_after(2), **kw)
+    steps = []
+    fresh = _run(copy.deepcopy(tiny_llama), tiny_tokenizer, other, lora_bank_dir, tmp_path / "mixed",
+                 resume="auto", on_step=lambda info: steps.append(info.step), **kw)
+    assert steps[0] == 1 and fresh.steps == len(steps)  # a fresh start, neither a resume nor an error
+    with pytest.raises(TrainError, match="other training data or experts"):
+        _run(copy.deepcopy(tiny_llama), tiny_tokenizer, examples, lora_bank_dir, tmp_path / "mixed", resume=True,
+             **kw)
+
+
 @pytest.mark.skipif(not HAVE_DS, reason="deepspeed is not installed")
 @pytest.mark.parametrize("stage", ["zero2", "zero3"])
 def test_deepspeed_follows_the_torch_loop(stage, tiny_llama, tiny_tokenizer, examples, lora_bank_dir, tmp_path):
-    from rocket.train import load_ds_config
+    from rocket.training.engines import load_ds_config
     if stage == "zero3":  # partition every tensor, as a big model's are: gathering is exercised
         stage = load_ds_config("zero3")
         stage["zero_optimization"]["stage3_param_persistence_threshold"] = 0
@@ -209,7 +238,7 @@ def test_deepspeed_follows_the_torch_loop(stage, tiny_llama, tiny_tokenizer, exa
 # --------------------------------------------------------------------------- CLI
 def test_cli_trains_and_reports_bad_data(tiny_model_dir, lora_bank_dir, examples, tmp_path, capsys):
     from rocket.cli import main
-    from rocket.data import write_jsonl
+    from rocket.data.examples import write_jsonl
     manifest = tmp_path / "experts.txt"
     manifest.write_text("".join(f"{p}\n" for p in sorted(lora_bank_dir.iterdir())))
     data = tmp_path / "aug.jsonl"

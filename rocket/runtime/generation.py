@@ -1,4 +1,4 @@
-"""Multi-adapter greedy decoding and exact-match accuracy (DESIGN §3 'Accuracy').
+"""Multi-adapter greedy decoding and exact-match accuracy (docs/design.md, 'Accuracy').
 
 Every (adapter, prompt) pair decodes at once: rows of a left-padded batch carry their adapter id
 (through the MultiLoraLinear layers of rocket.scoring) and share one KV cache, so N adapters × K
@@ -8,12 +8,12 @@ from __future__ import annotations
 
 import inspect
 import re
-
 import torch
 from tqdm.auto import tqdm
-
-from rocket.data import DataError, Tokenized
+from rocket.data.examples import DataError
+from rocket.data.tokenize import Tokenized
 from rocket.errors import RocketError
+
 
 _CHOICE = re.compile(r"\b([A-E])\b")
 _NUMBER = re.compile(r"-?\d[\d,]*(?:\.\d+)?")

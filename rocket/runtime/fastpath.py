@@ -13,13 +13,12 @@ Models of any other shape use transformers' own forward (see `supports_fast_path
 from __future__ import annotations
 
 from typing import NamedTuple
-
 import torch
 import torch.nn.functional as F
 from torch import nn
-
 from rocket.kernels.llama_ops import add_rms_norm, rotary_, silu_mul
-from rocket.packing import PackedBatch, varlen_causal_attention
+from rocket.runtime.packing import PackedBatch, varlen_causal_attention
+
 
 _LAYERS = {"LlamaDecoderLayer", "MistralDecoderLayer", "Qwen2DecoderLayer"}
 _NORMS = {"LlamaRMSNorm", "MistralRMSNorm", "Qwen2RMSNorm"}

@@ -9,11 +9,10 @@ padded batches). Row boundaries travel as HF's flash-varlen kwargs (`cu_seq_lens
 from __future__ import annotations
 
 from contextlib import contextmanager
-
 import torch
 import torch.nn.functional as F
-
 from rocket.errors import RocketError
+
 
 PACKED = "rocket_packed"
 _registered = False

@@ -1,7 +1,7 @@
 """Adapter weights to the GPU without stalling it.
 
 Stacking the whole bank on the host before the first pass (zero-fill, copy, then a transfer from
-pageable memory: 640 MB on one CPU thread for the DESIGN §5 bench) was the gap between the public
+pageable memory: 640 MB on one CPU thread for the scoring benchmark) was the gap between the public
 scoring call and its GPU passes (~300 ms of 1.9 s on an H200). Instead each adapter's matrices, cast
 to the model's dtype, are gathered into one pinned host buffer by worker threads while the GPU runs
 earlier adapters, copied on a side stream, and the compute stream waits only on that copy.
@@ -9,10 +9,22 @@ earlier adapters, copied on a side stream, and the compute stream waits only on 
 from __future__ import annotations
 
 from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 
-from rocket.bank import LoraAdapter, StackedModule
+if TYPE_CHECKING:
+    from rocket.adapters.bank import LoraAdapter
+
+
+@dataclass
+class StackedModule:
+    """One module's adapters stacked for kernels: ranks zero-padded to the largest."""
+    A: torch.Tensor          # [N, r_max, d_in]
+    B: torch.Tensor          # [N, d_out, r_max]
+    scaling: torch.Tensor    # [N] float32, 0 where an adapter does not cover the module
+    present: torch.Tensor    # [N] bool
 
 
 class AdapterStager:

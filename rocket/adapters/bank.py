@@ -7,17 +7,15 @@ import pickle
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
-
 import torch
 from torch import nn
+from rocket.adapters.similarity import group_similarity
+from rocket.adapters.stacking import StackedModule, stack_modules
+from rocket.errors import BankError
 
-from rocket.errors import RocketError
 
 _KEY = re.compile(r"^(?:base_model\.model\.)?(?P<module>.+)\.lora_(?P<ab>[AB])(?:\.[^.]+)?\.weight$")
 
-
-class BankError(RocketError):
-    """An adapter that cannot be used; the message names the adapter, file or module."""
 
 
 @dataclass
@@ -76,7 +74,8 @@ def _load_state(file: Path) -> dict[str, torch.Tensor]:
     return state
 
 
-def _weights_file(adapter_dir: Path) -> Path:
+def weights_file(adapter_dir: Path) -> Path:
+    """The weights file of a peft adapter directory (safetensors preferred)."""
     for name in ("adapter_model.safetensors", "adapter_model.bin"):
         if (adapter_dir / name).is_file():
             return adapter_dir / name
@@ -105,7 +104,7 @@ def load_adapter(path: str | Path, name: str | None = None) -> LoraAdapter:
         if not isinstance(cfg.get(key), (int, float)) or cfg[key] <= 0:
             raise BankError(f"{cfg_file}: field '{key}' must be a positive number")
     r, alpha, rslora = int(cfg["r"]), float(cfg["lora_alpha"]), bool(cfg.get("use_rslora", False))
-    state = _load_state(file or _weights_file(adapter_dir))
+    state = _load_state(file or weights_file(adapter_dir))
     halves: dict[str, dict[str, torch.Tensor]] = {}
     for key, tensor in state.items():
         m = _KEY.match(key)
@@ -147,13 +146,27 @@ def _manifest_entries(manifest: Path) -> list[Path]:
     return entries
 
 
-@dataclass
-class StackedModule:
-    """One module's adapters stacked for kernels: ranks zero-padded to the largest."""
-    A: torch.Tensor          # [N, r_max, d_in]
-    B: torch.Tensor          # [N, d_out, r_max]
-    scaling: torch.Tensor    # [N] float32, 0 where an adapter does not cover the module
-    present: torch.Tensor    # [N] bool
+def bank_entries(path: str | Path) -> list[tuple[str, Path]]:
+    """(name, path) of every adapter of a bank directory, a single adapter directory or a manifest
+    .txt, in bank order and named as LoraBank names them (a repeated name gets '#2', '#3', …),
+    without loading any weights."""
+    path = Path(path)
+    if path.is_file() and path.suffix == ".txt":
+        entries = _manifest_entries(path)
+    elif path.is_dir() and (path / "adapter_config.json").is_file():
+        entries = [path]
+    elif path.is_dir():
+        entries = sorted(p for p in path.iterdir() if (p / "adapter_config.json").is_file())
+        if not entries:
+            raise BankError(f"{path}: no adapter directories (with adapter_config.json) inside")
+    else:
+        raise BankError(f"{path}: expected a directory of peft adapters or a manifest .txt")
+    out, seen = [], {}
+    for p in entries:
+        name = (p.parent if p.is_file() else p).name
+        seen[name] = seen.get(name, 0) + 1
+        out.append((name if seen[name] == 1 else f"{name}#{seen[name]}", p))
+    return out
 
 
 class LoraBank:
@@ -173,17 +186,7 @@ class LoraBank:
 
     @classmethod
     def load(cls, path: str | Path, progress: bool = False) -> "LoraBank":
-        path = Path(path)
-        if path.is_file() and path.suffix == ".txt":
-            entries = _manifest_entries(path)
-        elif path.is_dir() and (path / "adapter_config.json").is_file():
-            entries = [path]
-        elif path.is_dir():
-            entries = sorted(p for p in path.iterdir() if (p / "adapter_config.json").is_file())
-            if not entries:
-                raise BankError(f"{path}: no adapter directories (with adapter_config.json) inside")
-        else:
-            raise BankError(f"{path}: expected a directory of peft adapters or a manifest .txt")
+        entries = [p for _, p in bank_entries(path)]
         if progress:
             from tqdm.auto import tqdm
             entries = tqdm(entries, desc="loading adapters", unit="adapter")
@@ -228,7 +231,7 @@ class LoraBank:
                  "scaling": a.scaling, "modules": len(a.weights)} for a in self.adapters]
 
     def delta_cos(self) -> torch.Tensor:
-        from rocket.selection import group_similarity
+        """[N, N] mean per-module cosine of the adapters' ΔW (see group_similarity)."""
         return group_similarity(self)
 
     # ---- kernels
@@ -245,10 +248,9 @@ class LoraBank:
             if A.shape[1] != d_in or B.shape[0] != d_out:
                 raise BankError(f"adapter '{a.name}': module '{module}' is {A.shape[1]}→{B.shape[0]}, "
                                 f"other adapters have {d_in}→{d_out}")
-        from rocket.staging import stack_modules  # the one implementation of the stacked layout
         dtype = dtype or having[0].weights[module][0].dtype
         target = torch.empty((), dtype=dtype, device=device).expand(d_out, d_in)  # shape, dtype, device: no memory
-        return stack_modules(chosen, {module: target})[module]
+        return stack_modules(chosen, {module: target})[module]  # the one implementation of the layout
 
     def validate(self, model: nn.Module) -> None:
         """Check every adapter module against the base model: it must exist as a linear layer with

@@ -13,27 +13,13 @@ from __future__ import annotations
 import numpy as np
 import torch
 from tqdm.auto import tqdm
-
 from rocket.errors import RocketError
+from rocket.augment.faiss_index import faiss_has_gpu
+from rocket.augment.faiss_index import _faiss
+
 
 # Pools above this size get an IVF index (sqrt(n)·4 lists) instead of the flat one.
 FLAT_MAX = 200_000
-
-
-def _faiss():
-    try:
-        import faiss
-    except ImportError as e:  # optional dependency of the augment stage
-        raise RocketError("dedup: method 'knn' needs faiss (pip install faiss-cpu)") from e
-    return faiss
-
-
-def faiss_has_gpu() -> bool:
-    try:
-        import faiss
-    except ImportError:
-        return False
-    return hasattr(faiss, "StandardGpuResources") and faiss.get_num_gpus() > 0
 
 
 def build_index(x: np.ndarray, index: str, nlist: int | None, nprobe: int, use_gpu: bool):
@@ -61,7 +47,7 @@ def knn_dropped(ranked: torch.Tensor, threshold: float, k: int = 32, index: str 
                 nlist: int | None = None, nprobe: int = 16, chunk: int = 65536, info: dict | None = None) -> torch.Tensor:
     """Dropped flags (bool [n], rank positions) of rank-sorted rows: pairs above τ among each
     row's k nearest neighbours."""
-    from rocket.dedup import error_bound, recheck_pairs_float64
+    from rocket.augment.exact import error_bound, recheck_pairs_float64
     faiss = _faiss()
     n, d = ranked.shape
     if k < 2:
@@ -134,7 +120,7 @@ def ivf_dropped(ranked: torch.Tensor, threshold: float, nlist: int | None = None
     nprobe: on unit vectors in d = 1024 (nlist ≈ √n..1000), pairs at cos ≈ 0.9998 share a list
     at nprobe 2 (H100, 1e7: recall 0.9998), pairs at cos ≈ 0.96 need more: the share of such
     pairs with a common list was 0.93-0.95 at nprobe 2, 0.997 at 4 and 1.0 at 8 (CPU, 2e5 rows)."""
-    from rocket.dedup import exact_codes, max_sq_norm, recheck_float64
+    from rocket.augment.exact import exact_codes, max_sq_norm, recheck_float64
     n, d = ranked.shape
     nlist = max(1, min(nlist or int(n ** 0.5), n))
     norm2 = max_sq_norm(ranked)

@@ -1,0 +1,89 @@
+"""The scores of stage 1 (scores.json): loss/ppl per adapter and example, accuracy per adapter;
+written by scoring, read by selection.
+"""
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+import torch
+from rocket.errors import RocketError
+from rocket.io import write_json
+
+
+@dataclass
+class Scores:
+    """Per-adapter scores on K examples: loss/ppl [N, K] (nats, exp), ppl_sum [N] = PPL_R,
+    accuracy [N] in [0, 1] or None. `names` orders the rows."""
+    names: list[str]
+    loss: torch.Tensor
+    accuracy: torch.Tensor | None = None
+    meta: dict = field(default_factory=dict)
+
+    def __post_init__(self):
+        self.loss = torch.as_tensor(self.loss, dtype=torch.float64)
+        if self.loss.dim() != 2 or self.loss.shape[0] != len(self.names):
+            raise RocketError(f"scores: loss has shape {tuple(self.loss.shape)}, expected "
+                              f"[{len(self.names)} adapters, K examples]")
+        if self.accuracy is not None:
+            self.accuracy = torch.as_tensor(self.accuracy, dtype=torch.float64)
+            if self.accuracy.shape != (len(self.names),):
+                raise RocketError(f"scores: accuracy has shape {tuple(self.accuracy.shape)}, "
+                                  f"expected ({len(self.names)},)")
+
+    @property
+    def ppl(self) -> torch.Tensor:
+        return torch.exp(self.loss)
+
+    @property
+    def ppl_sum(self) -> torch.Tensor:
+        return self.ppl.sum(dim=1)
+
+    def to_json(self) -> dict:
+        return {"adapters": self.names, "examples": self.loss.shape[1], "loss": self.loss.tolist(),
+                "ppl": self.ppl.tolist(), "ppl_sum": self.ppl_sum.tolist(),
+                "accuracy": None if self.accuracy is None else self.accuracy.tolist(), "meta": self.meta}
+
+    def save(self, path: str | Path) -> None:
+        write_json(path, self.to_json())
+
+    @classmethod
+    def load(cls, path: str | Path) -> "Scores":
+        path = Path(path)
+        try:
+            obj = json.loads(path.read_text())
+        except FileNotFoundError:
+            raise RocketError(f"{path}: no such scores file") from None
+        except json.JSONDecodeError as e:
+            raise RocketError(f"{path}:{e.lineno}: malformed JSON ({e.msg})") from None
+        for key in ("adapters", "loss"):
+            if key not in obj:
+                raise RocketError(f"{path}: missing field '{key}'")
+        loss = obj["loss"]
+        if any(not math.isfinite(v) for row in loss for v in row):
+            raise RocketError(f"{path}: field 'loss' has non-finite values")
+        return cls(list(obj["adapters"]), torch.tensor(loss, dtype=torch.float64), obj.get("accuracy"),
+                   obj.get("meta", {}))
+
+
+def read_accuracy(path: str | Path, names: list[str]) -> torch.Tensor:
+    """Accuracy per adapter from a JSON {adapter name: accuracy in [0, 1]}, in `names` order."""
+    path = Path(path)
+    try:
+        obj = json.loads(path.read_text())
+    except FileNotFoundError:
+        raise RocketError(f"{path}: no such accuracy file") from None
+    except json.JSONDecodeError as e:
+        raise RocketError(f"{path}:{e.lineno}: malformed JSON ({e.msg})") from None
+    if not isinstance(obj, dict):
+        raise RocketError(f"{path}: expected a JSON object {{adapter: accuracy}}")
+    out = []
+    for name in names:
+        if name not in obj:
+            raise RocketError(f"{path}: no accuracy for adapter '{name}'")
+        v = obj[name]
+        if isinstance(v, bool) or not isinstance(v, (int, float)) or not 0.0 <= v <= 1.0:
+            raise RocketError(f"{path}: accuracy of '{name}' must be a number in [0, 1], got {v!r}")
+        out.append(float(v))
+    return torch.tensor(out, dtype=torch.float64)

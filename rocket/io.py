@@ -1,0 +1,59 @@
+"""Atomic writes, the one way rocket writes an output: a file appears whole or not at all.
+
+The data goes to a unique temporary file beside the target (two writers never share one), which
+is flushed to disk and renamed over the target; the directory is then synced so the rename itself
+survives a crash. On any failure the temporary file is removed and the old target is untouched.
+"""
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Iterator
+
+
+def _fsync_dir(path: Path) -> None:
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:  # platforms without directory handles
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+@contextmanager
+def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
+    """Yields a temporary path to write `path`'s content to (by any writer, e.g. a library's
+    save function); on a clean exit the file is synced and renamed to `path`."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.close(fd)
+    tmp = Path(name)
+    try:
+        yield tmp
+        with open(tmp, "rb+") as f:
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    _fsync_dir(path.parent)
+
+
+def atomic_write(path: str | os.PathLike, data: bytes | str) -> Path:
+    """Write bytes, or text as UTF-8, to `path` atomically."""
+    with atomic_path(path) as tmp:
+        tmp.write_bytes(data.encode("utf-8") if isinstance(data, str) else data)
+    return Path(path)
+
+
+def write_json(path: str | os.PathLike, obj, indent: int = 1) -> Path:
+    """`obj` as JSON, written atomically."""
+    return atomic_write(path, json.dumps(obj, indent=indent, default=str) + "\n")

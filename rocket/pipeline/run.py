@@ -1,0 +1,224 @@
+"""`rocket run`: score → select → augment → train → report in one run directory, resumable.
+
+Every stage writes its outputs atomically and then a stamp (`RUN_DIR/.rocket/<stage>.json`) with
+the configuration it ran with, fingerprints of its input files and the stamps of the stages it
+builds on. A stage is skipped when its stamp matches and all its outputs exist; any change of its
+options, of an input file or of an upstream result runs it (and so everything after it) again.
+A run killed mid-way therefore resumes at the first stage that had not finished.
+"""
+from __future__ import annotations
+
+import os
+import shutil
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+import torch
+from rocket.io import write_json
+from rocket.modeling import load_base
+from rocket.resume import Stamps, digest, fingerprint
+from rocket.errors import PipelineError
+
+
+STAGES = ("score", "select", "augment", "train", "report")
+
+
+
+@dataclass
+class RunConfig:
+    """Everything `rocket run` needs; the stage options mirror the stage commands' flags."""
+    base_model: str
+    bank: str
+    kshot: str
+    pool: str
+    out: str
+    # score
+    template: str = "alpaca"
+    accuracy: str | None = None            # extractor: choice, number, exact
+    accuracy_file: str | None = None
+    max_new_tokens: int = 64
+    max_tokens: int | None = None
+    dtype: str = "auto"
+    # select
+    n_experts: int = 4
+    top_m: int = 8
+    # augment
+    target: int = 1000
+    threshold: float = 0.9
+    embed_model: str | None = None
+    prefix: str | None = None
+    embed_batch_size: int = 64
+    # train (passed to rocket.train.train as keyword arguments)
+    train: dict = field(default_factory=dict)
+    # everywhere
+    device: str | None = None
+    seed: int = 0
+    progress: bool = True
+
+    @property
+    def run_dir(self) -> Path:
+        return Path(self.out)
+
+
+class Pipeline:
+    """One run directory; `run()` executes the stages that are not already done."""
+
+    def __init__(self, cfg: RunConfig, log=print):
+        self.cfg = cfg
+        self.dir = cfg.run_dir
+        self.device = torch.device(cfg.device) if cfg.device else torch.device(
+            "cuda" if torch.cuda.is_available() else "cpu")
+        self.stamps = Stamps(self.dir)
+        self.log = log
+        self._base = None
+        self._bank = None
+        self.status: dict[str, str] = {}
+
+    # ---- shared inputs, loaded once and only when a stage needs them
+    def base(self):
+        if self._base is None:
+            self._base = load_base(self.cfg.base_model, self.device, self.cfg.dtype)
+        return self._base
+
+    def bank(self):
+        if self._bank is None:
+            from rocket.adapters.bank import LoraBank
+            self._bank = LoraBank.load(self.cfg.bank, progress=self.cfg.progress)
+        return self._bank
+
+    def p(self, name: str) -> Path:
+        return self.dir / name
+
+    # ---- stage table: name → (outputs, inputs, options, function)
+    def _plan(self):
+        c = self.cfg
+        return {
+            "score": (["scores.json", "heatmap.png"], [c.base_model, c.bank, c.kshot] +
+                      ([c.accuracy_file] if c.accuracy_file else []),
+                      dict(template=c.template, accuracy=c.accuracy, max_new_tokens=c.max_new_tokens,
+                           dtype=c.dtype, device=self.device.type), self._score),
+            "select": (["experts.txt", "experts.json", "similarity.png"], [c.bank],
+                       dict(n_experts=c.n_experts, top_m=c.top_m), self._select),
+            "augment": (["aug.jsonl", "aug.json"], [c.kshot, c.pool],
+                        dict(target=c.target, threshold=c.threshold, embed_model=c.embed_model, prefix=c.prefix,
+                             seed=c.seed), self._augment),
+            "train": (["checkpoint"], [c.base_model], dict(train=c.train, seed=c.seed, device=self.device.type),
+                      self._train),
+            "report": (["routing.json", "report.html"], [], {}, self._report),
+        }
+
+    def run(self, force: str | None = None, stop_after: str | None = None) -> dict:
+        """Run every stage not already done (from `force` on, all are redone); stop after
+        `stop_after`. Returns {stage: 'ran' | 'skipped'} (and the stages not reached are absent)."""
+        for name, value in (("force", force), ("stop_after", stop_after)):
+            if value is not None and value not in STAGES:
+                raise PipelineError(f"--{name.replace('_', '-')} {value}: not a stage ({', '.join(STAGES)})")
+        self.dir.mkdir(parents=True, exist_ok=True)
+        plan = self._plan()
+        upstream = []
+        redo = False
+        for stage in STAGES:
+            outputs, inputs, options, fn = plan[stage]
+            redo = redo or stage == force
+            key = digest({"options": options, "inputs": [fingerprint(p) for p in inputs], "upstream": upstream})
+            stamp = self.stamps.read(stage)
+            done = (not redo and stamp is not None and stamp.get("key") == key
+                    and all(self.p(o).exists() for o in outputs))
+            if done:
+                self.status[stage] = "skipped"
+                self.log(f"[{stage}] done before (outputs in {self.dir}), skipped")
+            else:
+                self.stamps.clear(stage)
+                self.log(f"[{stage}] running")
+                start = time.perf_counter()
+                summary = fn() or {}
+                seconds = time.perf_counter() - start
+                self.stamps.write(stage, key, outputs, seconds, summary)
+                self.status[stage] = "ran"
+                self.log(f"[{stage}] finished in {seconds:.1f}s")
+                redo = True  # everything downstream depends on what was just (re)made
+            upstream.append(key)
+            if stage == stop_after:
+                break
+        return dict(self.status)
+
+    # ---- the stages
+    def _score(self) -> dict:
+        from rocket.data.examples import load_examples
+        from rocket.scoring.heatmap import save_heatmap
+        from rocket.scoring.score import score_adapters
+
+        c = self.cfg
+        examples = load_examples(c.kshot)
+        model, tokenizer = self.base()
+        scores = score_adapters(model, tokenizer, self.bank(), examples, c.template, accuracy=c.accuracy,
+                                accuracy_file=c.accuracy_file, max_new_tokens=c.max_new_tokens,
+                                max_tokens=c.max_tokens, progress=c.progress)
+        scores.meta.update(base_model=str(c.base_model), bank=str(c.bank), data=str(c.kshot))
+        save_heatmap(scores, self.p("heatmap.png"))
+        scores.save(self.p("scores.json"))
+        best = int(torch.argmin(scores.ppl_sum))
+        return {"adapters": len(scores.names), "examples": scores.loss.shape[1], "lowest_ppl_r": scores.names[best]}
+
+    def _select(self) -> dict:
+        from rocket.data.scores import Scores
+        from rocket.selection.ranking import select_experts
+        from rocket.selection.outputs import write_outputs
+
+        c = self.cfg
+        scores = Scores.load(self.p("scores.json"))
+        selection = select_experts(scores, self.bank(), top_m=c.top_m, n_experts=c.n_experts,
+                                   device=self.device, progress=c.progress)
+        write_outputs(selection, self.p("experts.txt"), self.p("experts.json"), self.p("similarity.png"))
+        self.log(selection.format_table())
+        for note in selection.notes:
+            self.log(f"note: {note}")
+        return {"experts": selection.experts}
+
+    def _augment(self) -> dict:
+        from rocket.augment.build import select_data
+        from rocket.data.examples import load_examples, write_jsonl
+
+        c = self.cfg
+        kshot, pool = load_examples(c.kshot), load_examples(c.pool)
+        examples, report = select_data(kshot, pool, c.target, c.threshold, embedder=c.embed_model,
+                                       prefix=c.prefix, batch_size=c.embed_batch_size, device=self.device,
+                                       seed=c.seed, progress=c.progress)
+        report.update(pool_path=str(c.pool), kshot_path=str(c.kshot))
+        write_json(self.p("aug.json"), report)
+        write_jsonl(self.p("aug.jsonl"), examples)
+        return dict(report["counts"])
+
+    def _train(self) -> dict:
+        from rocket.training.loop import train
+
+        c = self.cfg
+        final, partial = self.p("checkpoint"), self.p("checkpoint.partial")
+        # Training runs in checkpoint.partial/ and is renamed to checkpoint/ only when it has finished,
+        # so checkpoint/ always means complete. A killed run resumes from the last checkpoint inside
+        # checkpoint.partial/ when it belongs to the same training run (train's resume="auto").
+        options = dict(c.train)
+        deepspeed = options.pop("deepspeed", None)
+        backend = options.pop("backend", "auto")
+        options.setdefault("template", c.template)
+        options.setdefault("seed", c.seed)
+        result = train(c.base_model, str(self.p("aug.jsonl")), str(self.p("experts.txt")), partial,
+                       deepspeed_config=deepspeed, backend=backend, device=self.device, resume="auto",
+                       progress=c.progress, **options)
+        shutil.rmtree(final, ignore_errors=True)
+        os.replace(partial, final)
+        losses = result.losses
+        return {"steps": result.steps, "backend": result.backend, "first_loss": losses[0] if losses else None,
+                "last_loss": losses[-1] if losses else None, "seconds": result.seconds}
+
+    def _report(self) -> dict:
+        from rocket.report import routing_stats, write_report
+
+        write_json(self.p("routing.json"), routing_stats(self))
+        write_report(self.dir, self.p("report.html"))
+        return {}
+
+
+def run_pipeline(cfg: RunConfig, force: str | None = None, stop_after: str | None = None, log=print) -> dict:
+    """Run (or resume) the whole pipeline; see Pipeline.run."""
+    return Pipeline(cfg, log).run(force, stop_after)

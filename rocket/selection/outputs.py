@@ -1,0 +1,52 @@
+"""The outputs of stage 2: experts.txt (the chosen adapters), experts.json, the similarity plot."""
+from __future__ import annotations
+
+import json
+import math
+from contextlib import ExitStack
+from io import BytesIO
+from pathlib import Path
+
+from rocket.io import atomic_path
+from rocket.selection.ranking import Selection
+
+
+def plot_similarity(selection: Selection) -> bytes:
+    """PNG of the top-M ΔW similarity matrix, chosen experts starred."""
+
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    m = len(selection.top)
+    labels = [("★ " if n in selection.experts else "") + n for n in selection.top]
+    fig, ax = plt.subplots(figsize=(min(3 + 0.5 * m, 24), min(2.5 + 0.45 * m, 22)))
+    im = ax.imshow(selection.similarity.numpy(), cmap="coolwarm", vmin=-1, vmax=1, interpolation="nearest")
+    ax.set_xticks(range(m), labels, rotation=60, ha="right", fontsize=7)
+    ax.set_yticks(range(m), labels, fontsize=7)
+    if m <= 16:
+        for i in range(m):
+            for j in range(m):
+                v = float(selection.similarity[i, j])
+                ax.text(j, i, "–" if math.isnan(v) else f"{v:.2f}", ha="center", va="center", fontsize=6)
+    ax.set_title("mean per-module cosine of ΔW (top M; ★ chosen)")
+    fig.colorbar(im, ax=ax, label="cos")
+    fig.tight_layout()
+    buf = BytesIO()
+    fig.savefig(buf, format="png", dpi=100)
+    plt.close(fig)
+    return buf.getvalue()
+
+
+def write_outputs(selection: Selection, manifest: Path, report: Path | None, plot: Path | None) -> None:
+    """Manifest (one weights path per line, the reference implementation's format), JSON report and
+    PNG; each file is written to a temporary name first and all are renamed only when every one is
+    complete."""
+    outputs = [(manifest, ("\n".join(selection.paths) + "\n").encode())]
+    if report is not None:
+        outputs.append((report, (json.dumps(selection.to_json(), indent=1) + "\n").encode()))
+    if plot is not None:
+        outputs.append((plot, plot_similarity(selection)))
+    with ExitStack() as stack:  # the renames happen as the stack unwinds, after every write
+        for path, data in outputs:
+            stack.enter_context(atomic_path(path)).write_bytes(data)
