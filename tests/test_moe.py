@@ -41,6 +41,18 @@ def test_layer_is_a_drop_in_linear_and_matches_the_reference():
     assert layer.aux_loss is None
 
 
+def test_layer_passes_its_gemm_backend_to_the_fused_layer():
+    gen = torch.Generator().manual_seed(10)
+    layer = _layer(24, 20, 3, 4, 2, gen, gemm_backend="triton")
+    x = torch.randn(11, 24, generator=gen).to(DEVICE)
+    want = R.lora_moe(x.double(), layer.base.weight.double(), layer.base.bias.double(), layer.lora_A.double(),
+                      layer.lora_B.double(), layer.scaling.double(), layer.router.weight.double(), 2)
+    assert rel_err(layer(x), want) < 1e-5
+    layer.gemm_backend = "no_such"
+    with pytest.raises(ValueError, match="^lora_moe: gemm_backend='no_such'"):
+        layer(x)
+
+
 def test_bf16_layer_with_float32_masters_as_the_trainer_keeps_them():
     """TorchEngine keeps float32 masters in a bf16 model: the layer rounds them in its kernels and
     their gradients arrive in float32, equal to rounding first (bf16 tolerance)."""
