@@ -58,7 +58,8 @@ def syncs(step, title):
 
 
 def _main_module():
-    """main's rocket/kernels/lora_moe.py (carried as bench/_main_lora_moe.py) for a same-run A/B, if present."""
+    """main's rocket/kernels/lora_moe.py (carried as bench/_main_lora_moe.py) for a same-run A/B, if present;
+    its lora_moe must take the gemm_backend argument."""
     try:
         from bench import _main_lora_moe
     except ImportError:
@@ -68,8 +69,8 @@ def _main_module():
 
 def layer(shapes=((4096, 4096, 4096, 8), (3072, 2048, 5504, 4), (3072, 2048, 2048, 4)),
           names=("base", "single_lora", "rocket", "rocket_cublas", "rocket_triton", "main_auto", "main_cublas")):
-    from bench.test_lora_moe import _fwd_bwd, _inputs, _methods, _with_backend
-    from rocket.kernels import lora_moe as K
+    from bench.test_lora_moe import _fwd_bwd, _inputs, _methods
+    from rocket.kernels.dual_mm import CHOICES
     main = _main_module()
     out = {}
     for T, d_in, d_out, E in shapes:
@@ -77,8 +78,9 @@ def layer(shapes=((4096, 4096, 4096, 8), (3072, 2048, 5504, 4), (3072, 2048, 204
         methods = _methods(v, 2)
         if main is not None:
             for be in ("auto", "cublas"):
-                fn = lambda x, A, B, G: main.lora_moe(x, v["W"], v["b"], A, B, v["s"], G, 2)  # noqa: E731
-                methods[f"main_{be}"] = (_with_backend(be, fn, main), (0, 1, 2, 3))
+                fn = lambda x, A, B, G, be=be: main.lora_moe(x, v["W"], v["b"], A, B, v["s"], G, 2,  # noqa: E731
+                                                             gemm_backend=be)
+                methods[f"main_{be}"] = (fn, (0, 1, 2, 3))
         row = {}
         for name in names:
             if name not in methods:
@@ -93,7 +95,7 @@ def layer(shapes=((4096, 4096, 4096, 8), (3072, 2048, 5504, 4), (3072, 2048, 204
             syncs(_fwd_bwd(*methods["rocket"], v), "rocket layer")
         print(f"T={T} {d_in}->{d_out} E={E}:", json.dumps(row))
         out[f"{T}x{d_in}x{d_out}xE{E}"] = row
-    out["auto_choices"] = {str(k): c for k, c in K.CHOICES.items()}
+    out["auto_choices"] = {str(k): c for k, c in CHOICES.items()}
     # one fp32-out cuBLAS product (the gradients of the fp32 masters), if this torch has it
     a = torch.randn(64, 3072, device=DEV, dtype=torch.bfloat16)
     b = torch.randn(3072, 2048, device=DEV, dtype=torch.bfloat16)
@@ -111,8 +113,9 @@ def host():
     rocket.kernels.direct_launch, whole layers forward and forward+backward against peft's LoRA layer.
     (The 2026-11-30 result files' "direct launch" row timed the compiled kernel's bare launcher.)"""
     from torch import nn
-    from rocket.kernels import lora_moe as K
+    from rocket.kernels import lora_moe_route as route
     from rocket.kernels.direct_launch import Launcher
+    from rocket.kernels.dual_mm import _cdiv
     from rocket.moe.layer import LoraMoELinear
     T, d_in, d_out, E, r = 64, 2048, 5504, 4, 16
     bf = dict(device=DEV, dtype=torch.bfloat16)
@@ -139,14 +142,14 @@ def host():
     B = torch.randn(E, d_out, r, device=DEV) * 0.02
     G = torch.randn(E, d_in, device=DEV) * 0.02
     s = torch.ones(E, device=DEV)
-    out["route_forward (function)"] = per_call(lambda: K.route_forward(x, None, A, B, G, s, 2))
-    outs = K.route_forward(x, None, A, B, G, s, 2)
+    out["route_forward (function)"] = per_call(lambda: route.route_forward(x, None, A, B, G, s, 2))
+    outs = route.route_forward(x, None, A, B, G, s, 2)
     args = (x, x, A, G, s, B, *outs, T)
     meta = dict(K=d_in, N=d_out, E=E, R=r, KP=outs[3].shape[1], EP=16, BER=64, IEEE=False, DOT_F32=False, TOPK=2,
-                HAS_XL=False, COPY_ROWS=K._B_ROWS, BM=64, BK=64, num_warps=4, num_stages=4)
-    grid = (1 + K._cdiv(d_out, K._B_ROWS),)  # one row block, then the B_cat copy programs
-    out["route kernel, JIT launch"] = per_call(lambda: K._route_fwd[grid](*args, **meta))
-    launcher = Launcher(K._route_fwd)  # what the layer uses: the compiled kernel launched directly
+                HAS_XL=False, COPY_ROWS=route._B_ROWS, BM=64, BK=64, num_warps=4, num_stages=4)
+    grid = (1 + _cdiv(d_out, route._B_ROWS),)  # one row block, then the B_cat copy programs
+    out["route kernel, JIT launch"] = per_call(lambda: route._route_fwd[grid](*args, **meta))
+    launcher = Launcher(route._route_fwd)  # what the layer uses: the compiled kernel launched directly
     out["route kernel, rocket Launcher"] = per_call(
         lambda: launcher.launch("bench", lambda m: grid, args, lambda: meta, x.get_device()))
     out["direct launches"] = launcher.direct_launches
@@ -201,7 +204,7 @@ def host():
 def train():
     from bench.test_train import GPU as S
     from bench.test_train import build_model, random_bank
-    from rocket.moe.inject import inject_lora_moe
+    from rocket.moe.inject import inject_lora_moe, moe_layers
     from rocket.training.engines import TorchEngine
     from rocket.training.config import TrainConfig
     from rocket.training.batches import token_loss_sum
@@ -243,9 +246,9 @@ def train():
     import rocket.moe.layer as moe_mod
     main, new = _main_module(), moe_mod.lora_moe
 
-    def main_lora_moe(x, W, b, A, B, s, G, k, xl, return_routing=False):  # main's layer: casts outside
+    def main_lora_moe(x, W, b, A, B, s, G, k, xl, return_routing=False, gemm_backend="auto"):  # main's: casts outside
         return main.lora_moe(x, W, b, A.to(x.dtype), B.to(x.dtype), s, G.to(x.dtype), k, xl,
-                             return_routing=return_routing)
+                             return_routing=return_routing, gemm_backend=gemm_backend)
 
     def main_step():
         moe_mod.lora_moe = main_lora_moe
@@ -264,8 +267,8 @@ def train():
         out[name]["syncs"] = syncs(step, name)
         print(name, json.dumps(out[name]), flush=True)
     for backend in ("cublas", "triton"):
-        from rocket.kernels import lora_moe as K
-        K.GEMM_BACKEND = backend
+        for moe_layer in moe_layers(model).values():
+            moe_layer.gemm_backend = backend
         for _ in range(2):
             rocket_step()
         issue, wall = host_wall(rocket_step, n=8)

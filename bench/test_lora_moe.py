@@ -1,14 +1,14 @@
-"""One LoRA-MoE layer (DESIGN §5 'LoRA-MoE layer'): rocket's fused kernels vs peers in one process,
-forward and forward+backward (grads of x, A, B, router; W frozen), as ratios to the frozen base
-linear alone, timed in interleaved rounds, each timing in its own steady state of the GPU's clocks
+"""One LoRA-MoE layer (docs/design.md): rocket's fused kernels vs peers in one process, forward and
+forward+backward (grads of x, A, B, router; W frozen), as ratios to the frozen base linear alone,
+timed in interleaved rounds, each timing in its own steady state of the GPU's clocks
 (bench.harness.interleaved_median_ms). GPU: bf16, T ∈ {4096, 16384}, 4096 → {4096, 11008}, E ∈ {4, 8},
 k=2, r=16; CPU: small shapes in the interpreter (correctness of the same code, timings are not results).
 
-Peers (bench/peers.py): the reference implementation's per-expert loop, dense all-experts einsum, a generic grouped
-Triton MoE (sort by expert, SGMV, index_add), and a single peft-style LoRA (rank r, no routing).
-`rocket_cublas` is rocket with every product in cuBLAS, the base product first and the LoRA product
-added over y (what `auto` does up to SMALL_M tokens; above, `auto` puts the LoRA product first and
-the base product reads it back as C).
+Peers (bench/peers.py): the reference implementation's per-expert loop, dense all-experts einsum, a
+generic grouped Triton MoE (sort by expert, SGMV, index_add), and a single peft-style LoRA (rank r,
+no routing). `rocket_cublas` is rocket with gemm_backend="cublas": every product in cuBLAS, the base
+product first and the LoRA product added over y (what `auto` does up to SMALL_M tokens; above,
+`auto` puts the LoRA product first and the base product reads it back as C).
 
 Where the host cannot issue the launches as fast as the GPU runs them (T=4096, 4096→4096), eager
 timings measure the host. On the GPU each fwd+bwd is therefore also captured in a CUDA graph and its
@@ -23,8 +23,9 @@ import torch.nn.functional as F
 from bench.harness import cuda_graph, host_wall, interleaved_median_ms, median_ms
 from bench.peers import lora_moe_dense_einsum, lora_moe_grouped, lora_moe_loop, lora_single
 from tests.helpers import rel_err
-from rocket.kernels import lora_moe as K
 from rocket.kernels import reference as R
+from rocket.kernels.dual_mm import _IMPLS, CHOICES
+from rocket.kernels.lora_moe import lora_moe
 
 GPU = dict(shapes=[(T, 4096, d_out, E) for T in (16384, 4096) for d_out in (4096, 11008) for E in (8, 4)],
            k=2, r=16, dtype=torch.bfloat16, reps={})
@@ -41,28 +42,19 @@ def _inputs(T, d_in, d_out, E, r, dtype, device, seed=0):
                 G=t(E, d_in, scale=d_in ** -0.5), gy=t(T, d_out))
 
 
-def _with_backend(backend, fn, module=K):
-    """fn run with `module` (a lora_moe kernels module) set to one GEMM backend."""
-    def run(*args):
-        old, module.GEMM_BACKEND = module.GEMM_BACKEND, backend
-        try:
-            return fn(*args)
-        finally:
-            module.GEMM_BACKEND = old
-    return run
-
-
 def _methods(v, k):
     """name → f(x, A, B, G) -> y, and which of (x, A, B, G) each one differentiates."""
     W, b, s = v["W"], v["b"], v["s"]
     s0 = float(s[0])
-    rocket = lambda x, A, B, G: K.lora_moe(x, W, b, A, B, s, G, k)  # noqa: E731
+
+    def rocket(backend):
+        return lambda x, A, B, G: lora_moe(x, W, b, A, B, s, G, k, gemm_backend=backend)
     return {
         "base": (lambda x, A, B, G: F.linear(x, W, b), (0,)),
-        "rocket": (_with_backend("auto", rocket), (0, 1, 2, 3)),
-        "rocket_triton": (_with_backend("triton", rocket), (0, 1, 2, 3)),
-        "rocket_tma": (_with_backend("tma", rocket), (0, 1, 2, 3)),
-        "rocket_cublas": (_with_backend("cublas", rocket), (0, 1, 2, 3)),
+        "rocket": (rocket("auto"), (0, 1, 2, 3)),
+        "rocket_triton": (rocket("triton"), (0, 1, 2, 3)),
+        "rocket_tma": (rocket("tma"), (0, 1, 2, 3)),
+        "rocket_cublas": (rocket("cublas"), (0, 1, 2, 3)),
         "dense_einsum": (lambda x, A, B, G: lora_moe_dense_einsum(x, W, b, A, B, s, G, k), (0, 1, 2, 3)),
         "grouped_triton": (lambda x, A, B, G: lora_moe_grouped(x, W, b, A, B, s, G, k), (0, 1, 2, 3)),
         "loop": (lambda x, A, B, G: lora_moe_loop(x, W, b, A, B, s, G, k), (0, 1, 2, 3)),
@@ -147,7 +139,7 @@ def test_lora_moe_layer(recorder, device, on_gpu):
             AGc = torch.randn(128, d_in, generator=gen).to(dtype).to(device)
             extra["gemm_only_ms"] = {"cublas_base_fwd": median_ms(lambda: F.linear(v["x"], v["W"], v["b"]), device),
                                      "cublas_base_bwd": median_ms(lambda: v["gy"] @ v["W"], device)}
-            for impl, fn in K._IMPLS.items():
+            for impl, fn in _IMPLS.items():
                 out_f = torch.empty(T, d_out, device=device, dtype=dtype)
                 out_b = torch.empty(T, d_in, device=device, dtype=dtype)
                 extra["gemm_only_ms"][f"{impl}_fwd"] = median_ms(
@@ -166,6 +158,6 @@ def test_lora_moe_layer(recorder, device, on_gpu):
               + f" | base fwd {fwd['base']:.3f} ms, fwd+bwd {fwdbwd['base']:.3f} ms",
               {n: round(x, 3) for n, x in extra.get("ratio_fwdbwd_graphed", {}).items()}, row.get("gemm_only_ms", ""),
               row.get("host_issue_ms", ""))
-    if on_gpu:  # what GEMM_BACKEND="auto" measured and chose per GEMM shape
-        recorder.rows[-1]["auto_gemm_choices"] = {str(k_): c for k_, c in K.CHOICES.items()}
-        print({str(k_): c for k_, c in K.CHOICES.items()})
+    if on_gpu:  # what gemm_backend="auto" measured and chose per GEMM shape
+        recorder.rows[-1]["auto_gemm_choices"] = {str(k_): c for k_, c in CHOICES.items()}
+        print({str(k_): c for k_, c in CHOICES.items()})

@@ -178,7 +178,7 @@ def test_train_throughput(recorder, device, on_gpu, monkeypatch, tmp_path):
     done("peft_lora", peft_steps(_fresh(base), tok, examples, TrainConfig(**cfg), s["steps"], device))
     with monkeypatch.context() as m:
         import rocket.moe.layer as moe
-        m.setattr(moe, "lora_moe", lambda *a, return_routing=False, **k: R.lora_moe_loop(*a, **k))
+        m.setattr(moe, "lora_moe", lambda *a, return_routing=False, gemm_backend="auto", **k: R.lora_moe_loop(*a, **k))
         r = run("seed_loop", "torch", steps=s["loop_steps"])
     done("seed_loop", history(r))
     # same batches, same init: the loop MoE must agree with rocket's layer on the steps both ran

@@ -1,11 +1,16 @@
-"""Fused LoRA-MoE kernels (rocket/kernels/lora_moe.py) vs the reference and the reference implementation's per-expert loop:
-outputs, routing and every gradient (x, A, B, router, and the probs path of the balancing loss)."""
+"""Fused LoRA-MoE kernels (rocket/kernels/lora_moe.py, lora_moe_route.py, dual_mm.py) vs the torch
+reference and the reference implementation's per-expert loop: outputs, routing and every gradient
+(x, A, B, router, and the probs path of the balancing loss)."""
+from functools import partial
+
 import pytest
 import torch
 
 from tests.helpers import rel_err
-from rocket.kernels import reference as R
+from rocket.kernels import dual_mm as gemm
 from rocket.kernels import lora_moe as K
+from rocket.kernels import lora_moe_route as route
+from rocket.kernels import reference as R
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 TOL = {torch.float32: 2e-5, torch.float16: 5e-3, torch.bfloat16: 2e-2}
@@ -33,8 +38,8 @@ def _grads(fn, x, W, b, A, B, s, G, k, gy, gp, x_lora=None):
     return [y, probs, *grads]
 
 
-def _kernel(x, W, b, A, B, s, G, k, xl):
-    y, probs, _ = K.lora_moe(x, W, b, A, B, s, G, k, xl, return_routing=True)
+def _kernel(x, W, b, A, B, s, G, k, xl, gemm_backend="auto"):
+    y, probs, _ = K.lora_moe(x, W, b, A, B, s, G, k, xl, return_routing=True, gemm_backend=gemm_backend)
     return y, probs
 
 
@@ -168,17 +173,17 @@ def test_route_kernels_lay_out_the_gemm_weights(monkeypatch, E, r, w_dtype):
     empty = torch.empty
     monkeypatch.setattr(torch, "empty", lambda *a, **kw: empty(*a, **kw).fill_(float("nan"))
                         if kw.get("dtype", torch.float32).is_floating_point else empty(*a, **kw))
-    probs, experts, h, hm, B_cat = K.route_forward(x, None, A, B, G, s, 2)
-    gcat, AG = K.route_backward(torch.randn(T, d_out, generator=gen).to(torch.bfloat16).to(DEVICE), B_cat, h, s,
-                                probs, experts, None, A, G, True)
+    probs, experts, h, hm, B_cat = route.route_forward(x, None, A, B, G, s, 2)
+    gcat, AG = route.route_backward(torch.randn(T, d_out, generator=gen).to(torch.bfloat16).to(DEVICE), B_cat, h,
+                                    s, probs, experts, None, A, G, True)
     monkeypatch.undo()
     ER = E * r
     want_b = torch.zeros(d_out, B_cat.shape[1], dtype=torch.bfloat16, device=DEVICE)
     want_b[:, :ER] = B.permute(1, 0, 2).reshape(d_out, ER).to(torch.bfloat16)
     want_ag = torch.zeros(gcat.shape[1], d_in, dtype=torch.bfloat16, device=DEVICE)
     want_ag[:ER + E] = torch.cat([A.reshape(ER, d_in), G]).to(torch.bfloat16)
-    assert B_cat.shape[1] % K.PAD_K == 0 and AG.shape == want_ag.shape
-    ulp = 2.0 ** -7 if K._INTERPRET and w_dtype == torch.float32 else 0.0
+    assert B_cat.shape[1] % gemm.PAD_K == 0 and AG.shape == want_ag.shape
+    ulp = 2.0 ** -7 if gemm._INTERPRET and w_dtype == torch.float32 else 0.0
     for got, want in ((B_cat, want_b), (AG, want_ag)):
         assert torch.allclose(got.float(), want.float(), rtol=ulp, atol=0.0)
         assert torch.equal(got == 0, want == 0)  # the padding (and nothing else) is exactly zero
@@ -198,27 +203,25 @@ def test_router_only_training_skips_expert_grads_and_trainable_base_uses_referen
 
 
 @pytest.mark.parametrize("backend", ["triton", "tma"])
-def test_fused_gemm_variants_bf16(monkeypatch, backend):
+def test_fused_gemm_variants_bf16(backend):
     """Both Triton GEMMs (pointer loads; TMA descriptors) in forward and backward layouts."""
-    monkeypatch.setattr(K, "GEMM_BACKEND", backend)
     gen = torch.Generator().manual_seed(17)
     T, d_in, d_out, E, r, k = 70, 64, 40, 4, 16, 2
     x, W, b, A, B, s, G = _inputs(T, d_in, d_out, E, r, torch.bfloat16, gen)
     gy = torch.randn(T, d_out, generator=gen).to(torch.bfloat16).to(DEVICE)
     gp = torch.randn(T, E, generator=gen).to(DEVICE)
-    got = _grads(_kernel, x, W, b, A, B, s, G, k, gy, gp)
+    got = _grads(partial(_kernel, gemm_backend=backend), x, W, b, A, B, s, G, k, gy, gp)
     ref = _grads(_reference, *_double(x, W, b, A, B, s, G), k, gy, gp)
     for name, g, r_ in zip(["y", "probs", "dx", "dA", "dB", "dG"], got, ref):
         assert rel_err(g, r_) < TOL[torch.bfloat16], name
 
 
-def _gpu_case(monkeypatch, backend, T, d_in, d_out, E, r, k):
-    monkeypatch.setattr(K, "GEMM_BACKEND", backend)
+def _gpu_case(backend, T, d_in, d_out, E, r, k):
     gen = torch.Generator().manual_seed(T + E)
     x, W, b, A, B, s, G = _inputs(T, d_in, d_out, E, r, torch.bfloat16, gen)
     gy = torch.randn(T, d_out, generator=gen).to(torch.bfloat16).to(DEVICE)
     gp = torch.randn(T, E, generator=gen).to(DEVICE)
-    got = _grads(_kernel, x, W, b, A, B, s, G, k, gy, gp)
+    got = _grads(partial(_kernel, gemm_backend=backend), x, W, b, A, B, s, G, k, gy, gp)
     ref = _grads(_reference, *[None if t is None else t.float() for t in (x, W, b, A, B, s, G)], k, gy.float(), gp)
     for name, g, r_ in zip(["y", "probs", "dx", "dA", "dB", "dG"], got, ref):
         assert rel_err(g, r_) < TOL[torch.bfloat16], (backend, name)
@@ -226,8 +229,8 @@ def _gpu_case(monkeypatch, backend, T, d_in, d_out, E, r, k):
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("backend", ["auto", "triton", "tma", "cublas"])
-def test_gpu_bf16_every_gemm_backend(monkeypatch, backend):
-    _gpu_case(monkeypatch, backend, 4096, 1024, 2752, 8, 16, 2)
+def test_gpu_bf16_every_gemm_backend(backend):
+    _gpu_case(backend, 4096, 1024, 2752, 8, 16, 2)
 
 
 @pytest.mark.gpu
@@ -241,7 +244,7 @@ def test_gpu_direct_launches_match_jit_launches(monkeypatch):
     A, B, G = (t.float() for t in (A, B, G))  # float32 masters, as in training
     gy = torch.randn(333, 768, generator=gen).to(torch.bfloat16).to(DEVICE)
     gp = torch.randn(333, E, generator=gen).to(DEVICE)
-    launchers = K._LAUNCHERS
+    launchers = route._LAUNCHERS
     with monkeypatch.context() as m:
         for L in launchers:
             m.setattr(L, "direct", False)
@@ -298,8 +301,8 @@ def test_gpu_cuda_graph_replays_forward_and_backward(T, d_in, warm_up):
 @pytest.mark.gpu
 @pytest.mark.parametrize("T, d_in, d_out, E, r, k", [(1000, 4096, 1000, 4, 16, 2), (3, 512, 384, 64, 8, 7),
                                                      (777, 1000, 1100, 5, 12, 3)])
-def test_gpu_bf16_odd_shapes(monkeypatch, T, d_in, d_out, E, r, k):
-    _gpu_case(monkeypatch, "auto", T, d_in, d_out, E, r, k)
+def test_gpu_bf16_odd_shapes(T, d_in, d_out, E, r, k):
+    _gpu_case("auto", T, d_in, d_out, E, r, k)
 
 
 @pytest.mark.parametrize("dtype, T, d_in, d_out, E, r, k, dropout", [
@@ -350,7 +353,7 @@ def test_route_tuning_cancels_a_steady_drift_of_the_clocks(monkeypatch):
                 calls.append(meta["BM"])
             return run
     configs = [dict(BM=bm, BK=64, num_warps=4, num_stages=3) for bm in (64, 128, 16, 32)]
-    monkeypatch.setattr(K, "ROUTE_CONFIGS", configs)
+    monkeypatch.setattr(route, "ROUTE_CONFIGS", configs)
     timings = []
 
     def drifting_timer(fn):
@@ -358,9 +361,9 @@ def test_route_tuning_cancels_a_steady_drift_of_the_clocks(monkeypatch):
         i = [c["BM"] for c in configs].index(calls[-1])
         timings.append(i)
         return true_ms[i] - 0.3 * len(timings)
-    monkeypatch.setattr(K, "_tuning_time", drifting_timer)
-    assert K._tune_route(Kernel(), 1000, 0, (), {}) == configs[0]
-    assert timings[:3] == [0, 1, 2] and timings[3:6] == [2, 1, 0] and len(timings) == 3 * K.TUNING_ROUNDS
+    monkeypatch.setattr(route, "_tuning_time", drifting_timer)
+    assert route._tune_route(Kernel(), 1000, 0, (), {}) == configs[0]
+    assert timings[:3] == [0, 1, 2] and timings[3:6] == [2, 1, 0] and len(timings) == 3 * route.TUNING_ROUNDS
     one_pass = {i: true_ms[i] - 0.3 * (n + 1) for n, i in enumerate(timings[:3])}
     assert min(one_pass, key=one_pass.get) != 0  # what a single pass would have picked
 
@@ -368,7 +371,7 @@ def test_route_tuning_cancels_a_steady_drift_of_the_clocks(monkeypatch):
 def test_route_tuning_drops_a_config_whose_timing_fails(monkeypatch):
     """A config that builds and runs but then cannot be timed (the timer raises in a later round) is
     dropped, however fast its earlier timings were; the rest are still compared."""
-    monkeypatch.setattr(K, "ROUTE_CONFIGS", [dict(BM=bm, BK=64, num_warps=4, num_stages=3) for bm in (64, 128, 16)])
+    monkeypatch.setattr(route, "ROUTE_CONFIGS", [dict(BM=bm, BK=64, num_warps=4, num_stages=3) for bm in (64, 128, 16)])
     launched, timed = [], []
 
     def timer(fn):
@@ -382,9 +385,9 @@ def test_route_tuning_drops_a_config_whose_timing_fails(monkeypatch):
     class Kernel:
         def __getitem__(self, grid):
             return lambda *args, **meta: launched.append(meta["BM"])
-    monkeypatch.setattr(K, "_tuning_time", timer)
-    assert K._tune_route(Kernel(), 1000, 0, (), {})["BM"] == 128
-    assert timed.count(16) == 1 and timed.count(64) == timed.count(128) == K.TUNING_ROUNDS
+    monkeypatch.setattr(route, "_tuning_time", timer)
+    assert route._tune_route(Kernel(), 1000, 0, (), {})["BM"] == 128
+    assert timed.count(16) == 1 and timed.count(64) == timed.count(128) == route.TUNING_ROUNDS
 
 
 def test_nothing_is_timed_inside_a_cuda_graph_capture(monkeypatch):
@@ -392,17 +395,20 @@ def test_nothing_is_timed_inside_a_cuda_graph_capture(monkeypatch):
     timer would synchronise the capturing stream), and "auto" takes cuBLAS there without recording a
     choice; outside a capture both time as before."""
     tuned = []
-    monkeypatch.setattr(K, "_tune_route", lambda kernel, T, extra, args, kw: tuned.append(T) or K.ROUTE_CONFIGS[2])
-    monkeypatch.setattr(K, "_ROUTE_TUNED", {})
-    monkeypatch.setattr(K, "_CHOSEN", {})
-    monkeypatch.setattr(K, "_capturing", lambda: True)
-    assert K._route_config(K._FWD.kernel, (4096, "key"), 3000, 0, (), {}) == K.ROUTE_CONFIGS[0] and tuned == []
-    big = torch.randn(K.SMALL_M + 1, 8)
-    assert K._choose(big, torch.randn(8, 5), torch.randn(K.SMALL_M + 1, 3), torch.randn(3, 5), None,
-                     torch.empty(K.SMALL_M + 1, 5)) == "cublas" and K._CHOSEN == {}
-    monkeypatch.setattr(K, "_capturing", lambda: False)
-    assert K._route_config(K._FWD.kernel, (8192, "key"), 5000, 0, (), {}) == K.ROUTE_CONFIGS[2] and tuned == [5000]
-    assert K._route_config(K._FWD.kernel, (8192, "key"), 6000, 0, (), {}) == K.ROUTE_CONFIGS[2] and tuned == [5000]
+    monkeypatch.setattr(route, "_tune_route",
+                        lambda kernel, T, extra, args, kw: tuned.append(T) or route.ROUTE_CONFIGS[2])
+    monkeypatch.setattr(route, "_ROUTE_TUNED", {})
+    monkeypatch.setattr(gemm, "_CHOSEN", {})
+    for module in (route, gemm):  # each module calls the name it imported
+        monkeypatch.setattr(module, "_capturing", lambda: True)
+    fwd = route._FWD.kernel
+    assert route._route_config(fwd, (4096, "key"), 3000, 0, (), {}) == route.ROUTE_CONFIGS[0] and tuned == []
+    big = torch.randn(gemm.SMALL_M + 1, 8)
+    assert gemm._choose(big, torch.randn(8, 5), torch.randn(gemm.SMALL_M + 1, 3), torch.randn(3, 5), None,
+                        torch.empty(gemm.SMALL_M + 1, 5)) == "cublas" and gemm._CHOSEN == {}
+    monkeypatch.setattr(route, "_capturing", lambda: False)
+    assert route._route_config(fwd, (8192, "key"), 5000, 0, (), {}) == route.ROUTE_CONFIGS[2] and tuned == [5000]
+    assert route._route_config(fwd, (8192, "key"), 6000, 0, (), {}) == route.ROUTE_CONFIGS[2] and tuned == [5000]
 
 
 @pytest.mark.parametrize("bad, field", [
@@ -423,6 +429,17 @@ def test_mismatched_operands_raise_one_line_errors(bad, field):
     assert "\n" not in str(e.value)
 
 
+def test_an_unknown_gemm_backend_raises_one_line_errors():
+    """The GEMM backend is an argument, checked where it comes in: by lora_moe (on every path) and
+    by dual_mm, each naming itself and the accepted values."""
+    gen = torch.Generator().manual_seed(6)
+    x, W, b, A, B, s, G = _inputs(9, 16, 12, 3, 4, torch.float32, gen)
+    with pytest.raises(ValueError, match="^lora_moe: gemm_backend='cuda' is not one of auto, triton, tma, cublas$"):
+        K.lora_moe(x, W, b, A, B, s, G, 2, gemm_backend="cuda")
+    with pytest.raises(ValueError, match="^dual_mm: backend='TMA' is not one of "):
+        gemm.dual_mm(x, W.t(), x, W.t(), backend="TMA")
+
+
 def test_one_scaling_for_all_experts():
     """A float (or one-element) scaling applies to every expert, as in the reference."""
     gen = torch.Generator().manual_seed(4)
@@ -433,8 +450,8 @@ def test_one_scaling_for_all_experts():
 
 
 def test_token_count_buckets_are_powers_of_two():
-    assert [K._bucket(m) for m in (0, 1, 2, 3, 1536, 2048, 2049, 3584, 16384)] == [1, 1, 2, 4, 2048, 2048, 4096, 4096,
-                                                                                  16384]
+    assert [gemm._bucket(m) for m in (0, 1, 2, 3, 1536, 2048, 2049, 3584, 16384)] == [1, 1, 2, 4, 2048, 2048, 4096,
+                                                                                     4096, 16384]
 
 
 @pytest.mark.parametrize("dtype, bias, dropout", [(torch.float32, True, False), (torch.bfloat16, False, False),
@@ -442,7 +459,7 @@ def test_token_count_buckets_are_powers_of_two():
 def test_base_product_first_path(monkeypatch, dtype, bias, dropout):
     """The path where cuBLAS takes the GEMMs (small T on the GPU): base product issued first, the
     LoRA product added in place, unpadded extra K in the backward; forced here on any device."""
-    monkeypatch.setattr(K, "_takes_cublas", lambda M, dt: True)
+    monkeypatch.setattr(K, "_takes_cublas", lambda M, dt, backend: True)
     gen = torch.Generator().manual_seed(31)
     T, d_in, d_out, E, r, k = 47, 40, 36, 5, 4, 2
     x, W, b, A, B, s, G = _inputs(T, d_in, d_out, E, r, dtype, gen, bias=bias)

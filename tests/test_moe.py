@@ -8,7 +8,8 @@ from torch import nn
 from tests.helpers import rel_err
 from rocket.adapters.bank import LoraBank
 from rocket.kernels import reference as R
-from rocket.moe.layer import LoraMoELinear, MoEError
+from rocket.errors import MoEError
+from rocket.moe.layer import LoraMoELinear
 from rocket.moe.inject import inject_lora_moe, moe_aux_loss, moe_layers, set_train_router_only
 from rocket.moe.state import load_moe_state, moe_state_dict, read_moe_state, save_moe_state
 
@@ -40,6 +41,18 @@ def test_layer_is_a_drop_in_linear_and_matches_the_reference():
     names = {n for n, p in layer.named_parameters() if p.requires_grad}
     assert names == {"lora_A", "lora_B", "router.weight"}
     assert layer.aux_loss is None
+
+
+def test_layer_passes_its_gemm_backend_to_the_fused_layer():
+    gen = torch.Generator().manual_seed(10)
+    layer = _layer(24, 20, 3, 4, 2, gen, gemm_backend="triton")
+    x = torch.randn(11, 24, generator=gen).to(DEVICE)
+    want = R.lora_moe(x.double(), layer.base.weight.double(), layer.base.bias.double(), layer.lora_A.double(),
+                      layer.lora_B.double(), layer.scaling.double(), layer.router.weight.double(), 2)
+    assert rel_err(layer(x), want) < 1e-5
+    layer.gemm_backend = "no_such"
+    with pytest.raises(ValueError, match="^lora_moe: gemm_backend='no_such'"):
+        layer(x)
 
 
 def test_bf16_layer_with_float32_masters_as_the_trainer_keeps_them():

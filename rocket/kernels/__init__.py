@@ -3,7 +3,7 @@ import os
 
 
 def use_triton(*tensors) -> bool:
-    """Dispatch rule of DESIGN.md §1: CUDA tensors take the Triton kernels, CPU tensors the torch
+    """The dispatch rule (docs/design.md): CUDA tensors take the Triton kernels, CPU tensors the torch
     reference, except under TRITON_INTERPRET=1 where the Triton kernels run on the CPU (tests)."""
     if os.environ.get("TRITON_INTERPRET", "0") == "1":
         return True

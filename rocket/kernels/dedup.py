@@ -1,4 +1,4 @@
-"""Fused near-duplicate join (DESIGN §3 rule) as one Triton kernel: tiles of E·Eᵀ on the tensor
+"""Fused near-duplicate join (the rule of docs/design.md) as one Triton kernel: tiles of E·Eᵀ on the tensor
 cores with the threshold test and the per-row "any earlier neighbour above τ" reduction in the
 epilogue. The n×n similarity matrix never exists; each tile ends in one atomic max per row.
 

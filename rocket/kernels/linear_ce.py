@@ -6,7 +6,7 @@ states' dtype (as HF computes them) and never as a float32 [tokens, V] copy. A T
 each logits row once with an online logsumexp in float32 and writes `lse − logit[target]`; the
 per-example mean is a segment sum over the rows. Forward only.
 
-Reference: `kernels.reference.linear_cross_entropy_per_example`.
+Reference: `rocket.kernels.reference.linear_cross_entropy_per_example`.
 """
 from __future__ import annotations
 
@@ -15,9 +15,9 @@ import triton
 import triton.language as tl
 
 from rocket.kernels import use_triton
-from rocket.kernels import reference as R
+from rocket.kernels import reference
 
-IGNORE_INDEX = R.IGNORE_INDEX
+IGNORE_INDEX = reference.IGNORE_INDEX
 CHUNK_ELEMENTS = 1 << 28  # logits elements alive at once (512 MiB in bf16)
 
 
@@ -63,7 +63,7 @@ def linear_cross_entropy_per_example(hidden, lm_weight, targets, example_ids, n_
     every example has one (no host synchronisation then).
     """
     if not use_triton(hidden, lm_weight):
-        return R.linear_cross_entropy_per_example(hidden, lm_weight, targets, example_ids, n_examples)
+        return reference.linear_cross_entropy_per_example(hidden, lm_weight, targets, example_ids, n_examples)
     V = lm_weight.shape[0]
     h, tgt, ids = hidden, targets.long(), example_ids.long()
     if validate:

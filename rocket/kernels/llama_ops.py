@@ -18,7 +18,7 @@ import torch
 import triton
 import triton.language as tl
 
-from rocket.kernels import reference as R
+from rocket.kernels import reference
 from rocket.kernels import use_triton
 
 
@@ -43,7 +43,7 @@ def add_rms_norm(h: torch.Tensor, delta: torch.Tensor | None, weight: torch.Tens
     if not use_triton(h, weight):
         if delta is not None:
             h.add_(delta)
-        return R.rms_norm(h, weight, eps)
+        return reference.rms_norm(h, weight, eps)
     T, H = h.shape
     out = torch.empty_like(h)
     if T:
@@ -78,7 +78,7 @@ def _rotary(x_ptr, cos_ptr, sin_ptr, n_heads, row_stride, head_dim, HALF: tl.con
 def rotary_(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
     """Rotate x [T, n_heads, head_dim] in place by cos/sin [T, head_dim] (HF rotate_half convention)."""
     if not use_triton(x, cos):
-        x.copy_(R.rotary(x, cos, sin))
+        x.copy_(reference.rotary(x, cos, sin))
         return x
     T, n_heads, d = x.shape
     if x.stride(2) != 1 or x.stride(1) != d or cos.stride() != (d, 1) or sin.stride() != (d, 1):
@@ -106,7 +106,7 @@ def silu_mul(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
     """silu(gate) · up for [T, I] tensors of one shape with contiguous rows (any row stride, so gate
     and up may be the two halves of one fused gate/up product); a contiguous result."""
     if not use_triton(gate, up):
-        return R.silu_mul(gate, up)
+        return reference.silu_mul(gate, up)
     if gate.dim() != 2 or gate.shape != up.shape or gate.stride(1) != 1 or up.stride(1) != 1:
         raise ValueError(f"silu_mul: gate {tuple(gate.shape)} and up {tuple(up.shape)} must be [T, I] of one shape "
                          "with contiguous rows")

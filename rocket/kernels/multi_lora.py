@@ -8,7 +8,7 @@ the expand `y += h B_mᵀ` over its share of the output columns: x is read once,
 written in place, and the r-wide intermediate never leaves registers.
 
 Forward only (scoring and generation run without gradients). The reference is
-`kernels.reference.multi_lora`.
+`rocket.kernels.reference.multi_lora`.
 """
 from __future__ import annotations
 
@@ -19,7 +19,7 @@ import triton
 import triton.language as tl
 
 from rocket.kernels import use_triton
-from rocket.kernels import reference as R
+from rocket.kernels import reference
 
 BLOCK_M = 64
 # Triton's interpreter miscomputes tl.dot on bfloat16 operands: there (CPU tests only) the dots run
@@ -141,7 +141,7 @@ def multi_lora_add_(y: torch.Tensor, x: torch.Tensor, lora_A: torch.Tensor, lora
 def multi_lora(x, lora_A, lora_B, scaling, adapter_ids) -> torch.Tensor:
     """Same contract as reference.multi_lora: float32 delta [N, d_out], ids in any order, -1 = none."""
     if not use_triton(x, lora_A, lora_B):
-        return R.multi_lora(x, lora_A, lora_B, scaling, adapter_ids)
+        return reference.multi_lora(x, lora_A, lora_B, scaling, adapter_ids)
     ids = adapter_ids.long()
     order = torch.argsort(ids, stable=True)
     xs = x[order].contiguous()
@@ -175,7 +175,7 @@ def lora_merge(out: torch.Tensor, base: torch.Tensor, lora_A: torch.Tensor, lora
     """out = base + scaling · B A (float32 accumulation, one rounding), written in place into `out`.
     base/out: [d_out, d_in]; lora_A: [r, d_in]; lora_B: [d_out, r]; all contiguous, one dtype."""
     if not use_triton(out, base):
-        return out.copy_(R.lora_merge(base, lora_A, lora_B, scaling))
+        return out.copy_(reference.lora_merge(base, lora_A, lora_B, scaling))
     d_out, d_in = base.shape
     rank = lora_A.shape[0]
     if out.shape != base.shape or lora_A.shape != (rank, d_in) or lora_B.shape != (d_out, rank) \

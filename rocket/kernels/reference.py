@@ -1,7 +1,7 @@
 """Plain-torch references of every rocket kernel.
 
 They are the CPU path of the package and the oracles of the tests: written for clarity, never for
-speed, and with the exact semantics of DESIGN.md §3. Every Triton/CUDA kernel must agree with the
+speed, and with the exact semantics of docs/design.md. Every Triton/CUDA kernel must agree with the
 function here of the same name.
 """
 from __future__ import annotations
@@ -169,7 +169,7 @@ def dedup(emb: torch.Tensor, threshold: float = 0.9, priority: torch.Tensor | No
     emb: [n, d], rows L2-normalised by the caller (cos = dot). priority: [n] (default: all equal, so
     the lower index wins). Blocked matmul join, never the full n×n matrix. Returns kept indices,
     ascending (int64). Note the rule is not greedy: a dropped item still removes its lower-ranked
-    neighbours, exactly as DESIGN §3 states.
+    neighbours, exactly as docs/design.md states.
     """
     n = emb.shape[0]
     prio = torch.zeros(n, dtype=torch.float32, device=emb.device) if priority is None \

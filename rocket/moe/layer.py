@@ -24,12 +24,14 @@ class LoraMoELinear(nn.Module):
     None. `train_router_only=True` freezes the experts (see `set_train_router_only`). On CUDA the
     layer can be captured in a CUDA graph: `torch.cuda.make_graphed_callables` warms it up itself;
     before a raw `torch.cuda.graph` capture, call it once at that token count. Under `torch.compile`
-    the layer runs as it is and the model around it is compiled.
+    the layer runs as it is and the model around it is compiled. `gemm_backend` picks the GEMM of the
+    fused layer (`rocket.kernels.lora_moe.lora_moe`'s argument of that name; "auto" by default).
     """
 
     def __init__(self, base: nn.Linear, lora_A: torch.Tensor, lora_B: torch.Tensor, scaling, top_k: int = 2,
                  router: nn.Linear | None = None, dropout: float = 0.0, *, router_std: float = 0.01, seed: int = 0,
-                 load_balancing: bool = False, train_router_only: bool = False, dtype: torch.dtype | None = None):
+                 load_balancing: bool = False, train_router_only: bool = False, dtype: torch.dtype | None = None,
+                 gemm_backend: str = "auto"):
         super().__init__()
         if not isinstance(base, nn.Linear):
             raise MoEError(f"LoraMoELinear: base must be an nn.Linear, got {type(base).__name__}")
@@ -65,6 +67,7 @@ class LoraMoELinear(nn.Module):
         self.top_k = int(top_k)
         self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
         self.load_balancing = load_balancing
+        self.gemm_backend = gemm_backend
         self.aux_loss: torch.Tensor | None = None
         self.set_train_router_only(train_router_only)
 
@@ -105,7 +108,8 @@ class LoraMoELinear(nn.Module):
         # float32 masters go in as they are: the fused layer rounds them to x's dtype in its kernels
         # (no cast nodes in the graph); the CPU reference computes in float32 anyway
         out = lora_moe(x, self.base.weight, self.base.bias, self.lora_A, self.lora_B, self.scaling,
-                       self.router.weight, self.top_k, x_lora, return_routing=self.load_balancing)
+                       self.router.weight, self.top_k, x_lora, return_routing=self.load_balancing,
+                       gemm_backend=self.gemm_backend)
         if not self.load_balancing:
             if self.aux_loss is not None:  # nn.Module.__setattr__ costs host time on every call
                 self.aux_loss = None
