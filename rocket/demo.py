@@ -25,6 +25,7 @@ from pathlib import Path
 
 import torch
 
+from rocket.io import write_json
 from rocket.data.tokenize import IGNORE_INDEX, tokenize_example, pad_batch
 from rocket.data.examples import write_jsonl
 from rocket.errors import RocketError
@@ -403,7 +404,7 @@ def run_demo(out: str | Path = "rocket-demo", size: str = "full", seed: int = 0,
     seconds = time.perf_counter() - start
     lines = summary_lines(result, truth, ok, seconds)
     log("\n".join(lines))
-    (run_dir / "demo.json").write_text(json.dumps({"result": result, "checks": ok, "seconds": seconds}, indent=1) + "\n")
+    write_json(run_dir / "demo.json", {"result": result, "checks": ok, "seconds": seconds})
     write_report(run_dir, run_dir / "report.html", [("rocket demo: what was planted and what came back",
                                                       _html_section(lines))])
     return {"result": result, "checks": ok, "seconds": seconds, "run_dir": run_dir}

@@ -13,7 +13,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 from tqdm.auto import tqdm
-from rocket.errors import RocketError
+from rocket.errors import AugmentError
 from rocket.augment.faiss_index import faiss_has_gpu
 from rocket.augment.faiss_index import _faiss
 
@@ -36,7 +36,7 @@ def build_index(x: np.ndarray, index: str, nlist: int | None, nprobe: int, use_g
         idx.train(train)
         idx.nprobe = nprobe
     else:
-        raise RocketError(f"dedup: knn index must be 'flat' or 'ivf', got {index!r}")
+        raise AugmentError(f"dedup: knn index must be 'flat' or 'ivf', got {index!r}")
     if use_gpu:
         idx = faiss.index_cpu_to_gpu(faiss.StandardGpuResources(), 0, idx)
     idx.add(x)
@@ -51,7 +51,7 @@ def knn_dropped(ranked: torch.Tensor, threshold: float, k: int = 32, index: str 
     faiss = _faiss()
     n, d = ranked.shape
     if k < 2:
-        raise RocketError(f"dedup: knn needs k >= 2 (the item itself is its first neighbour), got {k}")
+        raise AugmentError(f"dedup: knn needs k >= 2 (the item itself is its first neighbour), got {k}")
     k = min(k, n)
     index = index or ("flat" if n <= FLAT_MAX else "ivf")
     use_gpu = ranked.is_cuda and faiss_has_gpu()

@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import time
 import torch
-from rocket.errors import RocketError
+from rocket.errors import AugmentError
 from rocket.augment.exact import exact_dropped, rank_order
 
 
@@ -45,11 +45,11 @@ def dedup(embeddings: torch.Tensor, threshold: float = 0.9, priority: torch.Tens
     return_info: also return a dict (method, backend, band, uncertain rows rechecked, seconds).
     """
     if embeddings.dim() != 2:
-        raise RocketError(f"dedup: embeddings must be [n, d], got shape {tuple(embeddings.shape)}")
+        raise AugmentError(f"dedup: embeddings must be [n, d], got shape {tuple(embeddings.shape)}")
     if not embeddings.is_floating_point():
-        raise RocketError(f"dedup: embeddings must be floating point, got {embeddings.dtype}")
+        raise AugmentError(f"dedup: embeddings must be floating point, got {embeddings.dtype}")
     if method not in ("auto", "exact", "knn", "ivf"):
-        raise RocketError(f"dedup: method must be 'auto', 'exact', 'knn' or 'ivf', got {method!r}")
+        raise AugmentError(f"dedup: method must be 'auto', 'exact', 'knn' or 'ivf', got {method!r}")
     n, d = embeddings.shape
     start = time.perf_counter()
     order = rank_order(priority, n, embeddings.device)

@@ -6,7 +6,7 @@ from __future__ import annotations
 import math
 import torch
 from rocket import _C
-from rocket.errors import RocketError
+from rocket.errors import AugmentError
 
 
 _UNIT_ROUNDOFF = {torch.float16: 2.0 ** -11, torch.bfloat16: 2.0 ** -8, torch.float32: 2.0 ** -24,
@@ -18,10 +18,10 @@ def rank_order(priority: torch.Tensor | None, n: int, device=None) -> torch.Tens
     if priority is None:
         return torch.arange(n, device=device)
     if priority.shape != (n,):
-        raise RocketError(f"dedup: priority has shape {tuple(priority.shape)}, expected ({n},)")
+        raise AugmentError(f"dedup: priority has shape {tuple(priority.shape)}, expected ({n},)")
     prio = priority.detach().to(device=device, dtype=torch.float64)
     if torch.isnan(prio).any():
-        raise RocketError("dedup: priority contains NaN")
+        raise AugmentError("dedup: priority contains NaN")
     return torch.sort(prio, descending=True, stable=True).indices
 
 
@@ -67,9 +67,9 @@ def exact_codes(ranked: torch.Tensor, threshold: float, backend: str | None = No
         codes = K.dedup_codes(K.pad_for_kernel(ranked, compute), n, threshold - delta, threshold + delta)
     elif backend in ("cublas", "cpu"):
         if backend == "cublas" and not (ranked.is_cuda and _C.with_cuda):
-            raise RocketError("dedup: backend 'cublas' needs CUDA tensors and rocket._C built with CUDA")
+            raise AugmentError("dedup: backend 'cublas' needs CUDA tensors and rocket._C built with CUDA")
         if backend == "cpu" and ranked.is_cuda:
-            raise RocketError("dedup: backend 'cpu' needs CPU tensors")
+            raise AugmentError("dedup: backend 'cpu' needs CPU tensors")
         if backend == "cublas":
             x = ranked if ranked.dtype in (torch.float16, torch.bfloat16) else ranked.float()
             delta = error_bound(d, norm2, ranked.dtype, x.dtype, sim=x.dtype)
@@ -78,7 +78,7 @@ def exact_codes(ranked: torch.Tensor, threshold: float, backend: str | None = No
             delta = error_bound(d, norm2, ranked.dtype, torch.float32)
             codes = _C.dedup_codes_cpu(ranked, threshold - delta, threshold + delta, block or 512)
     else:
-        raise RocketError(f"dedup: backend must be 'triton', 'cublas' or 'cpu', got {backend!r}")
+        raise AugmentError(f"dedup: backend must be 'triton', 'cublas' or 'cpu', got {backend!r}")
     return codes, delta, backend
 
 

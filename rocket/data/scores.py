@@ -8,7 +8,7 @@ import math
 from dataclasses import dataclass, field
 from pathlib import Path
 import torch
-from rocket.errors import RocketError
+from rocket.errors import DataError
 from rocket.io import write_json
 
 
@@ -24,12 +24,12 @@ class Scores:
     def __post_init__(self):
         self.loss = torch.as_tensor(self.loss, dtype=torch.float64)
         if self.loss.dim() != 2 or self.loss.shape[0] != len(self.names):
-            raise RocketError(f"scores: loss has shape {tuple(self.loss.shape)}, expected "
+            raise DataError(f"scores: loss has shape {tuple(self.loss.shape)}, expected "
                               f"[{len(self.names)} adapters, K examples]")
         if self.accuracy is not None:
             self.accuracy = torch.as_tensor(self.accuracy, dtype=torch.float64)
             if self.accuracy.shape != (len(self.names),):
-                raise RocketError(f"scores: accuracy has shape {tuple(self.accuracy.shape)}, "
+                raise DataError(f"scores: accuracy has shape {tuple(self.accuracy.shape)}, "
                                   f"expected ({len(self.names)},)")
 
     @property
@@ -54,15 +54,15 @@ class Scores:
         try:
             obj = json.loads(path.read_text())
         except FileNotFoundError:
-            raise RocketError(f"{path}: no such scores file") from None
+            raise DataError(f"{path}: no such scores file") from None
         except json.JSONDecodeError as e:
-            raise RocketError(f"{path}:{e.lineno}: malformed JSON ({e.msg})") from None
+            raise DataError(f"{path}:{e.lineno}: malformed JSON ({e.msg})") from None
         for key in ("adapters", "loss"):
             if key not in obj:
-                raise RocketError(f"{path}: missing field '{key}'")
+                raise DataError(f"{path}: missing field '{key}'")
         loss = obj["loss"]
         if any(not math.isfinite(v) for row in loss for v in row):
-            raise RocketError(f"{path}: field 'loss' has non-finite values")
+            raise DataError(f"{path}: field 'loss' has non-finite values")
         return cls(list(obj["adapters"]), torch.tensor(loss, dtype=torch.float64), obj.get("accuracy"),
                    obj.get("meta", {}))
 
@@ -73,17 +73,17 @@ def read_accuracy(path: str | Path, names: list[str]) -> torch.Tensor:
     try:
         obj = json.loads(path.read_text())
     except FileNotFoundError:
-        raise RocketError(f"{path}: no such accuracy file") from None
+        raise DataError(f"{path}: no such accuracy file") from None
     except json.JSONDecodeError as e:
-        raise RocketError(f"{path}:{e.lineno}: malformed JSON ({e.msg})") from None
+        raise DataError(f"{path}:{e.lineno}: malformed JSON ({e.msg})") from None
     if not isinstance(obj, dict):
-        raise RocketError(f"{path}: expected a JSON object {{adapter: accuracy}}")
+        raise DataError(f"{path}: expected a JSON object {{adapter: accuracy}}")
     out = []
     for name in names:
         if name not in obj:
-            raise RocketError(f"{path}: no accuracy for adapter '{name}'")
+            raise DataError(f"{path}: no accuracy for adapter '{name}'")
         v = obj[name]
         if isinstance(v, bool) or not isinstance(v, (int, float)) or not 0.0 <= v <= 1.0:
-            raise RocketError(f"{path}: accuracy of '{name}' must be a number in [0, 1], got {v!r}")
+            raise DataError(f"{path}: accuracy of '{name}' must be a number in [0, 1], got {v!r}")
         out.append(float(v))
     return torch.tensor(out, dtype=torch.float64)

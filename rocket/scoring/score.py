@@ -9,7 +9,7 @@ from tqdm.auto import tqdm
 from rocket.adapters.bank import LoraBank
 from rocket.data.tokenize import IGNORE_INDEX, Tokenized, tokenize_example
 from rocket.data.examples import DataError
-from rocket.errors import RocketError
+from rocket.errors import ScoringError
 from rocket.kernels.linear_ce import linear_cross_entropy_per_example
 from rocket.runtime.fastpath import fast_forward, supports_fast_path
 from rocket.runtime.packing import PackedBatch, pack_rows, packed_attention, supports_packing
@@ -33,12 +33,12 @@ def context_length(model) -> int | None:
 def tokenize_for_scoring(examples, tokenizer, template, max_length) -> list[Tokenized]:
     """Examples (dicts, or already tokenized) → Tokenized, checking the context and the labels."""
     if not examples:
-        raise RocketError("scoring: no examples (the K-shot data is empty)")
+        raise ScoringError("scoring: no examples (the K-shot data is empty)")
     out = []
     for i, ex in enumerate(examples):
         if not isinstance(ex, Tokenized):
             if tokenizer is None:
-                raise RocketError("scoring: a tokenizer is needed for untokenized examples")
+                raise ScoringError("scoring: a tokenizer is needed for untokenized examples")
             ex = tokenize_example(ex, tokenizer, template, max_length, overflow="error", where=f"example {i}")
         elif max_length is not None and len(ex.input_ids) > max_length:
             raise DataError(f"example {i}: {len(ex.input_ids)} tokens exceed the context of {max_length}")
@@ -136,7 +136,7 @@ def choose_strategy(strategy: str, device: torch.device, tokens_per_adapter: int
     """'auto': merge adapters one at a time on a GPU when each has ≥ 4096 tokens to score (one merge
     then costs a few % of its pass), else run many adapters per pass with the SGMV kernel."""
     if strategy not in ("auto", "merged", "sgmv"):
-        raise RocketError(f"scoring: unknown strategy {strategy!r}: use auto, merged or sgmv")
+        raise ScoringError(f"scoring: unknown strategy {strategy!r}: use auto, merged or sgmv")
     if strategy != "auto":
         return strategy
     return "merged" if device.type == "cuda" and tokens_per_adapter >= 4096 else "sgmv"
@@ -161,7 +161,7 @@ def score_adapters(model, tokenizer, bank: LoraBank, examples, template="alpaca"
     import time
 
     if accuracy is not None and accuracy_file is not None:
-        raise RocketError("scoring: give either accuracy (an extractor) or accuracy_file, not both")
+        raise ScoringError("scoring: give either accuracy (an extractor) or accuracy_file, not both")
     if accuracy is not None:
         from rocket.runtime.generation import get_extractor
         get_extractor(accuracy)
@@ -169,7 +169,7 @@ def score_adapters(model, tokenizer, bank: LoraBank, examples, template="alpaca"
     bank.validate(model)
     head = next((n for n, m in model.named_modules() if m is model.get_output_embeddings()), None)
     if head is not None and head in bank.modules:
-        raise RocketError(f"scoring: adapters on the output layer '{head}' are not supported")
+        raise ScoringError(f"scoring: adapters on the output layer '{head}' are not supported")
     acc_file = read_accuracy(accuracy_file, bank.names) if accuracy_file is not None else None
     prepared = prepare_examples(tokenized, model.get_output_embeddings().weight.shape[0])
     mine, sharded = _shard(len(bank), distributed)
