@@ -69,13 +69,13 @@ def _main_module():
 
 def layer(shapes=((4096, 4096, 4096, 8), (3072, 2048, 5504, 4), (3072, 2048, 2048, 4)),
           names=("base", "single_lora", "rocket", "rocket_cublas", "rocket_triton", "main_auto", "main_cublas")):
-    from bench.test_lora_moe import _fwd_bwd, _inputs, _methods
+    from bench.cases import fwd_bwd, lora_moe_inputs, lora_moe_methods
     from rocket.kernels.dual_mm import CHOICES
     main = _main_module()
     out = {}
     for T, d_in, d_out, E in shapes:
-        v = _inputs(T, d_in, d_out, E, 16, torch.bfloat16, DEV)
-        methods = _methods(v, 2)
+        v = lora_moe_inputs(T, d_in, d_out, E, 16, torch.bfloat16, DEV)
+        methods = lora_moe_methods(v, 2)
         if main is not None:
             for be in ("auto", "cublas"):
                 fn = lambda x, A, B, G, be=be: main.lora_moe(x, v["W"], v["b"], A, B, v["s"], G, 2,  # noqa: E731
@@ -85,14 +85,14 @@ def layer(shapes=((4096, 4096, 4096, 8), (3072, 2048, 5504, 4), (3072, 2048, 204
         for name in names:
             if name not in methods:
                 continue
-            step = _fwd_bwd(*methods[name], v)
+            step = fwd_bwd(*methods[name], v)
             step()
             issue, wall = host_wall(step)
             row[name] = dict(do_bench=median_ms(step, DEV), issue=issue, wall=wall)
             if T == 4096 or name in ("rocket", "single_lora", "main_auto"):
                 row[name]["kernel_ms"], row[name]["launches"] = kernels(step, title=f"layer T={T} {d_in}->{d_out} E={E} {name}", rows=14)
         if T == 4096:
-            syncs(_fwd_bwd(*methods["rocket"], v), "rocket layer")
+            syncs(fwd_bwd(*methods["rocket"], v), "rocket layer")
         print(f"T={T} {d_in}->{d_out} E={E}:", json.dumps(row))
         out[f"{T}x{d_in}x{d_out}xE{E}"] = row
     out["auto_choices"] = {str(k): c for k, c in CHOICES.items()}
@@ -202,8 +202,8 @@ def host():
 
 
 def train():
-    from bench.test_train import GPU as S
-    from bench.test_train import build_model, random_bank
+    from bench.cases import TRAIN_GPU as S
+    from bench.cases import build_model, random_bank
     from rocket.moe.inject import inject_lora_moe, moe_layers
     from rocket.training.engines import TorchEngine
     from rocket.training.config import TrainConfig

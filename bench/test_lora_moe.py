@@ -14,18 +14,20 @@ Where the host cannot issue the launches as fast as the GPU runs them (T=4096, 4
 timings measure the host. On the GPU each fwd+bwd is therefore also captured in a CUDA graph and its
 replay timed (`ratio_fwdbwd_graphed`): the GPU's time alone, as a training step under CUDA graphs
 sees it. The loop and grouped peers read the routing on the host, so they cannot be captured.
+
+Before any timing, every method's output and gradients are checked against the plain-torch
+references of rocket.kernels.reference on the same inputs (float32 on the GPU, float64 on the CPU);
+the relative errors are recorded as `rel_err_vs_reference`.
 """
 from functools import partial
 
 import torch
 import torch.nn.functional as F
 
+from bench.cases import fwd_bwd, lora_moe_inputs, lora_moe_methods, rel_err
 from bench.harness import cuda_graph, host_wall, interleaved_median_ms, median_ms
-from bench.peers import lora_moe_dense_einsum, lora_moe_grouped, lora_moe_loop, lora_single
-from tests.helpers import rel_err
 from rocket.kernels import reference as R
 from rocket.kernels.dual_mm import _IMPLS, CHOICES
-from rocket.kernels.lora_moe import lora_moe
 
 GPU = dict(shapes=[(T, 4096, d_out, E) for T in (16384, 4096) for d_out in (4096, 11008) for E in (8, 4)],
            k=2, r=16, dtype=torch.bfloat16, reps={})
@@ -34,41 +36,20 @@ HEADLINE = (16384, 4096, 4096, 8)
 GRAPHABLE = ("base", "rocket", "rocket_triton", "rocket_tma", "rocket_cublas", "dense_einsum", "single_lora")
 
 
-def _inputs(T, d_in, d_out, E, r, dtype, device, seed=0):
-    gen = torch.Generator().manual_seed(seed)
-    t = lambda *s, scale=1.0: (torch.randn(*s, generator=gen) * scale).to(dtype).to(device)  # noqa: E731
-    return dict(x=t(T, d_in), W=t(d_out, d_in, scale=d_in ** -0.5), b=t(d_out), A=t(E, r, d_in, scale=d_in ** -0.5),
-                B=t(E, d_out, r, scale=0.02), s=(torch.rand(E, generator=gen) + 0.5).to(device),
-                G=t(E, d_in, scale=d_in ** -0.5), gy=t(T, d_out))
-
-
-def _methods(v, k):
-    """name → f(x, A, B, G) -> y, and which of (x, A, B, G) each one differentiates."""
-    W, b, s = v["W"], v["b"], v["s"]
-    s0 = float(s[0])
-
-    def rocket(backend):
-        return lambda x, A, B, G: lora_moe(x, W, b, A, B, s, G, k, gemm_backend=backend)
-    return {
-        "base": (lambda x, A, B, G: F.linear(x, W, b), (0,)),
-        "rocket": (rocket("auto"), (0, 1, 2, 3)),
-        "rocket_triton": (rocket("triton"), (0, 1, 2, 3)),
-        "rocket_tma": (rocket("tma"), (0, 1, 2, 3)),
-        "rocket_cublas": (rocket("cublas"), (0, 1, 2, 3)),
-        "dense_einsum": (lambda x, A, B, G: lora_moe_dense_einsum(x, W, b, A, B, s, G, k), (0, 1, 2, 3)),
-        "grouped_triton": (lambda x, A, B, G: lora_moe_grouped(x, W, b, A, B, s, G, k), (0, 1, 2, 3)),
-        "loop": (lambda x, A, B, G: lora_moe_loop(x, W, b, A, B, s, G, k), (0, 1, 2, 3)),
-        "single_lora": (lambda x, A, B, G: lora_single(x, W, b, A[0], B[0], s0), (0, 1, 2)),
-    }
-
-
-def _fwd_bwd(fn, wrt, v):
-    leaves = [v[n].detach().requires_grad_(i in wrt) for i, n in enumerate("xABG")]
-
-    def step():
-        y = fn(*leaves)
-        return [y, *torch.autograd.grad(y, [leaves[i] for i in wrt], v["gy"])]
-    return step
+def reference_outputs(v, k, dense=True):
+    """[y, *gradients] of the plain-torch references (rocket.kernels.reference) on v's tensors in
+    float64 (CPU) or float32 (GPU), for the functions lora_moe_methods time: "moe" (the LoRA-MoE layer:
+    R.lora_moe, dense over experts, or where its [T, E, d_out] is large, R.lora_moe_loop), "base"
+    (the frozen linear) and "single_lora" (expert 0 alone on every row: R.multi_lora)."""
+    acc = torch.float64 if v["x"].device.type == "cpu" else torch.float32
+    up = {n: v[n].to(acc) for n in ("x", "W", "b", "A", "B", "G", "gy")} | {"s": v["s"]}
+    W, b, s = up["W"], up["b"], up["s"]
+    moe = R.lora_moe if dense else R.lora_moe_loop
+    first = torch.zeros(v["x"].shape[0], dtype=torch.long, device=v["x"].device)
+    return {"moe": fwd_bwd(lambda x, A, B, G: moe(x, W, b, A, B, s, G, k), (0, 1, 2, 3), up)(),
+            "base": fwd_bwd(lambda x, A, B, G: F.linear(x, W, b), (0,), up)(),
+            "single_lora": fwd_bwd(lambda x, A, B, G: F.linear(x, W, b) + R.multi_lora(x, A, B, s, first), (0, 1, 2),
+                                   up)()}
 
 
 def _profile(step, n=16):
@@ -86,46 +67,39 @@ def test_lora_moe_layer(recorder, device, on_gpu):
     cfg = GPU if on_gpu else CPU
     k, r, dtype = cfg["k"], cfg["r"], cfg["dtype"]
     for T, d_in, d_out, E in cfg["shapes"]:
-        v = _inputs(T, d_in, d_out, E, r, dtype, device)
-        methods = _methods(v, k)
-        # correctness first: rocket (both GEMM backends) and the peers against each other
+        v = lora_moe_inputs(T, d_in, d_out, E, r, dtype, device)
+        methods = lora_moe_methods(v, k)
+        # correctness first: every method against the plain-torch reference (forward and every gradient it takes)
         outs, failed = {}, {}
         for name, (fn, wrt) in list(methods.items()):
-            if name == "base":
-                continue
             try:
-                outs[name] = _fwd_bwd(fn, wrt, v)()
+                outs[name] = fwd_bwd(fn, wrt, v)()
             except Exception as e:  # a broken peer is reported, never hides rocket's numbers
-                if name.startswith("rocket"):
+                if name.startswith("rocket") or name == "base":
                     raise
                 failed[name] = f"{type(e).__name__}: {e}"[:300]
                 del methods[name]
-        if T <= 4096 or not on_gpu:  # the float32 reference itself, where its [T, E, d_out] fits easily
-            up = {n: v[n].float() for n in "xWbABG"}
-            ref = _fwd_bwd(lambda x, A, B, G: R.lora_moe(x, up["W"], up["b"], A, B, v["s"], G, k), (0, 1, 2, 3),
-                           {**up, "gy": v["gy"].float()})()
-        else:
-            ref = outs["rocket_cublas"]
-        errs = {name: [rel_err(o, rf) for o, rf in zip(out, ref)] for name, out in outs.items() if name != "single_lora"}
-        tol = 3e-2 if on_gpu else 1e-4
-        for name in ("rocket", "rocket_triton", "rocket_tma", "rocket_cublas"):
-            assert max(errs[name]) < tol, (name, errs[name])
-        del outs, ref
+        refs = reference_outputs(v, k, dense=T <= 4096 or not on_gpu)
+        errs = {name: [rel_err(o, rf) for o, rf in zip(out, refs.get(name, refs["moe"]), strict=True)]
+                for name, out in outs.items()}
+        tol = 3e-2 if on_gpu else 1e-4  # bf16 layers on the GPU; float32 on the CPU, against float64
+        assert all(max(e) < tol for e in errs.values()), errs
+        del outs, refs
 
         timed = {name: fw for name, fw in methods.items() if on_gpu or name != "loop"}
         with torch.no_grad():  # interleaved rounds: the ratios hold while the GPU's clocks drift
             fwd = interleaved_median_ms({name: partial(fn, v["x"], v["A"], v["B"], v["G"])
                                          for name, (fn, _) in timed.items()}, device, **cfg["reps"])
-        fwdbwd = interleaved_median_ms({name: _fwd_bwd(fn, wrt, v) for name, (fn, wrt) in timed.items()}, device,
+        fwdbwd = interleaved_median_ms({name: fwd_bwd(fn, wrt, v) for name, (fn, wrt) in timed.items()}, device,
                                        **cfg["reps"])
         medians = {**{f"fwd/{n}": t for n, t in fwd.items()}, **{f"fwdbwd/{n}": t for n, t in fwdbwd.items()}}
         ratio_fwd = {n: t / fwd["base"] for n, t in fwd.items()}
         ratio_fwdbwd = {n: t / fwdbwd["base"] for n, t in fwdbwd.items()}
         extra = {}
         if on_gpu:  # host (CPU) time to issue one fwd+bwd: where it exceeds the GPU time, launches bound the step
-            extra["host_issue_ms"] = {n: host_wall(_fwd_bwd(*methods[n], v), 20)[0]
+            extra["host_issue_ms"] = {n: host_wall(fwd_bwd(*methods[n], v), 20)[0]
                                       for n in ("base", "rocket", "single_lora")}
-            replays = {n: cuda_graph(_fwd_bwd(*methods[n], v)) for n in GRAPHABLE if n in methods}
+            replays = {n: cuda_graph(fwd_bwd(*methods[n], v)) for n in GRAPHABLE if n in methods}
             graphed = interleaved_median_ms(replays, device)
             del replays  # each graph holds its own memory pool
             medians.update({f"graph_fwdbwd/{n}": t for n, t in graphed.items()})
@@ -148,7 +122,7 @@ def test_lora_moe_layer(recorder, device, on_gpu):
                     lambda: fn(v["gy"], v["W"], h, AGc, None, out_b), device)  # noqa: B023
             with torch.no_grad():
                 print(_profile(lambda: methods["rocket"][0](v["x"], v["A"], v["B"], v["G"])))
-            print(_profile(_fwd_bwd(*methods["rocket"], v)))
+            print(_profile(fwd_bwd(*methods["rocket"], v)))
         row = recorder.record(device, {"T": T, "d_in": d_in, "d_out": d_out, "E": E, "k": k, "r": r,
                                        "dtype": str(dtype)}, medians,
                               ratio_fwd=ratio_fwd, ratio_fwdbwd=ratio_fwdbwd, rel_err_vs_reference=errs, failed=failed,

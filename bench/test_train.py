@@ -1,5 +1,6 @@
-"""Training throughput of the LoRA mixture of experts (issue 7): `rocket.train` on a random-init
-Llama against peers, same model, same batches, same loss, in one process.
+"""Training throughput of the LoRA mixture of experts (docs/design.md §4, training; bench/README.md):
+`rocket.train` on a random-init Llama against peers, same model, same batches, same loss, in one
+process. The model, bank, data and shapes (TRAIN_GPU, TRAIN_CPU) are bench/cases.py's.
 
 Rows (tokens/s = non-padding tokens through forward + backward + AdamW per second):
 - rocket MoE under DeepSpeed ZeRO-3 (when installed) and under the plain torch loop;
@@ -13,14 +14,13 @@ the suite fits one device call. Every row leaves out the first step of each batc
 CPU: tiny shapes, a correctness run of the same code.
 """
 import json
-import statistics
 import time
-from pathlib import Path
 
 import pytest
 import torch
 
-from rocket.adapters.bank import LoraAdapter, LoraBank
+from bench.cases import (TRAIN_CPU, TRAIN_GPU, IntTokenizer, build_model, history, random_bank, random_examples, rate,
+                         template_file)
 from rocket.kernels import reference as R
 from rocket.tiny import LLAMA_TARGETS
 from rocket.data.tokenize import pad_batch
@@ -28,88 +28,11 @@ from rocket.training.batches import length_grouped_batches, prepare_examples, to
 from rocket.training.loop import train
 from rocket.training.config import TrainConfig
 
-GPU = dict(hidden=2048, layers=16, heads=16, mlp=5504, vocab=32000, E=4, r=16, n=4000, prompt=(100, 300),
-           answer=(50, 200), batch=8, steps=40, loop_steps=16, warm=6, pad=64)
-CPU = dict(hidden=64, layers=2, heads=4, mlp=128, vocab=512, E=3, r=4, n=48, prompt=(10, 30), answer=(5, 20),
-           batch=4, steps=6, loop_steps=4, warm=2, pad=16)
-
 try:
     import deepspeed  # noqa: F401
     HAVE_DS = True
 except ImportError:
     HAVE_DS = False
-
-
-class IntTokenizer:
-    """Text of space-separated token ids → those ids (BOS first): random-token data with no vocabulary."""
-    bos_token_id, eos_token_id, pad_token_id = 1, 2, 0
-    chat_template = None
-
-    def __init__(self, vocab):
-        self.vocab = vocab
-
-    def __len__(self):
-        return self.vocab
-
-    def __call__(self, text, add_special_tokens=True):
-        ids = [int(w) for w in text.split()]
-        return {"input_ids": ([self.bos_token_id] if add_special_tokens else []) + ids}
-
-
-def build_model(s, device):
-    from transformers import LlamaConfig, LlamaForCausalLM
-    cfg = LlamaConfig(vocab_size=s["vocab"], hidden_size=s["hidden"], intermediate_size=s["mlp"],
-                      num_hidden_layers=s["layers"], num_attention_heads=s["heads"], num_key_value_heads=s["heads"],
-                      max_position_embeddings=2048, tie_word_embeddings=False, pad_token_id=0, bos_token_id=1,
-                      eos_token_id=2)
-    cfg._attn_implementation = "sdpa"
-    torch.manual_seed(0)
-    with torch.device(device):
-        model = LlamaForCausalLM(cfg)
-    return model.to(torch.bfloat16 if device.type == "cuda" else torch.float32)
-
-
-def random_bank(model, E, r, seed=0):
-    gen = torch.Generator().manual_seed(seed)
-    modules = [(n, m) for n, m in model.named_modules() if n.rpartition(".")[2] in LLAMA_TARGETS]
-    adapters = []
-    for a in range(E):
-        weights = {n: (torch.randn(r, m.in_features, generator=gen) / m.in_features ** 0.5,
-                       torch.randn(m.out_features, r, generator=gen) * 0.02) for n, m in modules}
-        adapters.append(LoraAdapter(f"e{a}", Path("."), r, 2.0 * r, False, weights, {n: 2.0 for n in weights}))
-    return LoraBank(adapters)
-
-
-def random_examples(s, seed=0):
-    gen = torch.Generator().manual_seed(seed)
-    out = []
-    for _ in range(s["n"]):
-        p, a = (int(torch.randint(lo, hi + 1, (1,), generator=gen)) for lo, hi in (s["prompt"], s["answer"]))
-        ids = torch.randint(3, s["vocab"], (p + a,), generator=gen).tolist()
-        out.append({"instruction": " ".join(map(str, ids[:p])), "input": "", "output": " ".join(map(str, ids[p:]))})
-    return out
-
-
-def template_file(directory: Path) -> Path:
-    path = directory / "ids.json"
-    path.write_text(json.dumps({"prompt_input": "{instruction} {input}", "prompt_no_input": "{instruction}"}))
-    return path
-
-
-def rate(steps, warm):
-    """(tokens/s, median ms per step) over (tokens, padded, seconds) steps after the first `warm`,
-    leaving out each batch shape's first step (Triton autotuning, allocator growth) in every row."""
-    seen, kept = set(), []
-    for i, (tokens, padded, seconds) in enumerate(steps):
-        if i >= warm and padded in seen:
-            kept.append((tokens, seconds))
-        seen.add(padded)
-    kept = kept or [(t, x) for t, _, x in steps[warm:]]  # tiny CPU runs may repeat no shape
-    return sum(t for t, _ in kept) / sum(x for _, x in kept), 1e3 * statistics.median(x for _, x in kept)
-
-
-def history(res):
-    return [(i.tokens, i.padded, i.seconds) for i in res.history]
 
 
 def peft_steps(model, tok, examples, cfg, steps, device):
@@ -142,7 +65,7 @@ def peft_steps(model, tok, examples, cfg, steps, device):
 def test_train_throughput(recorder, device, on_gpu, monkeypatch, tmp_path):
     if not on_gpu:  # the CPU path of a real run is the torch reference (see tests/test_train.py)
         monkeypatch.setenv("TRITON_INTERPRET", "0")
-    s = GPU if on_gpu else CPU
+    s = TRAIN_GPU if on_gpu else TRAIN_CPU
     t_start = time.perf_counter()
 
     def say(msg):  # progress with timestamps: a device run that hits its limit still shows where it was

@@ -1,12 +1,12 @@
-"""Training throughput of the LoRA mixture of experts on several GPUs (issue 7), DeepSpeed ZeRO-3.
+"""Training throughput of the LoRA mixture of experts on several GPUs, DeepSpeed ZeRO-3 (bench/README.md).
 
     python bench/train_multigpu.py --gpus 1 2 [--steps 60] [--stage 3]
 
 Launches `torchrun --nproc_per_node G` once per G on the model, bank and data of bench/test_train.py
-(~1.1B Llama, E=4 r=16, top-2, micro-batch 8 per GPU) and writes one result file with a row per G:
+(bench/cases.py: ~1.1B Llama, E=4 r=16, top-2, micro-batch 8 per GPU) and writes one result file with a row per G:
 global tokens/s (non-padding tokens of all ranks per second, leaving out warm-up steps and each
 batch shape's first step) and the scaling efficiency against the smallest G of the run.
-Needs deepspeed. Without CUDA it runs the CPU shapes of bench/test_train.py over gloo (a
+Needs deepspeed. Without CUDA it runs the CPU shapes of bench/test_train.py (TRAIN_CPU) over gloo (a
 correctness run of the same code, not a result).
 """
 from __future__ import annotations
@@ -29,8 +29,8 @@ from bench.harness import Recorder  # noqa: E402
 
 def child(out: Path, steps: int, stage: int) -> None:
     """One torchrun process: train, then rank 0 writes this world size's row to `out`."""
-    from bench.test_train import CPU, GPU, IntTokenizer, build_model, history, random_bank, random_examples, rate, \
-        template_file
+    from bench.cases import (TRAIN_CPU, TRAIN_GPU, IntTokenizer, build_model, history, random_bank, random_examples,
+                             rate, template_file)
     from rocket.training.loop import train
 
     rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
@@ -38,7 +38,7 @@ def child(out: Path, steps: int, stage: int) -> None:
     device = torch.device("cuda", int(os.environ["LOCAL_RANK"])) if on_gpu else torch.device("cpu")
     if on_gpu:
         torch.cuda.set_device(device)
-    s = GPU if on_gpu else CPU
+    s = TRAIN_GPU if on_gpu else TRAIN_CPU
     model = build_model(s, device)
     bank = random_bank(model, s["E"], s["r"])
     with tempfile.TemporaryDirectory() as tmp:
@@ -69,8 +69,8 @@ def main() -> int:
     if on_gpu and torch.cuda.device_count() < max(args.gpus):
         sys.exit(f"train_multigpu: --gpus {max(args.gpus)} needs that many CUDA devices, found "
                  f"{torch.cuda.device_count()}")
-    from bench.test_train import CPU, GPU
-    s = GPU if on_gpu else CPU
+    from bench.cases import TRAIN_CPU, TRAIN_GPU
+    s = TRAIN_GPU if on_gpu else TRAIN_CPU
     rows = {}
     for g in args.gpus:
         with tempfile.NamedTemporaryFile(suffix=".json", delete=False) as f:

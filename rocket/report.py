@@ -215,8 +215,10 @@ def render_report(run_dir: str | Path, extra_sections: list[tuple[str, str]] | N
     if aug:
         c = aug["counts"]
         parts.append("<h2>3 · Data selection</h2>" + _table(
-            ["pool", "candidates", "near-duplicates removed", "kept", "K-shot", "output", "threshold", "embedder"],
-            [[c["pool"], c["candidates"], c["duplicates_removed"], c["kept"], c["kshot"], c["output"],
+            ["pool", "candidates", "K-shot copies removed", "near-duplicates removed", "kept", "K-shot", "output",
+             "threshold", "embedder"],
+            [[c["pool"], c["candidates"], c.get("kshot_copies_removed", 0), c["duplicates_removed"], c["kept"],
+              c["kshot"], c["output"],
               aug["threshold"], aug.get("embedder", "")]]))
 
     ckpt = run / "checkpoint"

@@ -22,9 +22,10 @@ def brute_force(kshot_emb, pool_emb, target, threshold):
     prio = [max(float(k[i] @ p[j]) for i in range(len(k))) for j in range(len(p))]
     ranked = sorted(range(len(p)), key=lambda j: (-prio[j], j))
     cand = ranked[:target - len(k)]
+    # the K-shot items outrank every pool item: a candidate within τ of one (prio > τ) is dropped
     kept = [j for j in cand
-            if not any(float(p[j] @ p[m]) > threshold for m in cand
-                       if m != j and (prio[m] > prio[j] or (prio[m] == prio[j] and m < j)))]
+            if prio[j] <= threshold and not any(float(p[j] @ p[m]) > threshold for m in cand
+                                                if m != j and (prio[m] > prio[j] or (prio[m] == prio[j] and m < j)))]
     return sorted(kept, key=lambda j: (-prio[j], j)), prio, cand
 
 
@@ -72,7 +73,9 @@ def test_exact_ties_match_brute_force(n_k, n, d, target, threshold):
     report = run(kshot_emb, pool_emb, target, threshold)
     assert report["selected"] == want and report["dedup"]["method"] == "exact"
     c = report["counts"]
-    assert (c["candidates"], c["kept"], c["duplicates_removed"]) == (len(cand), len(want), len(cand) - len(want))
+    near = sum(prio[j] > threshold for j in cand)
+    assert (c["candidates"], c["kept"], c["kshot_copies_removed"]) == (len(cand), len(want), near)
+    assert c["duplicates_removed"] + c["kshot_copies_removed"] == len(cand) - len(want)
     assert c["output"] == n_k + len(want) and c["kshot_included"] == n_k and c["pool"] == n
 
 
@@ -86,6 +89,20 @@ def test_near_duplicates_match_brute_force(seed, n_k, n, d, target):
     report = run(kshot_emb, pool_emb, target, 0.9)
     assert report["selected"] == want
     assert 0 < report["counts"]["duplicates_removed"] < len(cand)
+
+
+def test_kshot_copies_in_the_pool_are_dropped_and_counted():
+    """Pool items that copy a K-shot item (exactly, or within τ) never join the K-shot items they copy."""
+    gen = torch.Generator().manual_seed(11)
+    kshot_emb = F.normalize(torch.randn(4, 24, generator=gen), dim=1)
+    other = F.normalize(torch.randn(40, 24, generator=gen), dim=1)
+    near = F.normalize(kshot_emb[2] + 0.05 * torch.randn(24, generator=gen), dim=0)
+    pool_emb = torch.cat([other[:10], kshot_emb[:2], near[None], other[10:]])    # rows 10, 11 exact, 12 near
+    assert float(near @ kshot_emb[2]) > 0.9
+    report = run(kshot_emb, pool_emb, 4 + 20, 0.9)
+    want, _, _ = brute_force(kshot_emb, pool_emb, 4 + 20, 0.9)
+    assert report["selected"] == want and not {10, 11, 12} & set(report["selected"])
+    assert report["counts"]["kshot_copies_removed"] == 3
 
 
 def test_ivf_probing_every_list_is_exact():

@@ -41,12 +41,34 @@ def test_write_jsonl_roundtrip(tmp_path, kshot_examples):
     assert not list(out.parent.glob("*.tmp"))
 
 
-@pytest.mark.parametrize("name", ["alpaca", "llama2", "mistral"])
+@pytest.mark.parametrize("name", ["alpaca", "llama2", "mistral", "llama2_maths"])
 def test_templates_use_input_variant(name):
     tpl = PromptTemplate.get(name)
     with_input = tpl.prompt({"instruction": "INS", "input": "INP"})
     without = tpl.prompt({"instruction": "INS", "input": ""})
     assert "INS" in with_input and "INP" in with_input and "INS" in without and "INP" not in without
+
+
+# The reference implementation's templates/llama2.json (mistral.json is the same file), verbatim.
+REFERENCE_LLAMA2 = {
+    "prompt_input": "[INST] <<SYS>>\nYou are a helpful assistant. Below is an instruction that describes a task. "
+                    "\nWrite a response that appropriately completes the request.\n<</SYS>>\n\n {instruction}\n{input}\n [/INST]",
+    "prompt_no_input": "[INST] <<SYS>>\nYou are a helpful assistant. Below is an instruction that describes a task. "
+                       "\nWrite a response that appropriately completes the request.\n<</SYS>>\n\n {instruction}\n [/INST]",
+}
+STEP = "Please answer the question by thinking step-by-step.\n"
+
+
+@pytest.mark.parametrize("name", ["llama2", "mistral", "llama2_maths"])
+def test_llama2_templates_are_the_reference_implementations_byte_for_byte(name):
+    tpl = PromptTemplate.get(name)
+    ex = {"instruction": "Summarize", "input": "some text"}
+    step = STEP if name == "llama2_maths" else ""
+    want_input = REFERENCE_LLAMA2["prompt_input"].replace("{instruction}", step + "{instruction}")
+    want_plain = REFERENCE_LLAMA2["prompt_no_input"].replace("{instruction}", step + "{instruction}")
+    assert tpl.prompt(ex) == want_input.format(**ex)
+    assert tpl.prompt({"instruction": "Summarize", "input": ""}) == want_plain.format(instruction="Summarize")
+    assert "some text\n [/INST]" in tpl.prompt(ex) and "You are a helpful assistant" in tpl.prompt(ex)
 
 
 def test_template_file(tmp_path):

@@ -129,7 +129,7 @@ def test_tuple_similarity_ties_exactly_across_pair_orders():
 
 
 def brute_force_choice(scores, bank, acc, top_m, n_experts):
-    """The objective of DESIGN.md §3 evaluated tuple by tuple, independently of rocket.selection."""
+    """The objective of docs/design.md evaluated tuple by tuple, independently of rocket.selection."""
     names = bank.names
     ppl = scores.ppl_sum.numpy()
     r_p = rankdata(ppl, method="min").astype(int)
@@ -138,7 +138,7 @@ def brute_force_choice(scores, bank, acc, top_m, n_experts):
     top = sorted(sorted(range(len(names)), key=lambda k: (total[k], r_p[k], k))[:top_m])
     cos = explicit_cos(bank).nan_to_num(0.0)
     tuples = list(itertools.combinations(top, n_experts))
-    sims = [sum(cos[i, j].item() for i, j in itertools.combinations(t, 2)) / math.comb(n_experts, 2)
+    sims = [sum(abs(cos[i, j].item()) for i, j in itertools.combinations(t, 2)) / math.comb(n_experts, 2)
             for t in tuples]
     r_d = rankdata(sims, method="min").astype(int)
     objective = [sum(total[k] for k in t) + int(r) for t, r in zip(tuples, r_d)]
@@ -225,6 +225,43 @@ def test_diversity_breaks_rank_ties_toward_least_similar():
 
 
 # --------------------------------------------------------------------------- bad inputs
+def _adapter(name, delta_dirs):
+    """An adapter on one 6×6 module whose ΔW = B·A is the outer product of the given unit directions."""
+    a, b = delta_dirs
+    return LoraAdapter(name, Path(f"/bank/{name}"), 1, 1.0, False,
+                       {"m": (torch.tensor([a], dtype=torch.float64), torch.tensor([[x] for x in b], dtype=torch.float64))},
+                       {"m": 1.0})
+
+
+def test_diversity_uses_the_absolute_cosine():
+    """An anti-aligned partner is as redundant as an aligned one: with |cos| the orthogonal adapter
+    is chosen beside 'a', with a signed mean the anti-aligned one would win."""
+    e = torch.eye(6, dtype=torch.float64).tolist()
+    neg = [-x for x in e[0]]
+    bank = LoraBank([_adapter("a", (e[0], e[0])), _adapter("anti", (neg, e[0])), _adapter("ortho", (e[1], e[1]))])
+    scores = Scores(bank.names, torch.tensor([[0.1], [0.2], [0.2]], dtype=torch.float64))
+    sel = select_experts(scores, bank, top_m=3, n_experts=2, device="cpu")
+    assert sel.similarity[0, 1] == pytest.approx(-1.0) and sel.similarity[0, 2] == pytest.approx(0.0)
+    assert sel.experts == ["a", "ortho"]
+
+
+def test_adapters_with_zero_delta_are_set_aside_with_a_warning():
+    e = torch.eye(6, dtype=torch.float64).tolist()
+    untrained = LoraAdapter("untrained", Path("/bank/untrained"), 1, 1.0, False,
+                            {"m": (torch.ones(1, 6, dtype=torch.float64), torch.zeros(6, 1, dtype=torch.float64))},
+                            {"m": 1.0})
+    bank = LoraBank([_adapter("a", (e[0], e[0])), untrained, _adapter("b", (e[0], e[1])),
+                     _adapter("c", (e[2], e[2]))])
+    scores = Scores(bank.names, torch.tensor([[0.3], [0.1], [0.3], [0.4]], dtype=torch.float64))  # best PPL
+    with pytest.warns(UserWarning, match="ΔW = 0 on every module set aside.*untrained"):
+        sel = select_experts(scores, bank, top_m=3, n_experts=2, device="cpu")
+    assert "untrained" not in sel.experts and sel.top == ["a", "b", "c"]
+    assert any("untrained" in n for n in sel.notes) and not any("share no module" in n for n in sel.notes)
+    with pytest.warns(UserWarning), pytest.raises(SelectionError, match="only 1 scored adapters have a non-zero"):
+        select_experts(Scores(["a", "untrained"], torch.zeros(2, 1, dtype=torch.float64)),
+                       bank.subset([0, 1]), top_m=2, n_experts=2, device="cpu")
+
+
 def test_bad_inputs_give_clear_errors():
     bank = random_bank(5, seed=2)
     scores = Scores(bank.names[:4] + ["stranger"], torch.rand(5, 2, dtype=torch.float64))

@@ -141,3 +141,13 @@ def unshared_pairs(names: list[str], shared: torch.Tensor) -> list[tuple[str, st
     i, j = torch.triu_indices(len(names), len(names), offset=1)
     none = shared[i, j] == 0
     return [(names[a], names[b]) for a, b in zip(i[none].tolist(), j[none].tolist())]
+
+
+def has_delta(adapter: LoraAdapter) -> bool:
+    """Whether some module of the adapter has ΔW ≠ 0: ‖B·A‖²_F = tr((BᵀB)(AAᵀ)) > 0 (r×r work).
+    An untrained adapter (B = 0) has none: its cosines are undefined."""
+    for A, B in adapter.weights.values():
+        a, b = A.double(), B.double()
+        if float(((b.T @ b) * (a @ a.T)).sum()) > 0:
+            return True
+    return False

@@ -101,6 +101,12 @@ def select_data(kshot: list[dict], pool: list[dict], target: int = 1000, thresho
     kept, dedup_info = dedup(cand_emb.to(device) if device.type == "cuda" else cand_emb, float(threshold),
                              torch.from_numpy(cand_prio), method=dedup_method, return_info=True)
     kept = kept.numpy()
+    # The K-shot items are the highest-priority members of the set: a candidate within τ of one
+    # (its priority, the max cosine to the K-shot items, above τ) is a copy of it and is dropped.
+    # They only add droppers, so the rule among the candidates themselves is unchanged.
+    near_kshot = cand_prio > threshold
+    n_pool_duplicates = int(len(cand) - len(kept) - near_kshot[np.setdiff1d(np.arange(len(cand)), kept)].sum())
+    kept = kept[~near_kshot[kept]]
     kept = kept[rank_by_priority(cand_prio[kept])]  # highest priority first
     timings["dedup"] = time.perf_counter() - t
     timings["total"] = time.perf_counter() - start
@@ -109,8 +115,8 @@ def select_data(kshot: list[dict], pool: list[dict], target: int = 1000, thresho
     out = [dict(e) for e in kshot] + [dict(pool[j]) for j in selected]
     report = {
         "counts": {"kshot": n_k, "pool": n_pool, "candidates": int(len(cand)),
-                   "candidates_near_kshot": int((cand_prio > threshold).sum()),
-                   "duplicates_removed": int(len(cand) - len(kept)), "kept": int(len(kept)),
+                   "kshot_copies_removed": int(near_kshot.sum()),
+                   "duplicates_removed": n_pool_duplicates, "kept": int(len(kept)),
                    "kshot_included": n_k, "output": len(out)},
         "target": int(target), "threshold": float(threshold),
         "priority": ({"max": float(cand_prio.max()), "min": float(cand_prio.min()),

@@ -18,7 +18,8 @@ def add_arguments(parser) -> None:
     parser.add_argument("--kshot", "--kshot_data_path", dest="kshot", required=True,
                         help="K-shot examples of the task (JSONL or JSON array)")
     parser.add_argument("--target", "--target_num", dest="target", type=int, default=1000,
-                        help="output size before dedup, K-shot items included (default: 1000)")
+                        help="output size before dedup, K-shot items included: the top C = target - K pool "
+                        "items by similarity to the K-shot set are kept, then de-duplicated (default: 1000)")
     parser.add_argument("--threshold", type=float, default=0.9,
                         help="cosine above which a lower-priority item is a near-duplicate (default: 0.9)")
     parser.add_argument("--out", required=True, help="augmented data to write (JSONL)")
@@ -69,6 +70,7 @@ def main(args) -> int:
         write_json(args.report, report)
     c = report["counts"]
     print(f"rocket augment: {c['pool']} pool items → {c['candidates']} candidates → {c['kept']} kept "
-          f"({c['duplicates_removed']} near-duplicates above {args.threshold}) + {c['kshot']} K-shot = "
+          f"({c['kshot_copies_removed']} copies of K-shot items and {c['duplicates_removed']} near-duplicates "
+          f"above {args.threshold} removed) + {c['kshot']} K-shot = "
           f"{c['output']} items in {report['timings_s']['total']:.1f}s; wrote {args.out}", file=sys.stdout)
     return 0

@@ -1,4 +1,5 @@
-"""Prompt templates: alpaca, llama2, mistral, the tokenizer's chat template, or a JSON file."""
+"""Prompt templates: alpaca, llama2 (= mistral), llama2_maths, as the reference implementation
+writes them, the tokenizer's chat template, or a JSON file."""
 from __future__ import annotations
 
 import json
@@ -16,15 +17,19 @@ _ALPACA = {
                         "appropriately completes the request.\n\n"
                         "### Instruction:\n{instruction}\n\n### Response:\n"),
 }
+# The reference implementation's templates/llama2.json, verbatim (its mistral.json is the same
+# file); llama2_maths.json adds a step-by-step request before the instruction.
+_LLAMA2_SYSTEM = ("[INST] <<SYS>>\nYou are a helpful assistant. Below is an instruction that describes a task. "
+                  "\nWrite a response that appropriately completes the request.\n<</SYS>>\n\n ")
 _LLAMA2 = {
-    "prompt_input": "[INST] <<SYS>>\n{input}\n<</SYS>>\n\n{instruction} [/INST] ",
-    "prompt_no_input": "[INST] {instruction} [/INST] ",
+    "prompt_input": _LLAMA2_SYSTEM + "{instruction}\n{input}\n [/INST]",
+    "prompt_no_input": _LLAMA2_SYSTEM + "{instruction}\n [/INST]",
 }
-_MISTRAL = {
-    "prompt_input": "[INST] {instruction}\n\n{input} [/INST]",
-    "prompt_no_input": "[INST] {instruction} [/INST]",
+_LLAMA2_MATHS = {
+    "prompt_input": _LLAMA2_SYSTEM + "Please answer the question by thinking step-by-step.\n{instruction}\n{input}\n [/INST]",
+    "prompt_no_input": _LLAMA2_SYSTEM + "Please answer the question by thinking step-by-step.\n{instruction}\n [/INST]",
 }
-TEMPLATES = {"alpaca": _ALPACA, "llama2": _LLAMA2, "mistral": _MISTRAL}
+TEMPLATES = {"alpaca": _ALPACA, "llama2": _LLAMA2, "mistral": _LLAMA2, "llama2_maths": _LLAMA2_MATHS}
 
 
 @dataclass(frozen=True)
@@ -52,7 +57,7 @@ class PromptTemplate:
                 if not isinstance(obj.get(key), str):
                     raise DataError(f"{path}: template needs string field '{key}'")
             return cls(path.stem, obj["prompt_input"], obj["prompt_no_input"])
-        raise DataError(f"unknown template {spec!r}: use alpaca, llama2, mistral, chat or a .json file")
+        raise DataError(f"unknown template {spec!r}: use alpaca, llama2, mistral, llama2_maths, chat or a .json file")
 
     def prompt(self, example: dict, tokenizer=None) -> str:
         instruction, inp = example["instruction"], example.get("input", "")

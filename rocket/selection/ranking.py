@@ -2,18 +2,19 @@
 diversity').
 
 R_P ranks adapters by PPL_R ascending, R_A by accuracy descending (ties share the smallest rank);
-the top M by R_P + R_A are kept; every N-tuple S of them gets R_D(S), the rank of its mean pairwise
-ΔW cosine (least similar first); the tuple minimising Σ_{m∈S}(R_P + R_A) + R_D(S) is chosen.
+the top M by R_P + R_A are kept (adapters with ΔW = 0 set aside); every N-tuple S of them gets
+R_D(S), the rank of its mean pairwise |ΔW cosine| (least aligned first); the tuple minimising Σ_{m∈S}(R_P + R_A) + R_D(S) is chosen.
 """
 from __future__ import annotations
 
 import math
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 import torch
 from rocket.adapters.bank import BankError, LoraAdapter, LoraBank, bank_entries, load_adapter, weights_file
 from rocket.data.scores import Scores, read_accuracy
-from rocket.adapters.similarity import unshared_pairs, _similarity
+from rocket.adapters.similarity import _similarity, has_delta, unshared_pairs
 from rocket.errors import SelectionError
 
 
@@ -46,13 +47,15 @@ def combinations(m: int, k: int) -> torch.Tensor:
 
 
 def tuple_similarity(sim: torch.Tensor, tuples: torch.Tensor) -> torch.Tensor:
-    """Mean pairwise similarity of each tuple [T, k] over the matrix `sim` (NaN pairs count as 0).
-    Pair values are sorted before summing, so tuples with equal pair values tie bit-exactly."""
+    """Mean pairwise |similarity| of each tuple [T, k] over the matrix `sim` (NaN pairs count as 0).
+    The absolute value, as the reference implementation takes it: an anti-aligned pair is as
+    redundant as an aligned one, an orthogonal pair is the most diverse. Pair values are sorted
+    before summing, so tuples with equal pair values tie bit-exactly."""
     k = tuples.shape[1]
     if k < 2:
         return torch.zeros(tuples.shape[0], dtype=torch.float64)
     a, b = torch.triu_indices(k, k, offset=1)
-    pairs = torch.nan_to_num(sim.double(), nan=0.0)[tuples[:, a], tuples[:, b]]   # [T, P]
+    pairs = torch.nan_to_num(sim.double().abs(), nan=0.0)[tuples[:, a], tuples[:, b]]   # [T, P]
     return torch.sort(pairs, dim=1).values.sum(dim=1) / pairs.shape[1]
 
 
@@ -183,26 +186,41 @@ def select_experts(scores: Scores, bank: LoraBank | str | Path, acc=None, top_m:
     r_a = rank_min(-accuracy) if accuracy is not None else torch.zeros_like(r_p)
     score = r_p + r_a
 
-    m = min(top_m, len(cand))
+    # The top M by R_P + R_A (ties: lower R_P, then bank order), loading adapters in that order only
+    # as far as needed; an adapter whose ΔW is 0 on every module (untrained, B = 0) has no defined
+    # cosine and would look maximally diverse, so it is set aside with a warning.
+    paths = dict(entries) if not isinstance(bank, LoraBank) else None
+    top_pos, loaded, zero = [], {}, []
+    for k in sorted(range(len(cand)), key=lambda k: (int(score[k]), int(r_p[k]), k)):
+        if len(top_pos) == top_m:
+            break
+        adapter = bank[cand[k]] if paths is None else load_adapter(paths[cand[k]], name=cand[k])
+        if has_delta(adapter):
+            top_pos.append(k)
+            loaded[cand[k]] = adapter
+        else:
+            zero.append(cand[k])
+    if zero:
+        warnings.warn(f"select_experts: {len(zero)} adapter(s) with ΔW = 0 on every module set aside "
+                      f"(no direction to compare): {', '.join(zero)}", stacklevel=2)
+        notes.append(f"set aside, ΔW = 0 on every module: {', '.join(zero)}")
+    if len(top_pos) < n_experts:
+        raise SelectionError(f"n_experts={n_experts} but only {len(top_pos)} scored adapters have a non-zero ΔW")
+    m = len(top_pos)
     if m < top_m:
-        notes.append(f"top_m={top_m} but {len(cand)} adapters are scored: all are kept")
-    top_pos = sorted(range(len(cand)), key=lambda k: (int(score[k]), int(r_p[k]), k))[:m]
+        notes.append(f"top_m={top_m} but {m} adapters are eligible: all are kept")
     top_idx = sorted(top_pos)  # bank order: tuples are enumerated lexicographically in it
     n_tuples = math.comb(m, n_experts)
     if n_tuples > MAX_TUPLES:
         raise SelectionError(f"C({m}, {n_experts}) = {n_tuples} tuples exceed {MAX_TUPLES}: lower top_m")
 
     top_names = [cand[k] for k in top_idx]
-    if isinstance(bank, LoraBank):
-        sub = bank.subset([bank.index(n) for n in top_names])
-    else:
-        paths = dict(entries)
-        sub = LoraBank([load_adapter(paths[n], name=n) for n in top_names])
+    sub = LoraBank([loaded[n] for n in top_names])
     sim, shared = _similarity(sub, device, progress=progress)
     unshared = unshared_pairs(top_names, shared)
     if unshared:
-        notes.append(f"{len(unshared)} pair(s) of the top M share no module: their similarity counts as 0 "
-                     "(ΔW on disjoint modules are orthogonal)")
+        notes.append(f"{len(unshared)} pair(s) of the top M share no module where both have a non-zero ΔW: "
+                     "their similarity counts as 0 (ΔW on disjoint modules are orthogonal)")
 
     tuples = combinations(m, n_experts)
     tuple_sim = tuple_similarity(sim, tuples)

@@ -34,7 +34,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     a("--grad-accum", "--gradient_accumulation_steps", type=int, default=d.grad_accum,
       help=f"micro-batches per optimizer step (default {d.grad_accum})")
     a("--template", "--prompt_template_name", default=d.template,
-      help="prompt template: alpaca, llama2, mistral, chat or a .json file (default alpaca)")
+      help="prompt template: alpaca, llama2, mistral, llama2_maths, chat or a .json file (default alpaca)")
     a("--overflow", choices=["drop", "truncate", "error"], default=d.overflow,
       help="examples longer than --cutoff (default drop)")
     a("--no-group-by-length", dest="group_by_length", action="store_false", help="plain shuffled batches")
