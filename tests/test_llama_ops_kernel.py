@@ -31,7 +31,8 @@ def test_add_rms_norm(dtype, T, H):
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-@pytest.mark.parametrize("T, heads, d", [(1, 1, 16), (29, 5, 32), (8, 20, 16)])
+@pytest.mark.parametrize("T, heads, d", [(1, 1, 16), (29, 5, 32), (8, 20, 16),
+                                         (7, 3, 12), (5, 4, 80), (3, 2, 100)])  # head_dim/2 not a power of 2
 def test_rotary_in_place(dtype, T, heads, d):
     gen = torch.Generator().manual_seed(T + heads)
     x0 = torch.randn(T, heads, d, generator=gen).to(dtype)
@@ -88,6 +89,27 @@ def test_fast_forward_equals_transformers(tiny_llama, tiny_tokenizer, kshot_exam
     other = copy.deepcopy(model)
     other.config.hidden_act = "gelu"
     assert not supports_fast_path(other, 100)
+
+
+@pytest.mark.parametrize("hidden, heads", [(48, 4), (80, 4)])   # head_dim 12 and 20
+def test_fast_forward_with_head_dims_off_powers_of_two(tiny_tokenizer, kshot_examples, hidden, heads):
+    """OpenLLaMA-3B (head_dim 100) and Phi-2 (80) style heads: the fast path handles them exactly."""
+    from rocket.data.tokenize import tokenize_examples
+    from rocket.runtime.fastpath import fast_forward, supports_fast_path
+    from rocket.runtime.packing import PackedBatch
+    from rocket.scoring.score import prepare_examples
+    from rocket.tiny import build_llama
+
+    model = build_llama(tiny_tokenizer, hidden=hidden, heads=heads, kv_heads=heads // 2, seed=5).to(DEVICE)
+    assert model.config.hidden_size // heads in (12, 20)
+    short = sorted(kshot_examples, key=lambda e: len(e["instruction"]) + len(e["output"]))[:2]
+    ex = prepare_examples(tokenize_examples(short, tiny_tokenizer), model.config.vocab_size)
+    assert supports_fast_path(model, 100)
+    batch = PackedBatch([(0, 0), (0, 1)], ex, DEVICE)
+    with torch.no_grad():
+        got = fast_forward(model, batch)
+        want = torch.cat([model.model(input_ids=ex[e].ids[None].to(DEVICE)).last_hidden_state[0] for e in (0, 1)])
+    assert rel_err(got, want) < 1e-5
 
 
 def test_fused_projections(tiny_llama):

@@ -54,25 +54,29 @@ def add_rms_norm(h: torch.Tensor, delta: torch.Tensor | None, weight: torch.Tens
 
 
 @triton.jit
-def _rotary(x_ptr, cos_ptr, sin_ptr, n_heads, row_stride, head_dim, HALF: tl.constexpr, BLOCK_H: tl.constexpr):
+def _rotary(x_ptr, cos_ptr, sin_ptr, n_heads, row_stride, head_dim, half, BLOCK_J: tl.constexpr,
+            BLOCK_H: tl.constexpr):
+    # half = head_dim / 2 need not be a power of two (OpenLLaMA-3B: 50, Phi-2: 40): the column
+    # range is padded to BLOCK_J and masked.
     t = tl.program_id(0).to(tl.int64)
     hh = tl.program_id(1) * BLOCK_H + tl.arange(0, BLOCK_H)
-    jj = tl.arange(0, HALF)
-    ok = (hh < n_heads)[:, None]
-    c1 = tl.load(cos_ptr + t * head_dim + jj).to(tl.float32)[None, :]
-    c2 = tl.load(cos_ptr + t * head_dim + HALF + jj).to(tl.float32)[None, :]
-    s1 = tl.load(sin_ptr + t * head_dim + jj).to(tl.float32)[None, :]
-    s2 = tl.load(sin_ptr + t * head_dim + HALF + jj).to(tl.float32)[None, :]
+    jj = tl.arange(0, BLOCK_J)
+    j_ok = jj < half
+    ok = (hh < n_heads)[:, None] & j_ok[None, :]
+    c1 = tl.load(cos_ptr + t * head_dim + jj, mask=j_ok, other=0.0).to(tl.float32)[None, :]
+    c2 = tl.load(cos_ptr + t * head_dim + half + jj, mask=j_ok, other=0.0).to(tl.float32)[None, :]
+    s1 = tl.load(sin_ptr + t * head_dim + jj, mask=j_ok, other=0.0).to(tl.float32)[None, :]
+    s2 = tl.load(sin_ptr + t * head_dim + half + jj, mask=j_ok, other=0.0).to(tl.float32)[None, :]
     p1 = x_ptr + t * row_stride + hh[:, None] * head_dim + jj[None, :]
     x1 = tl.load(p1, mask=ok, other=0.0)
-    x2 = tl.load(p1 + HALF, mask=ok, other=0.0)
+    x2 = tl.load(p1 + half, mask=ok, other=0.0)
     dt = x1.dtype
     f1, f2 = x1.to(tl.float32), x2.to(tl.float32)
     # HF: q*cos + rotate_half(q)*sin, each product rounded to the input dtype, then the sum
     o1 = ((f1 * c1).to(dt).to(tl.float32) + (-f2 * s1).to(dt).to(tl.float32)).to(dt)
     o2 = ((f2 * c2).to(dt).to(tl.float32) + (f1 * s2).to(dt).to(tl.float32)).to(dt)
     tl.store(p1, o1, mask=ok)
-    tl.store(p1 + HALF, o2, mask=ok)
+    tl.store(p1 + half, o2, mask=ok)
 
 
 def rotary_(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
@@ -85,8 +89,9 @@ def rotary_(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tens
         raise ValueError("rotary_: x must be [T, heads, head_dim] with contiguous heads, cos/sin contiguous")
     if T:
         block_h = min(16, triton.next_power_of_2(n_heads))
-        _rotary[(T, triton.cdiv(n_heads, block_h))](x, cos, sin, n_heads, x.stride(0), d, HALF=d // 2,
-                                                    BLOCK_H=block_h, num_warps=4)
+        _rotary[(T, triton.cdiv(n_heads, block_h))](x, cos, sin, n_heads, x.stride(0), d, d // 2,
+                                                    BLOCK_J=triton.next_power_of_2(d // 2), BLOCK_H=block_h,
+                                                    num_warps=4)
     return x
 
 
