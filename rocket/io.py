@@ -1,4 +1,5 @@
-"""Atomic writes, the one way rocket writes an output: a file appears whole or not at all.
+"""Atomic writes, the one way rocket writes an output: a file appears whole or not at all; and
+the one way it reads a text or JSON input: UTF-8 (a leading BOM accepted), errors naming the line.
 
 The data goes to a unique temporary file beside the target (two writers never share one), which
 is flushed to disk and renamed over the target; the directory is then synced so the rename itself
@@ -12,6 +13,8 @@ import tempfile
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Iterator
+
+from rocket.errors import RocketError
 
 
 def _fsync_dir(path: Path) -> None:
@@ -57,3 +60,28 @@ def atomic_write(path: str | os.PathLike, data: bytes | str) -> Path:
 def write_json(path: str | os.PathLike, obj, indent: int = 1) -> Path:
     """`obj` as JSON, written atomically."""
     return atomic_write(path, json.dumps(obj, indent=indent, default=str) + "\n")
+
+
+def read_text(path: str | os.PathLike, error: type[RocketError] = RocketError) -> str:
+    """A file's UTF-8 text, a leading byte-order mark (common on Windows) dropped. Bytes that are
+    not UTF-8 raise `error` naming the file and line."""
+    path = Path(path)
+    try:
+        data = path.read_bytes()
+    except FileNotFoundError:
+        raise error(f"{path}: no such file") from None
+    except IsADirectoryError:
+        raise error(f"{path}: is a directory, expected a file") from None
+    try:
+        return data.decode("utf-8-sig")
+    except UnicodeDecodeError as e:
+        line = data[:e.start].count(b"\n") + 1
+        raise error(f"{path}:{line}: not UTF-8 text (byte 0x{data[e.start]:02x})") from None
+
+
+def read_json(path: str | os.PathLike, error: type[RocketError] = RocketError):
+    """A JSON file (see read_text); malformed JSON raises `error` naming the file and line."""
+    try:
+        return json.loads(read_text(path, error))
+    except json.JSONDecodeError as e:
+        raise error(f"{path}:{e.lineno}: malformed JSON ({e.msg})") from None

@@ -137,3 +137,63 @@ def test_alpha_pattern_and_layers(tiny_llama, tmp_path):
     a = load_adapter(d)
     assert a.modules == ["model.layers.1.self_attn.q_proj"]
     assert a.scalings["model.layers.1.self_attn.q_proj"] == pytest.approx(8.0)
+
+
+def _copy_adapter(src, dst):
+    shutil.copytree(src, dst)
+    return dst
+
+
+@pytest.mark.parametrize("poison, message", [
+    (float("nan"), "lora_B has non-finite values"), (float("inf"), "lora_B has non-finite values")])
+def test_non_finite_weights_are_refused_naming_adapter_and_module(lora_bank_dir, tmp_path, poison, message):
+    from safetensors.torch import save_file
+    ad = _copy_adapter(lora_bank_dir / "qv_r4", tmp_path / "bad")
+    state = load_file(ad / "adapter_model.safetensors")
+    key = f"base_model.model.{Q0}.lora_B.weight"
+    state[key][0, 0] = poison
+    save_file(state, str(ad / "adapter_model.safetensors"))
+    with pytest.raises(BankError, match=f"^adapter 'bad': module '{Q0}' {message}"):
+        load_adapter(ad)
+
+
+def test_integer_weights_are_refused(lora_bank_dir, tmp_path):
+    from safetensors.torch import save_file
+    ad = _copy_adapter(lora_bank_dir / "qv_r4", tmp_path / "ints")
+    state = {k: (v * 100).to(torch.int32) for k, v in load_file(ad / "adapter_model.safetensors").items()}
+    save_file(state, str(ad / "adapter_model.safetensors"))
+    with pytest.raises(BankError, match="torch.int32, not a floating-point tensor"):
+        load_adapter(ad)
+
+
+@pytest.mark.parametrize("config, message", [
+    ("[1, 2]", "expected a JSON object, got a list"),
+    ('{"r": NaN, "lora_alpha": 16}', "field 'r' must be a positive number, got nan"),
+    ('{"r": true, "lora_alpha": 16}', "field 'r' must be a positive number, got True"),
+])
+def test_adapter_configs_that_are_not_usable_give_one_line(lora_bank_dir, tmp_path, config, message):
+    ad = _copy_adapter(lora_bank_dir / "qv_r4", tmp_path / "cfg")
+    (ad / "adapter_config.json").write_text(config)
+    with pytest.raises(BankError, match=message):
+        load_adapter(ad)
+
+
+def test_byte_order_marks_accepted_and_other_encodings_named(lora_bank_dir, tmp_path):
+    ad = _copy_adapter(lora_bank_dir / "qv_r4", tmp_path / "bom")
+    cfg = (ad / "adapter_config.json").read_bytes()
+    (ad / "adapter_config.json").write_bytes(b"\xef\xbb\xbf" + cfg)
+    assert load_adapter(ad).r == 4
+    manifest = tmp_path / "m.txt"
+    manifest.write_bytes(b"\xef\xbb\xbf" + str(ad).encode() + b"\n")
+    assert LoraBank.load(manifest).names == ["bom"]
+    manifest.write_bytes(str(ad).encode() + b"\n# caf\xe9\n")
+    with pytest.raises(BankError, match=r"m.txt:2: not UTF-8 text"):
+        LoraBank.load(manifest)
+
+
+def test_directories_without_a_config_are_named_when_skipped(lora_bank_dir, tmp_path):
+    bank_dir = tmp_path / "bank"
+    _copy_adapter(lora_bank_dir / "qv_r4", bank_dir / "qv_r4")
+    (bank_dir / "half_copied").mkdir()
+    with pytest.warns(UserWarning, match="1 directory without adapter_config.json skipped: half_copied"):
+        assert LoraBank.load(bank_dir).names == ["qv_r4"]

@@ -105,3 +105,46 @@ def test_overflow_policies(tiny_tokenizer, kshot_examples):
     assert len(cut.input_ids) == limit and cut.input_ids == full.input_ids[:limit]
     assert tokenize_example(ex, tiny_tokenizer, max_length=limit, overflow="drop") is None
     assert tokenize_examples([ex], tiny_tokenizer, max_length=full.prompt_len, overflow="truncate") == [None]
+
+
+# Every character str.splitlines() breaks on, besides "\n": JSON leaves them unescaped.
+LINE_LIKE = ["\r", "\x0b", "\x0c", "\x1c", "\x1d", "\x1e", "\x85", "\u2028", "\u2029"]
+
+
+def test_jsonl_round_trips_every_line_like_character(tmp_path):
+    rows = [{"instruction": f"a{c}b", "input": c, "output": f"x{c}y"} for c in LINE_LIKE]
+    write_jsonl(tmp_path / "d.jsonl", rows)
+    assert load_examples(tmp_path / "d.jsonl") == rows
+    # escaped in the input file too (as other writers produce it), and with Windows line ends
+    (tmp_path / "e.jsonl").write_text("".join(json.dumps(r) + "\r\n" for r in rows), encoding="utf-8")
+    assert load_examples(tmp_path / "e.jsonl") == rows
+
+
+def test_byte_order_mark_is_accepted_and_bad_bytes_name_the_line(tmp_path):
+    row = {"instruction": "é", "input": "", "output": "ü"}
+    (tmp_path / "bom.jsonl").write_bytes(b"\xef\xbb\xbf" + json.dumps(row, ensure_ascii=False).encode() + b"\n")
+    assert load_examples(tmp_path / "bom.jsonl") == [row]
+    (tmp_path / "latin1.jsonl").write_bytes(json.dumps(row).encode() + b"\n" + '{"instruction": "é"}'.encode("latin-1"))
+    with pytest.raises(DataError, match=r"latin1.jsonl:2: not UTF-8 text \(byte 0xe9\)$"):
+        load_examples(tmp_path / "latin1.jsonl")
+
+
+def test_one_pretty_printed_object_gets_a_message_that_says_so(tmp_path):
+    p = tmp_path / "one.json"
+    p.write_text(json.dumps({"instruction": "a", "input": "", "output": "b"}, indent=2))
+    with pytest.raises(DataError, match="one JSON object spread over several lines; expected JSONL"):
+        load_examples(p)
+
+
+@pytest.mark.parametrize("obj, message", [
+    ({"adapters": ["a", "b"], "loss": [[0.1, 0.2], [0.3]]}, r"'loss' row 1 \('b'\) has 1 values, row 0 has 2"),
+    ({"adapters": ["a", "b"], "loss": [[0.1]]}, "one row per adapter"),
+    ({"adapters": ["a"], "loss": [[0.1, "x"]]}, "non-finite or non-numeric"),
+    ([1, 2], "expected a JSON object"),
+])
+def test_scores_files_that_do_not_fit_give_one_line(tmp_path, obj, message):
+    from rocket.data.scores import Scores
+    p = tmp_path / "scores.json"
+    p.write_text(json.dumps(obj))
+    with pytest.raises(DataError, match=message):
+        Scores.load(p)

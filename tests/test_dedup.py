@@ -122,3 +122,26 @@ def test_ivf_join_cuda():
     assert set(exact.tolist()) <= set(kept.tolist()) and missed <= 0.01 * (30000 - len(exact))
     _, info = D.dedup(emb, 0.9, prio, method="auto", return_info=True)
     assert info["method"] == "exact"
+
+
+@pytest.mark.parametrize("method", ["exact", "knn", "ivf", "auto"])
+@pytest.mark.parametrize("bad, message", [(float("nan"), "row 5 has non-finite values"),
+                                          (float("inf"), "row 5 has non-finite values"),
+                                          (0.0, "row 5 is all zeros")])
+def test_non_finite_or_zero_rows_are_refused_on_every_method(method, bad, message):
+    emb = F.normalize(torch.randn(40, 8, generator=torch.Generator().manual_seed(4)), dim=1)
+    emb[6] = emb[5]                              # an exact duplicate pair that must never be kept silently
+    emb[5] = bad if bad == 0.0 else emb[5]
+    if bad != 0.0:
+        emb[5, 3] = bad
+    with pytest.raises(RocketError, match=f"^dedup: {message}"):
+        D.dedup(emb, 0.9, method=method, **({"nlist": 2} if method == "ivf" else {}))
+
+
+def test_rows_that_are_not_unit_are_normalised_with_a_warning():
+    gen = torch.Generator().manual_seed(5)
+    emb = planted(300, 16, gen, frac=0.2, noise=0.05)
+    scaled = emb * torch.rand(300, 1, generator=gen).add(0.5)
+    with pytest.warns(UserWarning, match="not unit-norm"):
+        kept = D.dedup(scaled, 0.9, method="exact")
+    assert torch.equal(kept, D.dedup(emb, 0.9, method="exact")) and len(kept) < 300

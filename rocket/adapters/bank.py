@@ -1,10 +1,10 @@
 """LoRA bank: load and validate peft adapters, stack them per module into padded tensors."""
 from __future__ import annotations
 
-import json
 import math
 import pickle
 import re
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 import torch
@@ -12,6 +12,7 @@ from torch import nn
 from rocket.adapters.similarity import group_similarity
 from rocket.adapters.stacking import StackedModule, stack_modules
 from rocket.errors import BankError
+from rocket.io import read_json, read_text
 
 
 _KEY = re.compile(r"^(?:base_model\.model\.)?(?P<module>.+)\.lora_(?P<ab>[AB])(?:\.[^.]+)?\.weight$")
@@ -91,18 +92,18 @@ def load_adapter(path: str | Path, name: str | None = None) -> LoraAdapter:
     cfg_file = adapter_dir / "adapter_config.json"
     if not cfg_file.is_file():
         raise BankError(f"{adapter_dir}: missing adapter_config.json")
-    try:
-        cfg = json.loads(cfg_file.read_text())
-    except json.JSONDecodeError as e:
-        raise BankError(f"{cfg_file}:{e.lineno}: malformed JSON ({e.msg})") from None
+    cfg = read_json(cfg_file, BankError)
+    if not isinstance(cfg, dict):
+        raise BankError(f"{cfg_file}: expected a JSON object, got a {type(cfg).__name__}")
     name = name or adapter_dir.name
     if cfg.get("peft_type", "LORA") != "LORA":
         raise BankError(f"adapter '{name}': peft_type {cfg.get('peft_type')!r} is not LORA")
     if cfg.get("use_dora"):
         raise BankError(f"adapter '{name}': DoRA adapters are not supported")
     for key in ("r", "lora_alpha"):
-        if not isinstance(cfg.get(key), (int, float)) or cfg[key] <= 0:
-            raise BankError(f"{cfg_file}: field '{key}' must be a positive number")
+        value = cfg.get(key)
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value <= 0:
+            raise BankError(f"{cfg_file}: field '{key}' must be a positive number, got {value!r}")
     r, alpha, rslora = int(cfg["r"]), float(cfg["lora_alpha"]), bool(cfg.get("use_rslora", False))
     state = _load_state(file or weights_file(adapter_dir))
     halves: dict[str, dict[str, torch.Tensor]] = {}
@@ -120,6 +121,11 @@ def load_adapter(path: str | Path, name: str | None = None) -> LoraAdapter:
         if set(ab) != {"A", "B"}:
             raise BankError(f"adapter '{name}': module '{module}' lacks lora_{'B' if 'A' in ab else 'A'}")
         A, B = ab["A"], ab["B"]
+        for half, t in (("lora_A", A), ("lora_B", B)):
+            if not t.is_floating_point():
+                raise BankError(f"adapter '{name}': module '{module}' {half} is {t.dtype}, not a floating-point tensor")
+            if not torch.isfinite(t).all():
+                raise BankError(f"adapter '{name}': module '{module}' {half} has non-finite values (NaN or Inf)")
         if A.dim() != 2 or B.dim() != 2 or A.shape[0] != B.shape[1]:
             raise BankError(f"adapter '{name}': module '{module}' has lora_A {list(A.shape)} and "
                             f"lora_B {list(B.shape)}, which do not compose")
@@ -132,7 +138,7 @@ def load_adapter(path: str | Path, name: str | None = None) -> LoraAdapter:
 
 def _manifest_entries(manifest: Path) -> list[Path]:
     entries = []
-    for lineno, line in enumerate(manifest.read_text().splitlines(), start=1):
+    for lineno, line in enumerate(read_text(manifest, BankError).split("\n"), start=1):
         line = line.strip()
         if not line or line.startswith("#"):
             continue
@@ -159,6 +165,12 @@ def bank_entries(path: str | Path) -> list[tuple[str, Path]]:
         entries = sorted(p for p in path.iterdir() if (p / "adapter_config.json").is_file())
         if not entries:
             raise BankError(f"{path}: no adapter directories (with adapter_config.json) inside")
+        skipped = sorted(p.name for p in path.iterdir() if p.is_dir() and p not in entries
+                         and not p.name.startswith("."))
+        if skipped:
+            warnings.warn(f"{path}: {len(skipped)} director{'y' if len(skipped) == 1 else 'ies'} without "
+                          f"adapter_config.json skipped: {', '.join(skipped[:5])}{' …' if len(skipped) > 5 else ''}",
+                          stacklevel=2)
     else:
         raise BankError(f"{path}: expected a directory of peft adapters or a manifest .txt")
     out, seen = [], {}

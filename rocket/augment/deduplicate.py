@@ -20,7 +20,10 @@ join used.
 from __future__ import annotations
 
 import time
+import warnings
+
 import torch
+
 from rocket.errors import AugmentError
 from rocket.augment.exact import exact_dropped, rank_order
 
@@ -29,12 +32,42 @@ from rocket.augment.exact import exact_dropped, rank_order
 AUTO_EXACT_MAX = {"cuda": 2_000_000, "cpu": 200_000}
 
 
+# How far a row's squared norm may stray from 1 and still count as unit: rounding (of 16-bit storage,
+# or float32 rows held in float64) is not a forgotten normalisation.
+UNIT_TOLERANCE = {torch.float16: 1e-2, torch.bfloat16: 2e-2, torch.float32: 1e-3, torch.float64: 1e-3}
+
+
+def checked_rows(embeddings: torch.Tensor, chunk: int = 1 << 20) -> torch.Tensor:
+    """The rows as the rule needs them: a non-finite or zero row is refused (naming the row); rows
+    that are not unit-norm are normalised, with a warning (the rule compares cosines)."""
+    bad_norm = []
+    for s in range(0, embeddings.shape[0], chunk):
+        part = embeddings[s:s + chunk]
+        finite = torch.isfinite(part).all(dim=1)
+        if not bool(finite.all()):
+            raise AugmentError(f"dedup: row {s + int((~finite).nonzero()[0])} has non-finite values (NaN or Inf)")
+        norm2 = part.float().pow(2).sum(1)
+        if bool((norm2 == 0).any()):
+            raise AugmentError(f"dedup: row {s + int((norm2 == 0).nonzero()[0])} is all zeros (no direction)")
+        off = ((norm2 - 1).abs() > UNIT_TOLERANCE[embeddings.dtype]).nonzero()
+        if len(off) and not bad_norm:
+            bad_norm.append((s + int(off[0]), float(norm2[off[0]].sqrt())))
+    if bad_norm:
+        row, norm = bad_norm[0]
+        warnings.warn(f"dedup: rows are not unit-norm (e.g. row {row}, norm {norm:.4g}); normalising them",
+                      stacklevel=3)
+        wide = torch.promote_types(embeddings.dtype, torch.float32)
+        embeddings = torch.nn.functional.normalize(embeddings.to(wide), dim=1).to(embeddings.dtype)
+    return embeddings
+
+
 def dedup(embeddings: torch.Tensor, threshold: float = 0.9, priority: torch.Tensor | None = None,
           method: str = "auto", k: int = 32, backend: str | None = None, block: int | None = None,
           return_info: bool = False, **knn_options):
     """Kept indices (int64, ascending, on the CPU) after the near-duplicate rule above.
 
-    embeddings: [n, d], rows L2-normalised by the caller (cos = dot); float16/bfloat16/float32/64.
+    embeddings: [n, d], rows L2-normalised (cos = dot; rows that are not are normalised, with a
+    warning; a non-finite or zero row is an error); float16/bfloat16/float32/64.
     priority: [n] (default: all equal, so the lower index wins).
     method: "exact" (the join), "knn" (FAISS, k nearest; knn_options go to knn_dedup.knn_dropped),
     "ivf" (the exact join inside k-means lists, GPU-native; knn_options go to knn_dedup.ivf_dropped),
@@ -50,6 +83,7 @@ def dedup(embeddings: torch.Tensor, threshold: float = 0.9, priority: torch.Tens
         raise AugmentError(f"dedup: embeddings must be floating point, got {embeddings.dtype}")
     if method not in ("auto", "exact", "knn", "ivf"):
         raise AugmentError(f"dedup: method must be 'auto', 'exact', 'knn' or 'ivf', got {method!r}")
+    embeddings = checked_rows(embeddings)
     n, d = embeddings.shape
     start = time.perf_counter()
     order = rank_order(priority, n, embeddings.device)

@@ -7,7 +7,7 @@ import json
 import os
 from pathlib import Path
 from rocket.errors import DataError
-from rocket.io import atomic_write
+from rocket.io import atomic_write, read_text
 
 
 FIELDS = ("instruction", "input", "output")
@@ -30,16 +30,22 @@ def _check_example(obj, where: str, require_output: bool) -> dict:
     return ex
 
 
+def _is_one_object(text: str) -> bool:
+    try:
+        return isinstance(json.loads(text), dict)
+    except json.JSONDecodeError:
+        return False
+
+
 def load_examples(path: str | os.PathLike, require_output: bool = True) -> list[dict]:
     """Read examples from JSONL (one object per line) or a JSON array file.
 
     Every object needs `instruction` and `output` (strings); `input` may be absent or empty.
-    Errors name the file and line: malformed JSON, missing fields, wrong types, an empty file.
+    Errors name the file and line: malformed JSON, missing fields, wrong types, an empty file, bytes
+    that are not UTF-8 (a leading byte-order mark is accepted).
     """
     path = Path(path)
-    if not path.is_file():
-        raise DataError(f"{path}: no such file")
-    text = path.read_text(encoding="utf-8")
+    text = read_text(path, DataError)
     if not text.strip():
         raise DataError(f"{path}: file is empty")
     if text.lstrip().startswith("["):
@@ -50,12 +56,18 @@ def load_examples(path: str | os.PathLike, require_output: bool = True) -> list[
         examples = [_check_example(o, f"{path}: item {i}", require_output) for i, o in enumerate(items)]
     else:
         examples = []
-        for lineno, line in enumerate(text.splitlines(), start=1):
+        # JSONL records end at "\n" only: str.splitlines() would also split inside a record at
+        # U+2028, U+2029, U+0085 and other characters that JSON leaves unescaped.
+        for lineno, line in enumerate(text.split("\n"), start=1):
+            line = line.removesuffix("\r")
             if not line.strip():
                 continue
             try:
                 obj = json.loads(line)
             except json.JSONDecodeError as e:
+                if not examples and _is_one_object(text):
+                    raise DataError(f"{path}: one JSON object spread over several lines; expected JSONL "
+                                    "(one object per line) or a JSON array") from None
                 raise DataError(f"{path}:{lineno}: malformed JSON ({e.msg})") from None
             examples.append(_check_example(obj, f"{path}:{lineno}", require_output))
     if not examples:

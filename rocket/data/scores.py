@@ -9,7 +9,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 import torch
 from rocket.errors import DataError
-from rocket.io import write_json
+from rocket.io import read_json, write_json
 
 
 @dataclass
@@ -51,18 +51,23 @@ class Scores:
     @classmethod
     def load(cls, path: str | Path) -> "Scores":
         path = Path(path)
-        try:
-            obj = json.loads(path.read_text())
-        except FileNotFoundError:
-            raise DataError(f"{path}: no such scores file") from None
-        except json.JSONDecodeError as e:
-            raise DataError(f"{path}:{e.lineno}: malformed JSON ({e.msg})") from None
+        obj = read_json(path, DataError)
+        if not isinstance(obj, dict):
+            raise DataError(f"{path}: expected a JSON object (a rocket scores file)")
         for key in ("adapters", "loss"):
             if key not in obj:
                 raise DataError(f"{path}: missing field '{key}'")
-        loss = obj["loss"]
-        if any(not math.isfinite(v) for row in loss for v in row):
-            raise DataError(f"{path}: field 'loss' has non-finite values")
+        loss, names = obj["loss"], obj["adapters"]
+        if not isinstance(names, list) or not all(isinstance(n, str) for n in names):
+            raise DataError(f"{path}: field 'adapters' must be a list of names")
+        if not isinstance(loss, list) or len(loss) != len(names):
+            raise DataError(f"{path}: field 'loss' must have one row per adapter ({len(names)})")
+        for i, row in enumerate(loss):
+            if not isinstance(row, list) or len(row) != len(loss[0]) or not row:
+                raise DataError(f"{path}: 'loss' row {i} ('{names[i]}') has {len(row) if isinstance(row, list) else 'no'} "
+                                f"values, row 0 has {len(loss[0]) if isinstance(loss[0], list) else 'none'}")
+            if not all(isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) for v in row):
+                raise DataError(f"{path}: 'loss' row {i} ('{names[i]}') has a non-finite or non-numeric value")
         return cls(list(obj["adapters"]), torch.tensor(loss, dtype=torch.float64), obj.get("accuracy"),
                    obj.get("meta", {}))
 
