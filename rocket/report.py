@@ -94,46 +94,52 @@ def _png(fig) -> bytes:
 
 
 def plot_routing(routing: dict) -> bytes:
-    """One small bar chart per MoE layer: share of routed tokens per expert (stacked by top-k slot)."""
+    """Share of routed tokens per expert (columns, full names) and MoE layer (rows), all top-k slots
+    together: one readable heatmap however many layers the model has."""
     plt = _plt()
     names = list(routing["counts"])
-    experts = routing.get("experts") or [f"expert {e}" for e in range(len(next(iter(routing["counts"].values()))))]
-    cols = min(7, len(names))
-    rows = (len(names) + cols - 1) // cols
-    fig, axes = plt.subplots(rows, cols, figsize=(2.2 * cols, 1.9 * rows + 0.6), squeeze=False, sharey=True)
-    for ax, name in zip(axes.flat, names):
-        c = torch.tensor(routing["counts"][name], dtype=torch.float64)     # [E, k]
-        share = c / c.sum().clamp_min(1)
-        bottom = torch.zeros(c.shape[0], dtype=torch.float64)
-        for slot in range(c.shape[1]):
-            ax.bar(range(c.shape[0]), share[:, slot].numpy(), bottom=bottom.numpy(),
-                   color=f"C{slot}", label=f"top-{slot + 1}")
-            bottom += share[:, slot]
-        ax.set_title(name.replace("model.layers.", "L").replace(".self_attn", "").replace(".mlp", ""), fontsize=7)
-        ax.set_xticks(range(c.shape[0]), [e[:8] for e in experts], rotation=60, fontsize=6)
-        ax.tick_params(axis="y", labelsize=6)
-    for ax in list(axes.flat)[len(names):]:
-        ax.axis("off")
-    axes.flat[0].legend(fontsize=6)
-    fig.suptitle("share of routed tokens per expert, per MoE layer (K-shot examples)", fontsize=9)
-    fig.tight_layout()
+    counts = torch.tensor([routing["counts"][n] for n in names], dtype=torch.float64).sum(dim=2)   # [L, E]
+    share = counts / counts.sum(dim=1, keepdim=True).clamp_min(1)
+    experts = routing.get("experts") or [f"expert {e}" for e in range(share.shape[1])]
+    labels = [n.replace("model.layers.", "L").replace(".self_attn", "").replace(".mlp", "") for n in names]
+    fig, ax = plt.subplots(figsize=(3 + 0.9 * len(experts), 1.6 + 0.22 * len(names)), layout="constrained")
+    im = ax.imshow(share.numpy(), aspect="auto", cmap="magma", vmin=0, vmax=max(float(share.max()), 1e-9),
+                   interpolation="nearest")
+    ax.set_xticks(range(len(experts)), experts, rotation=30, ha="right", fontsize=9)
+    step = max(1, len(names) // 40)  # at most ~40 row labels
+    ax.set_yticks(range(0, len(names), step), labels[::step], fontsize=8)
+    ax.set_title("share of routed tokens per expert and MoE layer (K-shot examples)", fontsize=10)
+    fig.colorbar(im, ax=ax, label="share of tokens")
     return _png(fig)
 
 
+def smoothed(values: list[float], window: int) -> list[float]:
+    """Trailing moving average (the mean of the last `window` values seen so far)."""
+    out, total = [], 0.0
+    for i, v in enumerate(values):
+        total += v - (values[i - window] if i >= window else 0.0)
+        out.append(total / min(i + 1, window))
+    return out
+
+
 def plot_curve(history: list[dict]) -> bytes:
-    """Training loss per logged step (and evaluation loss where logged)."""
+    """Training loss per step, raw (length-grouped batches make it jagged) and smoothed; the
+    evaluation loss where logged."""
     plt = _plt()
-    fig, ax = plt.subplots(figsize=(6, 3.2))
+    fig, ax = plt.subplots(figsize=(6.4, 3.4), layout="constrained")
     pts = [(h["step"], h["loss"]) for h in history if h.get("loss") is not None]
-    ax.plot([p[0] for p in pts], [p[1] for p in pts], label="train loss")
+    steps, losses = [p[0] for p in pts], [p[1] for p in pts]
+    ax.plot(steps, losses, color="C0", alpha=0.3, linewidth=0.8, label="train loss (per step)")
+    if losses:
+        window = max(1, len(losses) // 10)
+        ax.plot(steps, smoothed(losses, window), color="C0", linewidth=2, label=f"train loss (mean of {window})")
     ev = [(h["step"], h["eval_loss"]) for h in history if h.get("eval_loss") is not None]
     if ev:
-        ax.plot([p[0] for p in ev], [p[1] for p in ev], "o-", label="eval loss")
+        ax.plot([p[0] for p in ev], [p[1] for p in ev], "o-", color="C1", label="eval loss")
     ax.set_xlabel("step")
     ax.set_ylabel("loss (nats)")
     ax.set_title("training curve")
-    ax.legend()
-    fig.tight_layout()
+    ax.legend(fontsize=8)
     return _png(fig)
 
 

@@ -15,13 +15,15 @@ def save_heatmap(scores: Scores, path: str | Path) -> None:
 
     path = Path(path)
     N, K = scores.loss.shape
-    fig, ax = plt.subplots(figsize=(min(2 + 0.25 * K, 24), min(1.5 + 0.3 * N, 24)))
+    from matplotlib.ticker import MaxNLocator
+
+    fig, ax = plt.subplots(figsize=(min(3 + 0.25 * K, 24), min(1.5 + 0.3 * N, 24)), layout="constrained")
     im = ax.imshow(scores.loss.numpy(), aspect="auto", cmap="viridis", interpolation="nearest")
     ax.set_yticks(range(N), scores.names, fontsize=7)
     ax.set_xlabel("example")
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))  # examples are whole numbers
     ax.set_title("loss (nats) per adapter and example")
     fig.colorbar(im, ax=ax, label="loss (nats)")
-    fig.tight_layout()
     try:
         with atomic_path(path) as tmp:
             fig.savefig(tmp, format="png", dpi=100)

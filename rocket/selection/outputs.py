@@ -20,7 +20,7 @@ def plot_similarity(selection: Selection) -> bytes:
 
     m = len(selection.top)
     labels = [("★ " if n in selection.experts else "") + n for n in selection.top]
-    fig, ax = plt.subplots(figsize=(min(3 + 0.5 * m, 24), min(2.5 + 0.45 * m, 22)))
+    fig, ax = plt.subplots(figsize=(min(4 + 0.5 * m, 24), min(3 + 0.45 * m, 22)), layout="constrained")
     im = ax.imshow(selection.similarity.numpy(), cmap="coolwarm", vmin=-1, vmax=1, interpolation="nearest")
     ax.set_xticks(range(m), labels, rotation=60, ha="right", fontsize=7)
     ax.set_yticks(range(m), labels, fontsize=7)
@@ -29,9 +29,8 @@ def plot_similarity(selection: Selection) -> bytes:
             for j in range(m):
                 v = float(selection.similarity[i, j])
                 ax.text(j, i, "–" if math.isnan(v) else f"{v:.2f}", ha="center", va="center", fontsize=6)
-    ax.set_title("mean per-module cosine of ΔW (top M; ★ chosen)")
+    ax.set_title("mean per-module cosine of ΔW\n(top M; ★ chosen)", fontsize=10)
     fig.colorbar(im, ax=ax, label="cos")
-    fig.tight_layout()
     buf = BytesIO()
     fig.savefig(buf, format="png", dpi=100)
     plt.close(fig)
