@@ -14,10 +14,10 @@ LAYERS = {
     "rocket.data": 1, "rocket.modeling": 1, "rocket.resume": 1, "rocket.tiny": 1,
     "rocket.adapters": 2,
     "rocket.moe": 3, "rocket.runtime": 3,
-    "rocket.scoring": 4, "rocket.selection": 4, "rocket.augment": 4, "rocket.training": 4,
+    "rocket.rationale": 4, "rocket.scoring": 4, "rocket.selection": 4, "rocket.augment": 4, "rocket.training": 4,
     "rocket.report": 5, "rocket.pipeline": 6, "rocket.demo": 7, "rocket.cli": 8,
 }
-STAGES = {"rocket.scoring", "rocket.selection", "rocket.augment", "rocket.training"}
+STAGES = {"rocket.rationale", "rocket.scoring", "rocket.selection", "rocket.augment", "rocket.training"}
 
 
 def module_name(path: Path) -> str:
