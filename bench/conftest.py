@@ -11,8 +11,7 @@ if not torch.cuda.is_available():  # CPU: Triton kernels in the interpreter, at 
 
 import pytest  # noqa: E402
 
-sys.path.insert(0, str(Path(__file__).parent))  # harness, peers
-sys.path.insert(0, str(Path(__file__).parent.parent / "tests"))  # test helpers reused by peers
+sys.path.insert(0, str(Path(__file__).parent))  # harness, peers, cases
 
 from bench.harness import Recorder  # noqa: E402
 

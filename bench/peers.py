@@ -21,7 +21,7 @@ def dedup_blocked_torch_lowp(emb, threshold, priority, block: int = 8192):
     return torch.sort(order[~dropped]).values
 
 
-# --------------------------------------------------------------------------- scoring (issue 4)
+# --------------------------------------------------------------------------- scoring (bench/test_scoring.py)
 # Per-example losses of many LoRA adapters with peft, three ways. `peft_model` holds the adapters
 # (`names`); `tokenized` are rocket.data.Tokenized. Losses as in the tests: HF logits, then the
 # reference masked cross-entropy (float32) per example.
@@ -88,12 +88,12 @@ def peft_mixed_losses(peft_model, names, tokenized, batch: int = 16):
     return out
 
 
-# --------------------------------------------------------------------------- selection (issue 5)
+# --------------------------------------------------------------------------- selection (bench/test_selection.py)
 # Mean per-module ΔW cosine of n adapters that all cover every module; `modules` is a list of
 # (A [n, r, d_in], B [n, d_out, r]) stacks. Two ways one would write it from the formula.
 def delta_cos_pairwise_traces(modules, pair_chunk: int = 2048):
-    """The r×r trace of DESIGN §3 pair by pair (reference.lora_delta_inner), batched over chunks
-    of the n(n+1)/2 pairs: each pair gathers its own A_i, B_i, A_j, B_j."""
+    """The r×r trace of docs/design.md §4 ('Group diversity') pair by pair (reference.lora_delta_inner),
+    batched over chunks of the n(n+1)/2 pairs: each pair gathers its own A_i, B_i, A_j, B_j."""
     import torch
     n = modules[0][0].shape[0]
     i, j = torch.triu_indices(n, n, device=modules[0][0].device)
@@ -125,7 +125,7 @@ def delta_cos_explicit(modules, chunk: int = 16):
     return total / len(modules)
 
 
-# --------------------------------------------------------------------------- LoRA-MoE layer (issue 3)
+# --------------------------------------------------------------------------- LoRA-MoE layer (bench/test_lora_moe.py)
 # One LoRA-MoE layer y = xWᵀ + b + Σ_topk w·s_e·B_e A_e x (2-D x), gradients by autograd.
 # The reference implementation's algorithm: softmax → top-k → renorm, one masked pass per expert with index_add.
 lora_moe_loop = R.lora_moe_loop

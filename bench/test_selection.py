@@ -1,6 +1,7 @@
-"""ΔW group similarity (issue 5): rocket.group_similarity vs per-pair r×r traces and explicit ΔW.
+"""ΔW group similarity (docs/design.md §4, group diversity): rocket.group_similarity vs per-pair r×r
+traces and explicit ΔW.
 
-The GPU shape of the issue: 500 adapters, r=16, on 7 modules × 32 layers of 4096×4096 linears,
+The GPU shape (bench/README.md): 500 adapters, r=16, on 7 modules × 32 layers of 4096×4096 linears,
 generated on the GPU as tensors (no files). Peers run on the same adapters at the shapes they can
 finish: per-pair traces on one layer (7 modules), explicit ΔW on 64 adapters of one layer.
 """

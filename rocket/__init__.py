@@ -20,6 +20,7 @@ _API = {
     "save_moe_state": "rocket.moe",
     "load_moe_state": "rocket.moe",
     "load_moe": "rocket.moe",
+    "generate_rationales": "rocket.rationale",
     "score_adapters": "rocket.scoring",
     "Scores": "rocket.data",
     "select_experts": "rocket.selection",

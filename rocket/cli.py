@@ -1,4 +1,4 @@
-"""The `rocket` command: score, select, augment, train, run, demo.
+"""The `rocket` command: rationale, score, select, augment, train, run, demo.
 
 Each subcommand lives in its stage module, which provides `add_arguments(parser)` and
 `main(args)`; only the chosen stage is imported, so `rocket --help` stays fast.
@@ -10,6 +10,7 @@ import sys
 from importlib import import_module
 
 COMMANDS = {
+    "rationale": ("rocket.rationale.cli", "K-shot items with a generated rationale after the gold answer (for scoring)"),
     "score": ("rocket.scoring.cli", "stage 1: perplexity (and accuracy) of every adapter of a bank on K-shot data"),
     "select": ("rocket.selection.cli", "stage 2: choose the best, most diverse N adapters"),
     "augment": ("rocket.augment.cli", "stage 3: select open data similar to the K-shot set, remove near-duplicates"),

@@ -40,5 +40,9 @@ class TrainError(RocketError):
     """Stage 4 (train): a training setup that cannot run: configuration, checkpoint or output directory."""
 
 
+class RationaleError(RocketError):
+    """`rocket rationale`: unusable K-shot data, model directory, output path or partial output."""
+
+
 class PipelineError(RocketError):
     """`rocket run`: a run directory or run option that cannot be used."""

@@ -2,9 +2,9 @@ import json
 
 import pytest
 
-from rocket.data.tokenize import IGNORE_INDEX, tokenize_example, tokenize_examples
 from rocket.data.examples import DataError, load_examples, write_jsonl
 from rocket.data.templates import PromptTemplate
+from rocket.data.tokenize import IGNORE_INDEX, Tokenized, pad_batch, prompt_ids, tokenize_example, tokenize_examples
 
 
 def test_loads_the_real_kshot_file(kshot_examples):
@@ -148,3 +148,32 @@ def test_scores_files_that_do_not_fit_give_one_line(tmp_path, obj, message):
     p.write_text(json.dumps(obj))
     with pytest.raises(DataError, match=message):
         Scores.load(p)
+
+
+def test_pad_batch_pads_right_for_training_and_left_for_generation(tiny_tokenizer, kshot_examples):
+    rows = tokenize_examples(kshot_examples[:2], tiny_tokenizer)
+    a, b = (len(t.input_ids) for t in rows)
+    assert a != b
+    L = 8 * -(-max(a, b) // 8)
+    right, left = pad_batch(rows, 3, multiple=8), pad_batch(rows, 3, multiple=8, side="left")
+    for k, t in enumerate(rows):
+        n = len(t.input_ids)
+        assert right["input_ids"][k, :n].tolist() == t.input_ids and set(right["input_ids"][k, n:].tolist()) <= {3}
+        assert left["input_ids"][k, L - n:].tolist() == t.input_ids and set(left["input_ids"][k, :L - n].tolist()) <= {3}
+        assert left["labels"][k, L - n:].tolist() == t.labels and left["attention_mask"][k].sum() == n
+        assert right["attention_mask"][k, :n].all() and not right["attention_mask"][k, n:].any()
+        assert left["attention_mask"][k, L - n:].all() and not left["attention_mask"][k, :L - n].any()
+    assert right["input_ids"].shape == left["input_ids"].shape == (2, L)
+    assert (right["n_input"], right["n_target"]) == (left["n_input"], left["n_target"]) == (a + b, sum(
+        sum(x != IGNORE_INDEX for x in t.labels) for t in rows))
+    with pytest.raises(ValueError, match="side must be"):
+        pad_batch(rows, 3, side="middle")
+
+
+@pytest.mark.parametrize("template", ["alpaca", "chat"])
+def test_prompt_ids_are_the_tokenised_prompt(tiny_tokenizer, kshot_examples, template):
+    t = tokenize_example(kshot_examples[0], tiny_tokenizer, template)
+    ids = prompt_ids(kshot_examples[0], tiny_tokenizer, template)
+    assert ids == t.input_ids[:t.prompt_len] and ids[0] == tiny_tokenizer.bos_token_id
+    only = Tokenized.prompt_only(ids)
+    assert only.input_ids == ids and only.labels == [IGNORE_INDEX] * len(ids) and only.prompt_len == len(ids)

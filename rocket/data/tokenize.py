@@ -19,6 +19,18 @@ class Tokenized:
     labels: list[int]          # IGNORE_INDEX on the prompt; output tokens + EOS otherwise
     prompt_len: int
 
+    @classmethod
+    def prompt_only(cls, ids: list[int]) -> Tokenized:
+        """A prompt to generate from: every position masked, no output."""
+        return cls(list(ids), [IGNORE_INDEX] * len(ids), len(ids))
+
+
+def prompt_ids(example: dict, tokenizer, template="alpaca") -> list[int]:
+    """Token ids of the example's prompt: special tokens (BOS) added, except for `chat`, whose
+    template writes its own."""
+    tpl = PromptTemplate.get(template)
+    return tokenizer(tpl.prompt(example, tokenizer), add_special_tokens=tpl.name != "chat")["input_ids"]
+
 
 def tokenize_example(example: dict, tokenizer, template="alpaca", max_length: int | None = None,
                      overflow: str = "error", where: str = "example") -> Tokenized | None:
@@ -27,22 +39,19 @@ def tokenize_example(example: dict, tokenizer, template="alpaca", max_length: in
     overflow: what to do when the example exceeds max_length: 'error' (clear error), 'truncate'
     (cut from the end; None if no output token is left), or 'drop' (return None).
     """
-    tpl = PromptTemplate.get(template)
     if tokenizer.eos_token_id is None:
         raise DataError("tokenizer has no eos_token_id: rocket appends EOS to every output")
-    prompt = tpl.prompt(example, tokenizer)
-    add_special = tpl.name != "chat"  # a chat template already writes BOS
-    prompt_ids = tokenizer(prompt, add_special_tokens=add_special)["input_ids"]
+    prompt = prompt_ids(example, tokenizer, template)
     output_ids = tokenizer(example["output"], add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
-    ids = prompt_ids + output_ids
-    labels = [IGNORE_INDEX] * len(prompt_ids) + output_ids
+    ids = prompt + output_ids
+    labels = [IGNORE_INDEX] * len(prompt) + output_ids
     if max_length is not None and len(ids) > max_length:
         if overflow == "error":
             raise DataError(f"{where}: {len(ids)} tokens exceed the context of {max_length}")
-        if overflow == "drop" or len(prompt_ids) >= max_length:
+        if overflow == "drop" or len(prompt) >= max_length:
             return None
         ids, labels = ids[:max_length], labels[:max_length]
-    return Tokenized(ids, labels, len(prompt_ids))
+    return Tokenized(ids, labels, len(prompt))
 
 
 def tokenize_examples(examples, tokenizer, template="alpaca", max_length=None, overflow="error"):
@@ -51,18 +60,24 @@ def tokenize_examples(examples, tokenizer, template="alpaca", max_length=None, o
             for i, ex in enumerate(examples)]
 
 
-def pad_batch(rows: list[Tokenized], pad_id: int, device=None, multiple: int = 1) -> dict:
-    """input_ids / attention_mask / labels of `rows`, right-padded to the longest rounded up to
+def pad_batch(rows: list[Tokenized], pad_id: int, device=None, multiple: int = 1, side: str = "right") -> dict:
+    """input_ids / attention_mask / labels of `rows`, padded to the longest rounded up to
     `multiple`, with their token counts (`n_input`, `n_target`) counted on the host, so a training
-    loop never waits for the device to learn them. The one padded-batch builder of rocket."""
+    loop never waits for the device to learn them. The one padded-batch builder of rocket.
+
+    side: "right" (training, loss evaluation) or "left" (generation: every row's next token is at the
+    same column, the end)."""
+    if side not in ("right", "left"):
+        raise ValueError(f"pad_batch: side must be 'right' or 'left', got {side!r}")
     L = -(-max(len(t.input_ids) for t in rows) // multiple) * multiple
     ids = torch.full((len(rows), L), pad_id, dtype=torch.long)
     mask = torch.zeros(len(rows), L, dtype=torch.long)
     labels = torch.full((len(rows), L), IGNORE_INDEX, dtype=torch.long)
     for b, t in enumerate(rows):
         n = len(t.input_ids)
-        ids[b, :n] = torch.tensor(t.input_ids)
-        mask[b, :n] = 1
-        labels[b, :n] = torch.tensor(t.labels)
+        cols = slice(0, n) if side == "right" else slice(L - n, L)
+        ids[b, cols] = torch.tensor(t.input_ids)
+        mask[b, cols] = 1
+        labels[b, cols] = torch.tensor(t.labels)
     return {"input_ids": ids.to(device), "attention_mask": mask.to(device), "labels": labels.to(device),
             "n_input": int(mask.sum()), "n_target": int((labels[:, 1:] != IGNORE_INDEX).sum())}

@@ -11,7 +11,7 @@ import re
 import torch
 from tqdm.auto import tqdm
 from rocket.data.examples import DataError
-from rocket.data.tokenize import Tokenized
+from rocket.data.tokenize import Tokenized, pad_batch
 from rocket.errors import RocketError
 
 
@@ -86,13 +86,9 @@ def greedy_generate(model, rows, prompts: list[list[int]], n_adapters: int, eos_
     out = [[[] for _ in prompts] for _ in range(n_adapters)]
     bar = tqdm(total=len(pairs), desc="generating", unit="pair", disable=not progress)
     for batch in batches:
-        B, L = len(batch), max(lengths[k] for _, k in batch)
-        ids = torch.full((B, L), pad_id, dtype=torch.long)
-        mask = torch.zeros(B, L, dtype=torch.long)
-        for b, (_, k) in enumerate(batch):  # left padding: every row's next token is at column L
-            ids[b, L - lengths[k]:] = torch.tensor(prompts[k])
-            mask[b, L - lengths[k]:] = 1
-        ids, mask = ids.to(device), mask.to(device)
+        B = len(batch)
+        padded = pad_batch([Tokenized.prompt_only(prompts[k]) for _, k in batch], pad_id, device, side="left")
+        ids, mask = padded["input_ids"], padded["attention_mask"]
         positions = (mask.cumsum(-1) - 1).clamp_(min=0)
         rows.set([a for a, _ in batch])
         state = decoder(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=True)
