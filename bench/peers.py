@@ -127,7 +127,8 @@ def delta_cos_explicit(modules, chunk: int = 16):
 
 # --------------------------------------------------------------------------- LoRA-MoE layer (bench/test_lora_moe.py)
 # One LoRA-MoE layer y = xWᵀ + b + Σ_topk w·s_e·B_e A_e x (2-D x), gradients by autograd.
-# The reference implementation's algorithm: softmax → top-k → renorm, one masked pass per expert with index_add.
+# The reference implementation's algorithm: softmax → top-k → renorm (k ≥ 2; p itself at k = 1, as
+# reference.route_topk), one masked pass per expert with index_add.
 lora_moe_loop = R.lora_moe_loop
 
 

@@ -44,8 +44,9 @@ def child(out: Path, steps: int, stage: int) -> None:
     with tempfile.TemporaryDirectory() as tmp:
         res = train(model, random_examples(s), bank, Path(tmp) / "run", tokenizer=IntTokenizer(s["vocab"]),
                     backend="deepspeed", deepspeed_config=f"zero{stage}", progress=rank == 0, device=device,
-                    batch_size=s["batch"], lr=5e-5, cutoff=1024, template=str(template_file(Path(tmp))),
-                    epochs=1, max_steps=steps, save_steps=10 ** 9, warmup_ratio=0.0, pad_to_multiple=s["pad"])
+                    batch_size=s["batch"], grad_accum=1, lora_dropout=0.0, lr=5e-5, cutoff=1024,
+                    template=str(template_file(Path(tmp))), epochs=1, max_steps=steps, save_steps=10 ** 9,
+                    warmup_ratio=0.0, pad_to_multiple=s["pad"])
     tps, step_ms = rate(history(res), s["warm"])
     total = torch.tensor([tps], device=device, dtype=torch.float64)
     torch.distributed.all_reduce(total)  # ranks step together: the global rate is the sum of theirs

@@ -280,7 +280,8 @@ def run_config(world: Path, run_dir: Path, cfg: DemoSize, seed: int, progress: b
     return RunConfig(base_model=str(world / "base_model"), bank=str(world / "bank"), kshot=str(world / "kshot.jsonl"),
                      pool=str(world / "pool.jsonl"), out=str(run_dir), template=TEMPLATE,
                      n_experts=4, top_m=4, target=cfg.kshot + cfg.target, threshold=0.9, embed_model=embed_model,
-                     train=dict(epochs=cfg.epochs, lr=1e-3, batch_size=cfg.batch, top_k=2, backend="torch"),
+                     train=dict(epochs=cfg.epochs, lr=1e-3, batch_size=cfg.batch, grad_accum=1,
+                                lora_dropout=0.0, top_k=2, backend="torch"),
                      device="cpu", seed=seed, progress=progress)
 
 

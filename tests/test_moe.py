@@ -141,14 +141,34 @@ def test_every_trainable_tensor_changes_after_an_optimizer_step():
         assert changed == (n in ("lora_A", "lora_B", "router.weight")), n
 
 
-def test_train_router_only_freezes_experts():
+@pytest.mark.parametrize("top_k", [1, 2])
+def test_train_router_only_freezes_experts(top_k):
     gen = torch.Generator().manual_seed(2)
-    layer = _layer(16, 12, 3, 4, 2, gen, train_router_only=True)  # top_k=1 would give weights ≡ 1
+    layer = _layer(16, 12, 3, 4, top_k, gen, train_router_only=True)
     layer(torch.randn(9, 16, generator=gen).to(DEVICE)).sum().backward()
     assert layer.lora_A.grad is None and layer.lora_B.grad is None
     assert layer.router.weight.grad is not None and layer.router.weight.grad.abs().sum() > 0
     layer.set_train_router_only(False)
     assert layer.lora_A.requires_grad and layer.lora_B.requires_grad
+
+
+@pytest.mark.parametrize("top_k", [1, 2, 5])
+def test_the_router_learns_from_the_output_for_every_top_k(top_k):
+    """The output alone (no balancing loss) gives the router a gradient, k = 1 included: there the
+    expert's output is scaled by its probability (Switch), where a renormalised weight would be 1.
+    The fused layer and the reference both, against the float64 reference."""
+    gen = torch.Generator().manual_seed(20 + top_k)
+    layer = _layer(23, 13, 5, 3, top_k, gen)
+    x = torch.randn(31, 23, generator=gen).to(DEVICE)
+    gy = torch.randn(31, 13, generator=gen).to(DEVICE)
+    layer(x).backward(gy)
+    frozen = [t.detach() for t in (x, layer.base.weight, layer.base.bias, layer.lora_A, layer.lora_B, layer.scaling)]
+    G64, G32 = (layer.router.weight.detach().to(dt).requires_grad_() for dt in (torch.float64, torch.float32))
+    R.lora_moe(*[t.double() for t in frozen], G64, top_k).backward(gy.double())
+    R.lora_moe(*frozen, G32, top_k).backward(gy)  # the CPU path of a float32 model
+    assert G64.grad.abs().max() > 1e-3
+    for got in (layer.router.weight.grad, G32.grad):
+        assert rel_err(got, G64.grad) < 1e-5
 
 
 def test_load_balancing_loss_matches_reference_and_reaches_the_router():
@@ -202,19 +222,105 @@ def test_duplicated_adapter_equals_peft_with_that_adapter(tiny_llama, lora_bank_
     assert rel_err(got, want) < 1e-6
 
 
-def test_mixed_ranks_and_missing_modules_give_zero_padded_experts(tiny_llama, lora_bank_dir):
+def _peft_fresh_lora_A(model, module: str, r: int) -> torch.Tensor:
+    """lora_A of a fresh peft LoRA (peft's default init) of rank r on `module` of `model`."""
+    from peft import LoraConfig, get_peft_model
+    torch.manual_seed(0)  # peft draws from the global generator
+    peft_model = get_peft_model(copy.deepcopy(model), LoraConfig(r=r, lora_alpha=2 * r, target_modules=[module]))
+    return next(p for n, p in peft_model.named_parameters() if "lora_A" in n).detach()
+
+
+def test_mixed_ranks_and_missing_modules_give_fresh_peft_initialised_experts(tiny_llama, lora_bank_dir, caplog):
+    """Where an expert's adapter lacks a module, its expert there starts as peft starts a fresh LoRA:
+    A kaiming-uniform (peft's bound and spread), B = 0, the adapter's rank and scaling, the layer's
+    ranks zero-padded to the largest; seeded by `seed`; one warning names adapters and modules."""
     bank = LoraBank.load(lora_bank_dir)
-    model = inject_lora_moe(tiny_llama, bank, ["qv_r4", "mlp_r16"], top_k=1)
+    peft_A = _peft_fresh_lora_A(tiny_llama, "q_proj", 16)
+    with caplog.at_level("WARNING", logger="rocket.moe"):
+        model = inject_lora_moe(copy.deepcopy(tiny_llama), bank, ["qv_r4", "mlp_r16"], top_k=1, seed=3)
     layers = moe_layers(model)
     q, gate = layers["model.layers.0.self_attn.q_proj"], layers["model.layers.1.mlp.gate_proj"]
-    assert q.lora_A.shape == (2, 4, 64) and gate.lora_A.shape == (2, 16, 64)
-    assert q.scaling.tolist() == [2.0, 0.0] and gate.scaling.tolist() == [0.0, 0.5]
-    assert torch.equal(q.lora_A[0], bank["qv_r4"].weights["model.layers.0.self_attn.q_proj"][0])
-    assert q.lora_A[1].abs().sum() == 0 and gate.lora_B[0].abs().sum() == 0
+    assert q.lora_A.shape == (2, 16, 64) and gate.lora_A.shape == (2, 16, 64)
+    assert q.scaling.tolist() == [2.0, 0.5] and gate.scaling.tolist() == [2.0, 0.5]  # 8/4 and 8/16
+    assert torch.equal(q.lora_A[0, :4], bank["qv_r4"].weights["model.layers.0.self_attn.q_proj"][0])
+    assert torch.equal(gate.lora_A[1], bank["mlp_r16"].weights["model.layers.1.mlp.gate_proj"][0])
+    assert q.lora_A[0, 4:].abs().sum() == 0 and q.lora_B[0, :, 4:].abs().sum() == 0  # rank padding
+    assert q.lora_B[1].abs().sum() == 0 and gate.lora_B[0].abs().sum() == 0          # fresh B = 0
+    assert gate.lora_A[0, 4:].abs().sum() == 0                                       # fresh rank 4, padded
+    bound = 1 / 64 ** 0.5  # kaiming-uniform with a = √5 on [r, d_in]: U(−1/√d_in, 1/√d_in)
+    for fresh in (q.lora_A[1], gate.lora_A[0, :4], peft_A):
+        assert fresh.abs().max() <= bound and fresh.abs().max() > 0.9 * bound
+        assert abs(fresh.std().item() - peft_A.std().item()) < 0.15 * peft_A.std().item()
+    assert not torch.equal(q.lora_A[1], layers["model.layers.0.self_attn.v_proj"].lora_A[1])  # per layer
     trainable = {n for n, p in model.named_parameters() if p.requires_grad}
     assert trainable and all(n.rpartition(".")[2] in ("lora_A", "lora_B") or n.endswith("router.weight")
                              for n in trainable)
     assert model.rocket_moe_config["experts"] == ["qv_r4", "mlp_r16"]
+    warnings = [r for r in caplog.records if r.name == "rocket.moe"]
+    assert len(warnings) == 1 and warnings[0].levelname == "WARNING"
+    msg = warnings[0].getMessage()
+    assert "'qv_r4' lacks 6 (" in msg and "'mlp_r16' lacks 4 (" in msg
+    assert "model.layers.1.mlp.gate_proj" in msg and "model.layers.0.self_attn.q_proj" in msg
+
+    same = moe_state_dict(inject_lora_moe(copy.deepcopy(tiny_llama), bank, ["qv_r4", "mlp_r16"], top_k=1, seed=3))
+    other = moe_state_dict(inject_lora_moe(copy.deepcopy(tiny_llama), bank, ["qv_r4", "mlp_r16"], top_k=1, seed=4))
+    key = "model.layers.0.self_attn.q_proj.lora_A"
+    assert torch.equal(same[key], moe_state_dict(model)[key]) and not torch.equal(other[key][1], same[key][1])
+
+
+def test_fresh_experts_take_the_adapters_rank_and_alpha_patterns_and_rslora(tiny_llama, lora_bank_dir, tmp_path):
+    import json
+    import shutil
+    bank_dir = tmp_path / "bank"
+    for name in ("qv_r4", "attn_r2_rs", "mlp_r16"):
+        shutil.copytree(lora_bank_dir / name, bank_dir / name)
+    cfg_file = bank_dir / "qv_r4" / "adapter_config.json"
+    cfg = json.loads(cfg_file.read_text())
+    cfg_file.write_text(json.dumps(cfg | {"rank_pattern": {"up_proj": 6}, "alpha_pattern": {"up_proj": 3}}))
+    bank = LoraBank.load(bank_dir)
+    layers = moe_layers(inject_lora_moe(tiny_llama, bank, ["qv_r4", "attn_r2_rs", "mlp_r16"], top_k=2))
+    up, gate = layers["model.layers.0.mlp.up_proj"], layers["model.layers.0.mlp.gate_proj"]
+    assert up.scaling[0].item() == pytest.approx(3 / 6) and gate.scaling[0].item() == pytest.approx(8 / 4)
+    assert up.scaling[1].item() == pytest.approx(4 / 2 ** 0.5)  # rsLoRA: alpha/√r
+    assert (up.lora_A[0, :6].abs().amin(dim=1) > 0).all() and up.lora_A[0, 6:].abs().sum() == 0
+    assert (up.lora_A[1, :2].abs().amin(dim=1) > 0).all() and up.lora_A[1, 2:].abs().sum() == 0
+
+
+def test_fresh_experts_change_nothing_at_first_then_learn(tiny_llama, lora_bank_dir):
+    """B = 0: at initialisation the model is the base + the covered experts (routing included);
+    then the fresh experts receive non-zero gradients and their weights move."""
+    gen = torch.Generator().manual_seed(11)
+    bank = LoraBank.load(lora_bank_dir)
+    ids = _ids(tiny_llama, gen)
+    with torch.no_grad():
+        base = tiny_llama(input_ids=ids).logits
+    model = inject_lora_moe(tiny_llama, bank, ["qv_r4", "mlp_r16", "all_r8"], top_k=2, router_std=1.0)
+    fresh = {name: [e for e, a in enumerate(["qv_r4", "mlp_r16", "all_r8"]) if name not in bank[a].weights]
+             for name in moe_layers(model)}
+    assert sum(map(len, fresh.values())) == 10 + 8  # qv_r4 lacks 10 of the 14 modules, mlp_r16 8
+    covered_only = copy.deepcopy(model)
+    with torch.no_grad():
+        for name, layer in moe_layers(covered_only).items():
+            for e in fresh[name]:
+                layer.lora_A[e].zero_()
+                layer.scaling[e] = 0.0
+        want = covered_only(input_ids=ids).logits
+        got = model(input_ids=ids).logits
+    assert rel_err(got, want) < 1e-6 and rel_err(got, base) > 1e-3
+    opt = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+    before = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
+    for step in range(2):  # B first (A's gradient is B-shaped, 0 while B = 0), then A too
+        opt.zero_grad()
+        model(input_ids=ids).logits.square().mean().backward()
+        for name, layer in moe_layers(model).items():
+            for e in fresh[name]:
+                assert layer.lora_B.grad[e].abs().max() > 0, (name, e)
+                assert (layer.lora_A.grad[e].abs().max() > 0) == (step == 1), (name, e)
+        opt.step()
+    for name, layer in moe_layers(model).items():
+        for e in fresh[name]:
+            assert not torch.equal(layer.lora_B[e], before[f"{name}.lora_B"][e]), (name, e)
+            assert not torch.equal(layer.lora_A[e], before[f"{name}.lora_A"][e]), (name, e)
 
 
 def test_target_modules_and_bad_injections(tiny_llama, lora_bank_dir):
@@ -249,6 +355,11 @@ def test_save_and_load_round_trip_into_a_plain_and_an_injected_model(tiny_llama,
         want = model(input_ids=ids).logits
         loaded = load_moe_state(plain, path)
         assert rel_err(loaded(input_ids=ids).logits, want) == 0
+    gate = "model.layers.1.mlp.gate_proj"  # attn_r2_rs (expert 1) lacks it: a fresh expert, trained here
+    assert tensors[f"{gate}.scaling"][1].item() == pytest.approx(4 / 2 ** 0.5)
+    assert tensors[f"{gate}.lora_A"][1, :2].abs().min() > 0 and tensors[f"{gate}.lora_B"][1, :, :2].abs().min() > 0
+    for k, v in moe_state_dict(loaded).items():
+        assert torch.equal(v, tensors[k]), k
     other = load_moe_state(inject_lora_moe(plain2, bank, ["all_r8", "attn_r2_rs", "mlp_r16"],
                                            top_k=2), path)
     for k, v in moe_state_dict(other).items():

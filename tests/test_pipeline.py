@@ -30,7 +30,7 @@ def inputs(tmp_path_factory, kshot_examples):
 def config(inputs, tiny_model_dir, lora_bank_dir, out, **kw):
     base = dict(base_model=str(tiny_model_dir), bank=str(lora_bank_dir), kshot=str(inputs / "kshot.jsonl"),
                 pool=str(inputs / "pool.jsonl"), out=str(out), n_experts=2, top_m=3, target=10,
-                threshold=0.9, train=dict(epochs=1, batch_size=4, cutoff=512, backend="torch"), device="cpu",
+                threshold=0.9, train=dict(epochs=1, batch_size=4, grad_accum=1, cutoff=512, backend="torch"), device="cpu",
                 progress=False)
     base.update(kw)
     return RunConfig(**base)

@@ -1,4 +1,4 @@
-"""The plain-torch references agree with deliberately naive formulations of DESIGN.md §3."""
+"""The plain-torch references agree with deliberately naive formulations of docs/design.md §4."""
 import pytest
 import torch
 import torch.nn.functional as F
@@ -18,7 +18,15 @@ def _moe_inputs(T, d_in, d_out, E, r, gen, dtype=torch.float32):
     return x, W, b, A, B, s, G
 
 
-@pytest.mark.parametrize("T, d_in, d_out, E, r, k", [(1, 7, 5, 1, 1, 1), (37, 33, 19, 5, 3, 2), (64, 16, 48, 8, 4, 3)])
+def _token_weights(p: torch.Tensor, k: int):
+    """(experts, weights) of one token from its probabilities: the top k renormalised, or for k = 1
+    the probability itself (Switch)."""
+    top = torch.topk(p, k)
+    return top.indices.tolist(), top.values / top.values.sum() if k > 1 else top.values
+
+
+@pytest.mark.parametrize("T, d_in, d_out, E, r, k", [(1, 7, 5, 1, 1, 1), (37, 33, 19, 5, 3, 2), (64, 16, 48, 8, 4, 3),
+                                                     (29, 13, 11, 6, 5, 1)])
 def test_lora_moe_matches_loop_and_token_formula(T, d_in, d_out, E, r, k):
     gen = torch.Generator().manual_seed(T * 1000 + E)
     args = _moe_inputs(T, d_in, d_out, E, r, gen, torch.float64)
@@ -27,13 +35,37 @@ def test_lora_moe_matches_loop_and_token_formula(T, d_in, d_out, E, r, k):
     assert rel_err(y, R.lora_moe_loop(*args, top_k=k)) < 1e-12
     # token by token, straight from the formula
     for t in (0, T // 2, T - 1):
-        p = torch.softmax(x[t] @ G.t(), -1)
-        top = torch.topk(p, k)
-        w = top.values / top.values.sum()
+        experts, w = _token_weights(torch.softmax(x[t] @ G.t(), -1), k)
         want = x[t] @ W.t() + b
-        for e, we in zip(top.indices.tolist(), w):
+        for e, we in zip(experts, w):
             want = want + we * s[e] * (B[e] @ (A[e] @ x[t]))
         assert rel_err(y[t], want) < 1e-6  # routing in float32
+
+
+@pytest.mark.parametrize("k", [1, 2])
+def test_lora_moe_gradients_match_a_per_token_loop(k):
+    """Output and every gradient (x, A, B, router) against the formula token by token in float64,
+    with the Switch weight for k = 1: the router's gradient is not zero there."""
+    gen = torch.Generator().manual_seed(8 + k)
+    x, W, b, A, B, s, G = _moe_inputs(17, 11, 9, 5, 3, gen, torch.float64)
+    gy = torch.randn(17, 9, generator=gen, dtype=torch.float64)
+    leaves = [t.clone().requires_grad_() for t in (x, A, B, G)]
+    y = R.lora_moe(leaves[0], W, b, leaves[1], leaves[2], s, leaves[3], top_k=k)
+    got = [y, *torch.autograd.grad((y * gy).sum(), leaves)]
+    leaves = [t.clone().requires_grad_() for t in (x, A, B, G)]
+    xs, As, Bs, Gs = leaves
+    rows = []
+    for t in range(x.shape[0]):
+        experts, w = _token_weights(torch.softmax(xs[t] @ Gs.t(), -1), k)
+        row = xs[t] @ W.t() + b
+        for e, we in zip(experts, w):
+            row = row + we * float(s[e]) * (Bs[e] @ (As[e] @ xs[t]))
+        rows.append(row)
+    y = torch.stack(rows)
+    want = [y, *torch.autograd.grad((y * gy).sum(), leaves)]
+    assert want[4].abs().max() > 1e-3  # the router learns, k = 1 included
+    for name, g, w_ in zip(["y", "dx", "dA", "dB", "dG"], got, want):
+        assert rel_err(g, w_) < 1e-6, name  # the reference routes in float32
 
 
 def test_lora_moe_gradients_match_loop():

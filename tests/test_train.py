@@ -109,6 +109,34 @@ def test_bad_config_is_refused():
         TrainConfig(overflow="cut")
 
 
+# --------------------------------------------------------------------------- defaults
+def test_defaults_are_the_papers_recipe_and_the_clis_follow_them():
+    """TrainConfig's defaults are the paper's recipe; `rocket train` takes every default from it and
+    `rocket run` states no train default of its own that differs."""
+    import argparse
+    import re
+    from dataclasses import fields
+    from rocket.pipeline import cli as run_cli
+    from rocket.training import cli as train_cli
+    d = TrainConfig()
+    assert (d.batch_size, d.grad_accum, d.lr, d.epochs, d.cutoff, d.lora_dropout, d.aux_loss_coef) == \
+        (2, 16, 5e-5, 5, 1024, 0.05, 0.0)
+    parser = argparse.ArgumentParser()
+    train_cli.add_arguments(parser)
+    args = vars(parser.parse_args(["--base-model", "m", "--data", "d", "--experts", "e", "--out", "o"]))
+    shared = [f.name for f in fields(TrainConfig) if f.name in args]
+    assert len(shared) >= 20
+    for name in shared:
+        assert args[name] == getattr(d, name), name
+    parser = argparse.ArgumentParser()
+    run_cli.add_arguments(parser)
+    stated = {a.dest: re.search(r"\(default: ([^)]+)\)", a.help)[1] for a in parser._actions
+              if a.dest in run_cli.TRAIN_FLAGS and hasattr(d, a.dest)}
+    assert set(stated) == {"epochs", "lr", "batch_size", "grad_accum", "top_k", "cutoff"}
+    for name, value in stated.items():
+        assert value in ("rocket train's", str(getattr(d, name))), name
+
+
 # --------------------------------------------------------------------------- learning
 def test_loss_decreases_and_load_moe_restores_the_trained_model(tiny_llama, tiny_tokenizer, examples,
                                                                 lora_bank_dir, tmp_path):
@@ -142,7 +170,7 @@ def test_router_only_changes_routers_and_leaves_experts(tiny_llama, tiny_tokeniz
     bank = LoraBank.load(lora_bank_dir)
     init = moe_state_dict(inject_lora_moe(copy.deepcopy(tiny_llama), bank, list(range(len(bank))), top_k=2))
     res = _run(tiny_llama, tiny_tokenizer, examples, bank, tmp_path / "r", max_steps=3, lr=1e-2,
-               train_router_only=True, batch_size=4)
+               train_router_only=True, batch_size=4, grad_accum=1)
     after = moe_state_dict(res.model)
     assert after.keys() == init.keys() and len(moe_layers(res.model)) > 0
     for key in init:
@@ -245,7 +273,8 @@ def test_cli_trains_and_reports_bad_data(tiny_model_dir, lora_bank_dir, examples
     write_jsonl(data, examples)
     out = tmp_path / "out"
     rc = main(["train", "--base_model", str(tiny_model_dir), "--data_path", str(data), "--experts", str(manifest),
-               "--output_dir", str(out), "--max-steps", "2", "--micro_batch_size", "4", "--learning_rate", "1e-3",
+               "--output_dir", str(out), "--max-steps", "2", "--micro_batch_size", "4",
+               "--gradient_accumulation_steps", "1", "--learning_rate", "1e-3",
                "--cutoff_len", "512", "--top-k", "1", "--backend", "torch", "--no-progress", "--device", "cpu"])
     assert rc == 0
     assert (out / "moe.safetensors").is_file() and (out / "checkpoints").is_dir()
@@ -264,7 +293,7 @@ def test_cli_trains_and_reports_bad_data(tiny_model_dir, lora_bank_dir, examples
 
 
 def test_load_balancing_loss_reaches_the_routers(tiny_llama, tiny_tokenizer, examples, lora_bank_dir, tmp_path):
-    kw = dict(max_steps=1, lr=1e-2, batch_size=4, warmup_ratio=0.0)
+    kw = dict(max_steps=1, lr=1e-2, batch_size=4, grad_accum=1, warmup_ratio=0.0)
     plain = _run(copy.deepcopy(tiny_llama), tiny_tokenizer, examples, lora_bank_dir, tmp_path / "a", **kw)
     aux = _run(tiny_llama, tiny_tokenizer, examples, lora_bank_dir, tmp_path / "b", aux_loss_coef=1.0, **kw)
     assert aux.losses == plain.losses  # the logged loss is the language-model loss alone
@@ -274,7 +303,7 @@ def test_load_balancing_loss_reaches_the_routers(tiny_llama, tiny_tokenizer, exa
 
 def test_auto_backend_is_torch_for_one_process_and_deepspeed_with_a_config(tiny_llama, tiny_tokenizer, examples,
                                                                            lora_bank_dir, tmp_path):
-    kw = dict(backend="auto", max_steps=1, batch_size=4)
+    kw = dict(backend="auto", max_steps=1, batch_size=4, grad_accum=1)
     assert _run(copy.deepcopy(tiny_llama), tiny_tokenizer, examples, lora_bank_dir, tmp_path / "a",
                 **kw).backend == "torch"
     with_config = _run(tiny_llama, tiny_tokenizer, examples, lora_bank_dir, tmp_path / "b", deepspeed_config="zero2",

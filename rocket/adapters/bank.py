@@ -42,6 +42,13 @@ class LoraAdapter:
     def rank(self, module: str) -> int:
         return self.weights[module][0].shape[0]
 
+    def config_rank_scaling(self, module: str) -> tuple[int, float]:
+        """(rank, scaling) that peft gives a fresh LoRA of this adapter's config on `module`: r and
+        lora_alpha, or their rank_pattern / alpha_pattern entries matching the module name."""
+        r = int(_pattern_value(self.config.get("rank_pattern"), module, self.r))
+        alpha = float(_pattern_value(self.config.get("alpha_pattern"), module, self.alpha))
+        return r, _scaling(alpha, r, self.use_rslora)
+
 
 def _scaling(alpha: float, r: int, rslora: bool) -> float:
     return alpha / math.sqrt(r) if rslora else alpha / r

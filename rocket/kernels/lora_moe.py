@@ -5,12 +5,13 @@ Design: the experts are few and thin (E·r = 128 at E=8, r=16, against d = 4096)
 gathering tokens per expert we treat the E experts as ONE concatenated LoRA of rank E·r and make
 routing a mask on its [T, E·r] intermediate:
 
-  forward   route_fwd: [logits | h] = x [G; A_cat]ᵀ, then in the same kernel p, top-k, w and
+  forward   route_fwd: [logits | h] = x [G; A_cat]ᵀ, then in the same kernel p, top-k, w (p
+            renormalised over the top-k; p itself at k = 1) and
             hm = h · (w·s)[expert of column]                 one read of x, fp32 accumulators
             (its last programs lay out B_cat [d_out, E·r] from lora_B [E, d_out, r])
             y = [x | hm] [W | B_cat]ᵀ + b                     the base GEMM with E·r extra K (≈3% FLOPs)*
   backward  route_bwd: ghm = g B_cat, then in the same kernel gh = ghm·(w·s) and ∂logits via
-            top-k/renorm/softmax → gcat = [gh | ∂logits]      one read of g
+            top-k/renorm (k ≥ 2)/softmax → gcat = [gh | ∂logits]   one read of g
             (its last programs lay out [A_cat; G] in x's dtype)
             ∂B_cat = gᵀ hm                                    K = T, cuBLAS
             [∂A_cat; ∂G] = gcatᵀ x                            K = T, cuBLAS, one read of x

@@ -85,9 +85,10 @@ def _route_fwd(x_ptr, xl_ptr, a_ptr, g_ptr, s_ptr, b_ptr, probs_ptr, e_ptr, h_pt
     """Programs below cdiv(M, BM), one block of BM rows each: logits = x Gᵀ and h = x_lora A_catᵀ
     (fp32 accumulators, A and G read in any float dtype and rounded to x's), p = softmax(logits), the
     top-k experts (descending, as torch.topk), and hm = h · (w·s)[expert of column] in hm's dtype (0
-    outside the top-k and in the pad columns up to KP). Writes probs [M, E] fp32, experts [M, k]
-    int32, h [M, E·R] fp32, hm [M, KP]. The programs after those write B_cat [N, KP] in hm's dtype
-    from B [E, N, R] (_b_cat_rows), so the expansion GEMM needs no copy of its own."""
+    outside the top-k and in the pad columns up to KP; w = p renormalised over the top-k for k ≥ 2,
+    p itself for k = 1). Writes probs [M, E] fp32, experts [M, k] int32, h [M, E·R] fp32, hm [M, KP].
+    The programs after those write B_cat [N, KP] in hm's dtype from B [E, N, R] (_b_cat_rows), so the
+    expansion GEMM needs no copy of its own."""
     ER: tl.constexpr = E * R
     EVEN_K: tl.constexpr = K % BK == 0
     n_rows = tl.cdiv(M, BM)
@@ -130,7 +131,10 @@ def _route_fwd(x_ptr, xl_ptr, a_ptr, g_ptr, s_ptr, b_ptr, probs_ptr, e_ptr, h_pt
             remaining = tl.where(re[None, :] == idx[:, None], -1.0, remaining)
             tl.store(e_ptr + rm * TOPK + j, idx, mask=m_ok)
         s = tl.load(s_ptr + re, mask=e_ok, other=0.0).to(tl.float32)
-        gate = tl.where(chosen, p / tot[:, None], 0.0) * s[None, :]  # [BM, EP]
+        w = tl.where(chosen, p, 0.0)
+        if TOPK > 1:  # renormalised over the chosen; top-1 keeps p (Switch), so the router learns
+            w = w / tot[:, None]
+        gate = w * s[None, :]  # [BM, EP]
         for c0 in range(0, KP, BER):
             cols = c0 + rc
             c_ok = cols < ER
@@ -169,9 +173,10 @@ def _route_bwd(g_ptr, b_ptr, h_ptr, s_ptr, probs_ptr, e_ptr, dprobs_ptr, gcat_pt
                COPY_ROWS: tl.constexpr):
     """Programs below cdiv(M, BM), one block of BM rows each: ghm = ∂y B_cat (fp32 accumulator; B_cat
     [N, KP]), then gcat[:, :ER] = ghm·(w·s)[expert of column] (∂ of the shrink) and gcat[:, ER:ER+E]
-    = ∂logits through top-k renorm and softmax (plus ∂probs when the balancing loss used probs); the
-    pad columns up to KG are zeroed. h, probs, experts are the forward's. The programs after those
-    write AG = [A_cat; G] in gcat's dtype (_ag_rows), the extra K of the ∂x GEMM."""
+    = ∂logits through top-k (and the renormalisation for k ≥ 2) and softmax (plus ∂probs when the
+    balancing loss used probs); the pad columns up to KG are zeroed. h, probs, experts are the
+    forward's. The programs after those write AG = [A_cat; G] in gcat's dtype (_ag_rows), the extra K
+    of the ∂x GEMM."""
     ER: tl.constexpr = E * R
     EVEN_K: tl.constexpr = N % BK == 0
     n_rows = tl.cdiv(M, BM)
@@ -191,7 +196,9 @@ def _route_bwd(g_ptr, b_ptr, h_ptr, s_ptr, probs_ptr, e_ptr, dprobs_ptr, gcat_pt
         tot = tl.sum(tl.where(chosen, p, 0.0), axis=1)
         tot = tl.where(tot > 0, tot, 1.0)
         s = tl.load(s_ptr + re, mask=e_ok, other=0.0).to(tl.float32)
-        w = tl.where(chosen, p / tot[:, None], 0.0)
+        w = tl.where(chosen, p, 0.0)
+        if TOPK > 1:  # as route_fwd: renormalised for k ≥ 2, p itself for k = 1
+            w = w / tot[:, None]
         gate = w * s[None, :]
         dgate = tl.zeros((BM, EP), dtype=tl.float32)
         for c0 in range(0, ER, BER):
@@ -205,9 +212,9 @@ def _route_bwd(g_ptr, b_ptr, h_ptr, s_ptr, probs_ptr, e_ptr, dprobs_ptr, gcat_pt
             tl.store(gcat_ptr + rm[:, None] * KG + cols[None, :], (ghm * gate_col).to(gcat_ptr.dtype.element_ty),
                      mask=msk)
             dgate = tl.dot(ghm * h, tl.trans(onehot), dgate, input_precision="ieee")  # Σ over each expert's r
-        dw = tl.where(chosen, dgate * s[None, :], 0.0)
-        # w_e = p_e / Σ_chosen p  ⇒  ∂p_e = (∂w_e − Σ_j ∂w_j w_j) / Σ_chosen p   (chosen e only)
-        dp = tl.where(chosen, (dw - tl.sum(dw * w, axis=1)[:, None]) / tot[:, None], 0.0)
+        dp = tl.where(chosen, dgate * s[None, :], 0.0)  # ∂w, and ∂p for k = 1 (w = p)
+        if TOPK > 1:  # w_e = p_e / Σ_chosen p  ⇒  ∂p_e = (∂w_e − Σ_j ∂w_j w_j) / Σ_chosen p  (chosen e only)
+            dp = tl.where(chosen, (dp - tl.sum(dp * w, axis=1)[:, None]) / tot[:, None], 0.0)
         if HAS_DP:
             dp += tl.load(dprobs_ptr + rm[:, None] * E + re[None, :], mask=m_ok[:, None] & e_ok[None, :], other=0.0)
         dz = p * (dp - tl.sum(p * dp, axis=1)[:, None])

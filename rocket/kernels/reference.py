@@ -19,7 +19,9 @@ def _acc_dtype(x: torch.Tensor) -> torch.dtype:
 
 
 def route_topk(x: torch.Tensor, router_weight: torch.Tensor, top_k: int):
-    """Router of a LoRA-MoE layer: softmax(x Gᵀ) in float32, top-k, renormalised to sum 1.
+    """Router of a LoRA-MoE layer: softmax(x Gᵀ) in float32, top-k; for k ≥ 2 the chosen
+    probabilities renormalised to sum 1, for k = 1 the probability itself (as Switch Transformer:
+    a renormalised single weight would be 1 and give the router no gradient; docs/design.md).
 
     x: [T, d_in], router_weight: [E, d_in]. Returns (weights [T, k] float32, experts [T, k] int64,
     probs [T, E] float32). Gradients flow to x and the router through `weights`.
@@ -27,12 +29,12 @@ def route_topk(x: torch.Tensor, router_weight: torch.Tensor, top_k: int):
     logits = x.float() @ router_weight.float().t()
     probs = torch.softmax(logits, dim=-1)
     top_p, top_e = torch.topk(probs, top_k, dim=-1)
-    weights = top_p / top_p.sum(dim=-1, keepdim=True)
+    weights = top_p / top_p.sum(dim=-1, keepdim=True) if top_k > 1 else top_p
     return weights, top_e, probs
 
 
 def lora_moe(x, weight, bias, lora_A, lora_B, scaling, router_weight, top_k, x_lora=None):
-    """y = x Wᵀ + b + Σ_{(e,w) in topk(x)} w · s_e · B_e A_e x_lora.
+    """y = x Wᵀ + b + Σ_{(e,w) in topk(x)} w · s_e · B_e A_e x_lora, w as route_topk gives them.
 
     x: [..., d_in]; weight: [d_out, d_in] (frozen base); bias: [d_out] or None;
     lora_A: [E, r, d_in]; lora_B: [E, d_out, r]; scaling: [E] (float); router_weight: [E, d_in];

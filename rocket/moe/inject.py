@@ -1,9 +1,18 @@
 """Injection of LoRA-MoE layers into HF models, router-only training, the load-balancing loss."""
 from __future__ import annotations
 
+import logging
+import math
+
 import torch
 from torch import nn
 from rocket.moe.layer import LoraMoELinear, MoEError
+
+log = logging.getLogger("rocket.moe")
+
+# Offset of the seeds of the fresh experts' generators (seed + layer index + FRESH_SEED_OFFSET), so
+# that their stream is not the router's of the same layer (seed + layer index).
+FRESH_SEED_OFFSET = 1 << 32
 
 
 # --------------------------------------------------------------------------- injection
@@ -39,6 +48,27 @@ def _replace(model: nn.Module, name: str, new: nn.Module) -> None:
     setattr(model.get_submodule(parent_name) if parent_name else model, child, new)
 
 
+def _with_fresh_experts(stacked, adapters, module: str, gen: torch.Generator):
+    """(A, B, scaling) of `module`'s layer where every expert whose adapter lacks the module is a fresh
+    LoRA as peft initialises one (init_lora_weights=True): A kaiming-uniform with a = √5 (drawn from
+    `gen` in float32, expert order), B = 0, at the adapter's configured rank and with its scaling;
+    ranks zero-padded to the largest of the layer. `stacked`: bank.stack of the module."""
+    fresh = [(e, *a.config_rank_scaling(module)) for e, a in enumerate(adapters) if module not in a.weights]
+    if not fresh:
+        return stacked.A, stacked.B, stacked.scaling
+    E, r_stacked, d_in = stacked.A.shape
+    r = max([r_stacked] + [r_e for _, r_e, _ in fresh])
+    A = stacked.A.new_zeros(E, r, d_in)
+    B = stacked.B.new_zeros(E, stacked.B.shape[1], r)
+    A[:, :r_stacked] = stacked.A
+    B[:, :, :r_stacked] = stacked.B
+    scaling = stacked.scaling.clone()
+    for e, r_e, s_e in fresh:
+        A[e, :r_e] = nn.init.kaiming_uniform_(torch.empty(r_e, d_in), a=math.sqrt(5), generator=gen)
+        scaling[e] = s_e
+    return A, B, scaling
+
+
 def inject_lora_moe(model: nn.Module, bank, experts, target_modules=None, top_k: int = 2, *, dropout: float = 0.0,
                     router_std: float = 0.01, seed: int = 0, load_balancing: bool = False,
                     train_router_only: bool = False) -> nn.Module:
@@ -46,7 +76,10 @@ def inject_lora_moe(model: nn.Module, bank, experts, target_modules=None, top_k:
 
     experts: bank adapter names or indices (E of them, duplicates allowed), expert e of every layer
     is adapter experts[e] for that module, its scaling kept; ranks are zero-padded to the largest
-    (`bank.stack`), and an adapter that lacks a module gives a zero expert (scaling 0) there.
+    (`bank.stack`). Where an adapter lacks a module, its expert there is a fresh LoRA as peft would
+    start it (A kaiming-uniform, B = 0, the adapter's configured rank and scaling; see
+    _with_fresh_experts), drawn from a generator seeded with seed + layer index + FRESH_SEED_OFFSET,
+    and trained like the others; one warning names those adapters and modules.
     target_modules: None → every module some chosen adapter covers; else peft-style names (a module
     matches when its name equals one or ends with '.'+one); every match must be covered by some
     chosen adapter. Each layer gets its own router, seeded with seed + layer index (reproducible).
@@ -72,13 +105,21 @@ def inject_lora_moe(model: nn.Module, bank, experts, target_modules=None, top_k:
             raise MoEError(f"inject_lora_moe: module '{missing[0]}' matches target_modules but no chosen expert "
                            f"covers it ({len(missing)} such modules)")
     model.requires_grad_(False)
+    adapters = [bank[i] for i in idx]
+    lacking: dict[str, list[str]] = {}  # adapter → the wrapped modules it lacks (fresh experts there)
     for i, name in enumerate(names):
         base = linears[name]
-        stacked = bank.stack(name, idx, dtype=base.weight.dtype)
-        layer = LoraMoELinear(base, stacked.A, stacked.B, stacked.scaling, top_k, dropout=dropout,
-                              router_std=router_std, seed=seed + i, load_balancing=load_balancing,
-                              train_router_only=train_router_only)
+        gen = torch.Generator().manual_seed(seed + i + FRESH_SEED_OFFSET)
+        A, B, scaling = _with_fresh_experts(bank.stack(name, idx, dtype=base.weight.dtype), adapters, name, gen)
+        for adapter in dict.fromkeys(a.name for a in adapters if name not in a.weights):
+            lacking.setdefault(adapter, []).append(name)
+        layer = LoraMoELinear(base, A, B, scaling, top_k, dropout=dropout, router_std=router_std, seed=seed + i,
+                              load_balancing=load_balancing, train_router_only=train_router_only)
         _replace(model, name, layer)
+    if lacking:
+        log.warning("inject_lora_moe: fresh LoRA experts (A random, B = 0, trained from scratch) where an "
+                    "adapter lacks a wrapped module: " + "; ".join(f"'{a}' lacks {len(m)} ({', '.join(m)})"
+                                                              for a, m in lacking.items()))
     model.rocket_moe_config = {"experts": [bank.names[i] for i in idx], "modules": names, "top_k": int(top_k),
                                "dropout": float(dropout), "router_std": float(router_std), "seed": int(seed),
                                "load_balancing": bool(load_balancing), "train_router_only": bool(train_router_only)}

@@ -12,7 +12,8 @@ from rocket.errors import MoEError
 
 
 class LoraMoELinear(nn.Module):
-    """y = base(x) + Σ_{(e,w) in topk(softmax(x Gᵀ))} w · s_e · B_e A_e dropout(x).
+    """y = base(x) + Σ_{(e,w) in topk(softmax(x Gᵀ))} w · s_e · B_e A_e dropout(x), w the chosen
+    probabilities renormalised to sum 1 for top_k ≥ 2 and the probability itself for top_k = 1.
 
     base: the frozen nn.Linear (kept as `self.base`, its parameters get requires_grad=False).
     lora_A: [E, r, d_in], lora_B: [E, d_out, r] (become trainable parameters, base's dtype/device

@@ -36,7 +36,7 @@ def add_arguments(parser) -> None:
     g.add_argument("--epochs", type=int, help="training epochs (default: rocket train's)")
     g.add_argument("--lr", "--learning-rate", dest="lr", type=float, help="learning rate (default: rocket train's)")
     g.add_argument("--batch-size", type=int, help="micro-batch per device (default: rocket train's)")
-    g.add_argument("--grad-accum", type=int, help="micro-batches per optimizer step (default: 1)")
+    g.add_argument("--grad-accum", type=int, help="micro-batches per optimizer step (default: rocket train's)")
     g.add_argument("--top-k", type=int, help="experts per token (default: 2)")
     g.add_argument("--cutoff", type=int, help="max tokens per example (default: rocket train's)")
     g.add_argument("--train-router-only", action="store_true", help="freeze the experts, train the routers")

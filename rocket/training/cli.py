@@ -45,7 +45,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     a("--weight-decay", "--weight_decay", type=float, default=d.weight_decay, help=f"default {d.weight_decay}")
     a("--max-grad-norm", "--max_grad_norm", type=float, default=d.max_grad_norm,
       help=f"gradient clipping, 0 for none (default {d.max_grad_norm})")
-    a("--lora-dropout", "--lora_dropout", type=float, default=d.lora_dropout, help="dropout on expert inputs")
+    a("--lora-dropout", "--lora_dropout", type=float, default=d.lora_dropout, help=f"dropout on expert inputs (default {d.lora_dropout})")
     a("--aux-loss-coef", type=float, default=d.aux_loss_coef, help="load-balancing loss weight (default 0: off)")
     a("--target-modules", "--lora_target_modules", default=None,
       help="comma-separated module names to wrap (default: every module the experts cover)")
