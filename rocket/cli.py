@@ -59,6 +59,14 @@ def resolve_device(name: str | None):
     return device
 
 
+def quiet_libraries() -> None:
+    """--no-progress: no progress bars from transformers and the hub either (model loading)."""
+    import transformers
+    transformers.utils.logging.disable_progress_bar()
+    from huggingface_hub.utils import disable_progress_bars
+    disable_progress_bars()
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     command = _chosen(argv)
@@ -67,6 +75,8 @@ def main(argv: list[str] | None = None) -> int:
         args.device = resolve_device(args.device)
         import torch
         torch.manual_seed(args.seed)
+        if getattr(args, "no_progress", False):
+            quiet_libraries()
         return import_module(COMMANDS[args.command][0]).main(args) or 0
     except (RocketError, FileNotFoundError) as e:
         # rocket's own errors are one line and name their subject: no traceback for the user.

@@ -29,6 +29,7 @@ from rocket.io import write_json
 from rocket.data.tokenize import IGNORE_INDEX, tokenize_example, pad_batch
 from rocket.data.examples import write_jsonl
 from rocket.errors import RocketError
+from rocket.progress import progress_bar
 
 TEMPLATE = "chat"
 WORDS = ("apple river stone cloud green tiger music paper light ocean chair bread plant sugar glass storm "
@@ -148,14 +149,12 @@ def _batches(tokenized, batch: int, steps: int, rng: random.Random, pad_id: int)
 
 def fit(model, tokenized, steps: int, lr: float, batch: int, seed: int, desc: str, progress: bool) -> float:
     """Plain AdamW on the trainable parameters of `model` (cosine decay); returns the last loss."""
-    from tqdm.auto import tqdm
-
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 0.5 * (1 + math.cos(math.pi * s / steps)))
     model.train()
     loss = float("nan")
-    bar = tqdm(_batches(tokenized, batch, steps, random.Random(seed), model.config.pad_token_id),
+    bar = progress_bar(_batches(tokenized, batch, steps, random.Random(seed), model.config.pad_token_id),
                total=steps, desc=desc, disable=not progress, leave=False)
     for ids, labels, mask in bar:
         out = model(input_ids=ids, attention_mask=mask, labels=labels)

@@ -13,6 +13,7 @@ from rocket.adapters.similarity import group_similarity
 from rocket.adapters.stacking import StackedModule, stack_modules
 from rocket.errors import BankError
 from rocket.io import read_json, read_text
+from rocket.progress import progress_bar
 
 
 _KEY = re.compile(r"^(?:base_model\.model\.)?(?P<module>.+)\.lora_(?P<ab>[AB])(?:\.[^.]+)?\.weight$")
@@ -207,8 +208,7 @@ class LoraBank:
     def load(cls, path: str | Path, progress: bool = False) -> "LoraBank":
         entries = [p for _, p in bank_entries(path)]
         if progress:
-            from tqdm.auto import tqdm
-            entries = tqdm(entries, desc="loading adapters", unit="adapter")
+            entries = progress_bar(entries, desc="loading adapters", unit="adapter")
         return cls([load_adapter(p) for p in entries])
 
     # ---- views

@@ -9,6 +9,7 @@ from typing import TYPE_CHECKING
 import torch
 
 from rocket.errors import BankError
+from rocket.progress import progress_bar
 
 if TYPE_CHECKING:
     from rocket.adapters.bank import LoraAdapter, LoraBank
@@ -32,8 +33,7 @@ def _similarity(bank: LoraBank, device=None, block_rows: int = 4096, progress: b
     shared = torch.zeros(n, n, dtype=torch.int64, device=device)
     modules = bank.modules
     if progress:
-        from tqdm.auto import tqdm
-        modules = tqdm(modules, desc="ΔW similarity", unit="module")
+        modules = progress_bar(modules, desc="ΔW similarity", unit="module")
     for module in modules:
         idx = [i for i, a in enumerate(adapters) if module in a.weights]
         XA, XB, rows = _stack_rows(adapters, idx, module, device)

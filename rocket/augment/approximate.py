@@ -12,10 +12,10 @@ from __future__ import annotations
 
 import numpy as np
 import torch
-from tqdm.auto import tqdm
 from rocket.errors import AugmentError
 from rocket.augment.faiss_index import faiss_has_gpu
 from rocket.augment.faiss_index import _faiss
+from rocket.progress import progress_bar
 
 
 # Pools above this size get an IVF index (sqrt(n)·4 lists) instead of the flat one.
@@ -62,7 +62,7 @@ def knn_dropped(ranked: torch.Tensor, threshold: float, k: int = 32, index: str 
     lo, hi = threshold - delta, threshold + delta
     dropped = np.zeros(n, dtype=bool)
     band_p, band_q = [], []
-    for s in tqdm(range(0, n, chunk), desc="knn dedup", unit="chunk", disable=n <= chunk):
+    for s in progress_bar(range(0, n, chunk), desc="knn dedup", unit="chunk", disable=n <= chunk):
         sims, nbrs = idx.search(x[s:s + chunk], k)
         p = np.broadcast_to(np.arange(s, s + len(sims))[:, None], nbrs.shape)
         found = (nbrs >= 0) & (nbrs != p) & (sims > lo)
@@ -132,7 +132,7 @@ def ivf_dropped(ranked: torch.Tensor, threshold: float, nlist: int | None = None
     sizes = torch.bincount(lists.flatten(), minlength=nlist).tolist()
     codes = torch.zeros(n, dtype=torch.int8, device=ranked.device)
     delta, start = 0.0, 0
-    for size in tqdm(sizes, desc="ivf dedup", unit="list", disable=n < 1_000_000):
+    for size in progress_bar(sizes, desc="ivf dedup", unit="list", disable=n < 1_000_000):
         if size > 1:
             m = members[start:start + size]
             c, delta, _ = exact_codes(ranked[m], threshold, backend, norm2=norm2)

@@ -13,8 +13,8 @@ from functools import lru_cache
 from pathlib import Path
 import torch
 import torch.nn.functional as F
-from tqdm.auto import tqdm
 from rocket.errors import AugmentError
+from rocket.progress import progress_bar
 
 
 # The instruction the reference implementation prepends to every text before embedding (`rocket augment --retrieval-prefix`).
@@ -177,7 +177,7 @@ class Embedder:
         order = sorted(range(len(texts)), key=lambda i: -len(texts[i]))
         out = torch.empty(len(texts), self.dim)
         pending = None  # the previous batch: still running on the GPU while this one is tokenised
-        with tqdm(total=len(texts), desc="embed", unit="text", disable=not progress) as bar:
+        with progress_bar(total=len(texts), desc="embed", unit="text", disable=not progress) as bar:
             for start in range(0, len(texts) + batch_size, batch_size):
                 idx = order[start:start + batch_size]
                 enc = self._tokenize([texts[i] for i in idx]) if idx else None

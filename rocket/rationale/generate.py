@@ -19,13 +19,13 @@ from contextlib import nullcontext
 from pathlib import Path
 
 import torch
-from tqdm.auto import tqdm
 
 from rocket.data.examples import load_examples, write_jsonl
 from rocket.data.templates import PromptTemplate
 from rocket.data.tokenize import Tokenized, pad_batch, prompt_ids
 from rocket.errors import DataError, RationaleError
 from rocket.modeling import default_device, load_base, load_tokenizer
+from rocket.progress import progress_bar
 
 # The request sent to the rationale model for every item: the question (instruction, then input
 # when there is one) and its gold answer, asking for the reasoning that leads to that answer and
@@ -180,7 +180,7 @@ def generate_rationales(model, tokenizer, examples: list[dict], *, template: str
                for ex in examples[len(results):]]
     if partial is not None:
         partial.parent.mkdir(parents=True, exist_ok=True)
-    with tqdm(total=len(examples), initial=len(results), desc="rationales", unit="item", disable=not progress) as bar, \
+    with progress_bar(total=len(examples), initial=len(results), desc="rationales", unit="item", disable=not progress) as bar, \
             (open(partial, "a", encoding="utf-8") if partial is not None else nullcontext()) as sink:
         for start in range(0, len(prompts), batch_size):
             first = len(results)
