@@ -18,7 +18,9 @@ from __future__ import annotations
 import copy
 import json
 import math
+import os
 import random
+import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -77,6 +79,10 @@ FAMILIES = {f.name: f for f in (
     Family("initials", "Give the first letter of each word.", "only the first letters are kept"),
 )}
 RELATED = ("reverse", "upper")
+# A near-copy of a related adapter (its weights with a little noise): it scores as well as its
+# original, so only group diversity (|cos| of ΔW near 1) keeps the two from being chosen together.
+NEAR_COPY = ("upper_copy", "upper")
+NEAR_COPY_NOISE = 0.02       # relative std of the noise added to every LoRA weight
 TARGET = Family("reverse_upper", "Reverse the text and write it in capitals.",
                 "it is read from the last letter to the first and every letter becomes a capital")
 WARMUP = Family("copy", "Repeat the text.", "the text stays the same")
@@ -235,14 +241,27 @@ def build_world(out: str | Path, size: str | DemoSize = "full", seed: int = 0, p
         fit(peft_model, tok(bank_data[f.name]), cfg.lora_steps, 1e-2, cfg.batch, seed + n,
             f"LoRA '{f.name}'", progress)
         peft_model.save_pretrained(str(bank_dir / f.name))
+    plant_near_copy(bank_dir / NEAR_COPY[1], bank_dir / NEAR_COPY[0], NEAR_COPY_NOISE, seed)
 
     write_jsonl(out / "kshot.jsonl", kshot)
     write_jsonl(out / "heldout.jsonl", heldout)
     write_jsonl(out / "pool.jsonl", pool)
     truth = {"related": list(RELATED), "target": TARGET.name, "families": [f.name for f in families],
-             "pool_family": families_of, "duplicate_pairs": pairs, "size": cfg.__dict__, "seed": seed}
-    (out / "truth.json").write_text(json.dumps(truth, indent=1) + "\n")
+             "pool_family": families_of, "duplicate_pairs": pairs, "near_copy": list(NEAR_COPY),
+             "size": cfg.__dict__, "seed": seed}
+    write_json(out / "truth.json", truth)
     return truth
+
+
+def plant_near_copy(src: Path, dst: Path, noise: float, seed: int) -> None:
+    """A copy of the peft adapter `src` whose every LoRA matrix gets Gaussian noise of `noise` × its std."""
+    from safetensors.torch import load_file, save_file
+
+    shutil.copytree(src, dst, dirs_exist_ok=True)
+    gen = torch.Generator().manual_seed(seed + 999)
+    state = load_file(str(src / "adapter_model.safetensors"))
+    state = {k: v + noise * v.float().std() * torch.randn(v.shape, generator=gen).to(v.dtype) for k, v in state.items()}
+    save_file(state, str(dst / "adapter_model.safetensors"))
 
 
 # --------------------------------------------------------------------------- evaluation
@@ -269,7 +288,7 @@ def _world_ready(world: Path, cfg: DemoSize, seed: int) -> bool:
         truth = json.loads((world / "truth.json").read_text())
     except (FileNotFoundError, json.JSONDecodeError):
         return False
-    return truth.get("size") == cfg.__dict__ and truth.get("seed") == seed
+    return truth.get("size") == cfg.__dict__ and truth.get("seed") == seed and truth.get("near_copy") == list(NEAR_COPY)
 
 
 def run_config(world: Path, run_dir: Path, cfg: DemoSize, seed: int, progress: bool, embed_model=None):
@@ -278,7 +297,7 @@ def run_config(world: Path, run_dir: Path, cfg: DemoSize, seed: int, progress: b
 
     return RunConfig(base_model=str(world / "base_model"), bank=str(world / "bank"), kshot=str(world / "kshot.jsonl"),
                      pool=str(world / "pool.jsonl"), out=str(run_dir), template=TEMPLATE,
-                     n_experts=4, top_m=4, target=cfg.kshot + cfg.target, threshold=0.9, embed_model=embed_model,
+                     n_experts=3, top_m=5, target=cfg.kshot + cfg.target, threshold=0.9, embed_model=embed_model,
                      train=dict(epochs=cfg.epochs, lr=1e-3, batch_size=cfg.batch, grad_accum=1,
                                 lora_dropout=0.0, top_k=2, backend="torch"),
                      device="cpu", seed=seed, progress=progress)
@@ -317,9 +336,10 @@ def evaluate(world: Path, run_dir: Path, truth: dict) -> dict:
     moe = load_moe(copy.deepcopy(model), run_dir / "checkpoint").eval()
     moe_loss = float(example_losses(moe, tokenized).mean())
     best_name = min(adapter_loss, key=adapter_loss.get)
+    similarity = bank.subset([bank.index(n) for n in truth["near_copy"]]).delta_cos()
     return {
         "ranking": ranking, "ppl_sum": {n: float(scores.ppl_sum[i]) for i, n in enumerate(scores.names)},
-        "experts": experts,
+        "experts": experts, "near_copy_cos": float(similarity[0, 1]),
         "open_selected": len(selected), "open_pool": aug["counts"]["pool"],
         "selected_by_family": {f: fams.count(f) for f in truth["families"]},
         "related_fraction": sum(f in related for f in fams) / max(1, len(fams)),
@@ -337,9 +357,14 @@ def evaluate(world: Path, run_dir: Path, truth: dict) -> dict:
 def checks(result: dict, truth: dict) -> dict[str, bool]:
     """The structure the demo must recover ."""
     related = set(truth["related"])
+    copy_name, original = truth["near_copy"]
+    covered = {original if e == copy_name else e for e in result["experts"]}
     return {
-        "the two related adapters rank first by PPL_R": set(result["ranking"][:2]) == related,
-        "both related adapters are chosen experts": related <= set(result["experts"]),
+        "the related adapters (and the near-copy) rank first by PPL_R":
+            set(result["ranking"][:3]) == related | {copy_name},
+        "the chosen experts cover both related tasks": related <= covered,
+        "diversity rejects the near-copy: it is never chosen beside its original":
+            not {copy_name, original} <= set(result["experts"]),
         "augmented data is mostly from the related families (≥ 80%)": result["related_fraction"] >= 0.8,
         "no planted near-duplicate pair survives": result["planted_pairs_both_kept"] == 0
                                                     and result["planted_pairs_retrieved"] > 0,
@@ -353,8 +378,10 @@ def summary_lines(result: dict, truth: dict, ok: dict[str, bool], seconds: float
     lines = [f"target task: '{TARGET.instruction}' (K={truth['size']['kshot']}), needs {' + '.join(truth['related'])}",
              "", "stage 1 · PPL_R ranking (lower is better):"]
     for k, name in enumerate(result["ranking"], 1):
-        lines.append(f"  {k}. {name:<9} {result['ppl_sum'][name]:>10.1f}{'   ← related' if name in related else ''}")
-    lines += ["", f"stage 2 · chosen experts: {', '.join(result['experts'])}", "",
+        mark = "   ← related" if name in related else "   ← near-copy" if name == truth["near_copy"][0] else ""
+        lines.append(f"  {k}. {name:<11} {result['ppl_sum'][name]:>10.1f}{mark}")
+    lines += ["", f"stage 2 · chosen experts: {', '.join(result['experts'])} (3 of the top 5; the near-copy "
+              f"'{truth['near_copy'][0]}' has ΔW |cos| {result['near_copy_cos']:.2f} with its original)", "",
               f"stage 3 · {result['open_selected']} of {result['open_pool']} open items kept; by family: "
               + ", ".join(f"{f} {n}" for f, n in result["selected_by_family"].items() if n),
               f"          related share {result['related_fraction']:.0%} (pool: {result['pool_related_fraction']:.0%}); "
@@ -375,16 +402,53 @@ def _html_section(lines: list[str]) -> str:
     return f"<pre>{html.escape(chr(10).join(lines))}</pre>"
 
 
+def idle_cores(sample: float = 0.25) -> int:
+    """How many of this process's cores are idle right now (Linux: /proc/stat over `sample` s; else
+    all of them). The demo's models are tiny: a torch thread on a core another process holds only
+    spins and waits, so the demo runs on the idle cores alone."""
+    cores = sorted(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else list(range(os.cpu_count() or 1))
+
+    def ticks():
+        out = {}
+        with open("/proc/stat") as f:
+            for line in f:
+                if line.startswith("cpu") and line[3:4].isdigit():
+                    name, *vals = line.split()
+                    vals = [int(v) for v in vals]
+                    out[int(name[3:])] = (vals[3] + vals[4], sum(vals))   # idle + iowait, total
+        return out
+    try:
+        a = ticks()
+        time.sleep(sample)
+        b = ticks()
+    except OSError:
+        return len(cores)
+    idle = sum(1 for c in cores if c in a and c in b and b[c][1] > a[c][1]
+               and (b[c][0] - a[c][0]) / (b[c][1] - a[c][1]) > 0.5)
+    return max(1, idle)
+
+
 def run_demo(out: str | Path = "rocket-demo", size: str = "full", seed: int = 0, progress: bool = True,
              embed_model: str | None = None, log=print) -> dict:
     """Build the world (or reuse it), run the pipeline on it, evaluate, print the summary.
     Returns {'result', 'checks', 'seconds', 'run_dir'}; writes demo.json and report.html in out/run."""
-    from rocket.pipeline.run import run_pipeline
-    from rocket.report import write_report
-
     if size not in SIZES:
         raise RocketError(f"demo: unknown size {size!r}: use {', '.join(SIZES)}")
     start = time.perf_counter()
+    threads_before = torch.get_num_threads()
+    threads = min(threads_before, idle_cores())
+    torch.set_num_threads(threads)
+    log(f"[demo] {threads} thread(s): the cores idle now")
+    try:
+        return _run_demo(out, size, seed, progress, embed_model, log, start)
+    finally:
+        torch.set_num_threads(threads_before)
+
+
+def _run_demo(out, size, seed, progress, embed_model, log, start) -> dict:
+    from rocket.pipeline.run import run_pipeline
+    from rocket.report import write_report
+
     cfg = SIZES[size]
     out = Path(out)
     world, run_dir = out / "world", out / "run"
