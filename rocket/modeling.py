@@ -2,6 +2,7 @@
 device rule for every command."""
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import torch
@@ -9,6 +10,10 @@ import torch
 from rocket.errors import ModelError
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin",
+                "pytorch_model.bin.index.json")
+# A saved tokenizer has one of these sets: the fast tokenizer, a sentencepiece / tiktoken model, BPE files.
+TOKENIZER_FILES = (("tokenizer.json",), ("tokenizer.model",), ("vocab.json", "merges.txt"))
 
 
 def default_device(device=None) -> torch.device:
@@ -27,6 +32,51 @@ def resolve_dtype(dtype: str | torch.dtype | None, device: torch.device) -> torc
     return torch.bfloat16 if device.type == "cuda" else torch.float32
 
 
+def _model_dir(base_model) -> Path:
+    path = Path(base_model)
+    if not path.is_dir():
+        raise ModelError(f"{path}: no such model directory")
+    return path
+
+
+def check_model_dir(base_model) -> Path:
+    """`base_model` as a Path if it is a Hugging Face model directory (config.json naming a
+    model_type or architectures, weights); else one line saying what it is instead. Cheap: run
+    before any long work, and by load_model before transformers sees the directory."""
+    path = _model_dir(base_model)
+    config = path / "config.json"
+    if not config.is_file():
+        if (path / "adapter_config.json").is_file():
+            raise ModelError(f"{path}: looks like a peft adapter (adapter_config.json, no config.json), not a base "
+                             "model; give the directory of the model it was trained on")
+        what = "an empty directory" if not any(path.iterdir()) else "no config.json"
+        raise ModelError(f"{path}: {what}, not a Hugging Face model directory")
+    try:
+        cfg = json.loads(config.read_text(encoding="utf-8"))
+    except ValueError as e:  # malformed JSON or not UTF-8
+        raise ModelError(f"{config}: malformed JSON ({e})") from None
+    if not isinstance(cfg, dict) or not (cfg.get("model_type") or cfg.get("architectures")):
+        raise ModelError(f"{config}: no model_type or architectures, not a transformers model config")
+    if not any((path / name).is_file() for name in WEIGHT_FILES):
+        raise ModelError(f"{path}: no model weights (none of {', '.join(WEIGHT_FILES)})")
+    return path
+
+
+def check_tokenizer_dir(base_model) -> Path:
+    """`base_model` as a Path if it holds a saved tokenizer (TOKENIZER_FILES); else one line naming
+    the files that are missing."""
+    path = _model_dir(base_model)
+    present = {p.name for p in path.iterdir()}
+    if any(present.issuperset(group) for group in TOKENIZER_FILES):
+        return path
+    partial = next((group for group in TOKENIZER_FILES if present.intersection(group)), None)
+    if partial is not None:
+        raise ModelError(f"{path}: incomplete tokenizer: {', '.join(sorted(present.intersection(partial)))} "
+                         f"without {', '.join(sorted(set(partial) - present))}")
+    raise ModelError(f"{path}: no tokenizer files (tokenizer.json, tokenizer.model, or vocab.json + merges.txt); "
+                     "save the tokenizer with the model")
+
+
 def load_model(base_model, device: torch.device, dtype: str | torch.dtype | None = "auto") -> torch.nn.Module:
     """An HF causal LM from its directory (or a model object, moved), on `device` in `dtype`."""
     dtype = resolve_dtype(dtype, device)
@@ -34,9 +84,7 @@ def load_model(base_model, device: torch.device, dtype: str | torch.dtype | None
         return base_model.to(device=device, dtype=dtype)
     from transformers import AutoModelForCausalLM
 
-    path = Path(base_model)
-    if not path.is_dir():
-        raise ModelError(f"{path}: no such model directory")
+    path = check_model_dir(base_model)
     model = AutoModelForCausalLM.from_pretrained(str(path), dtype=dtype, attn_implementation="sdpa")
     return model.to(device=device, dtype=dtype)  # transformers < 4.56 ignores dtype=
 
@@ -49,7 +97,7 @@ def load_tokenizer(base_model, tokenizer=None):
         raise ModelError("a tokenizer is needed when the base model is a model object")
     from transformers import AutoTokenizer
 
-    return AutoTokenizer.from_pretrained(str(base_model))
+    return AutoTokenizer.from_pretrained(str(check_tokenizer_dir(base_model)))
 
 
 def load_base(base_model, device: torch.device, dtype: str | torch.dtype | None = "auto", tokenizer=None):

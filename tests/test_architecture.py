@@ -10,7 +10,7 @@ PACKAGE = Path(__file__).resolve().parent.parent / "rocket"
 
 # Lower numbers are lower layers; a module may import its own subpackage or any lower layer.
 LAYERS = {
-    "rocket.errors": 0, "rocket.io": 1, "rocket.kernels": 1,
+    "rocket.errors": 0, "rocket.io": 1, "rocket.progress": 1, "rocket.kernels": 1,
     "rocket.data": 2, "rocket.modeling": 2, "rocket.resume": 2, "rocket.tiny": 2,
     "rocket.adapters": 3,
     "rocket.moe": 4, "rocket.runtime": 4,

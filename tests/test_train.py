@@ -1,8 +1,12 @@
 """Stage 4 training on the CPU with the tiny Llama: batching, errors, learning, router-only mode,
-exact resume, DeepSpeed (when installed) against the plain torch loop, the CLI and load_moe."""
+exact resume, DeepSpeed (when installed) against the plain torch loop, the CLI and load_moe, and
+durability: non-finite losses and weights, damaged checkpoints, failed writes."""
 import copy
 import json
 import logging
+import re
+import shutil
+import signal
 
 import pytest
 import torch
@@ -135,6 +139,14 @@ def test_defaults_are_the_papers_recipe_and_the_clis_follow_them():
     assert set(stated) == {"epochs", "lr", "batch_size", "grad_accum", "top_k", "cutoff"}
     for name, value in stated.items():
         assert value in ("rocket train's", str(getattr(d, name))), name
+
+
+def test_config_accepts_the_edges_of_every_range():
+    # tests/test_bad_inputs.py holds the values just outside them
+    cfg = TrainConfig(max_grad_norm=0, warmup_ratio=0, weight_decay=0, lora_dropout=0, aux_loss_coef=0, save_steps=0,
+                      save_total_limit=1, lr=1, max_steps=1, seed=-1)
+    assert cfg.max_grad_norm == 0 and cfg.save_total_limit == 1
+    assert TrainConfig(warmup_ratio=0.999, lora_dropout=0.999).lora_dropout == 0.999
 
 
 # --------------------------------------------------------------------------- learning
@@ -309,3 +321,138 @@ def test_auto_backend_is_torch_for_one_process_and_deepspeed_with_a_config(tiny_
     with_config = _run(tiny_llama, tiny_tokenizer, examples, lora_bank_dir, tmp_path / "b", deepspeed_config="zero2",
                        **kw)
     assert with_config.backend == ("deepspeed" if HAVE_DS else "torch")
+
+
+# --------------------------------------------------------------------------- durability (docs/design.md §7)
+# One short run: 6 examples, 2 per step, a checkpoint after every step, the newest 2 kept.
+SHORT = dict(max_steps=3, lr=1e-2, batch_size=2, save_steps=1, warmup_ratio=0.0)
+
+
+@pytest.fixture(scope="module")
+def short_run(_tiny_llama, tiny_tokenizer, kshot_examples, lora_bank_dir, tmp_path_factory):
+    """The uninterrupted short run: its output directory and losses."""
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("TRITON_INTERPRET", "0")
+        out = tmp_path_factory.mktemp("short") / "out"
+        res = _run(copy.deepcopy(_tiny_llama), tiny_tokenizer, kshot_examples[:6], lora_bank_dir, out, **SHORT)
+    assert res.steps == 3 and [p.name for p in sorted((out / "checkpoints").iterdir())] == ["step-0000002",
+                                                                                            "step-0000003"]
+    return out, res.losses
+
+
+def _files(root):
+    return {str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}
+
+
+def test_nonfinite_loss_stops_before_the_optimizer_step(tiny_llama, tiny_tokenizer, examples, lora_bank_dir,
+                                                        tmp_path):
+    out, kept = tmp_path / "out", {}
+
+    def poison_after_step_2(info):  # a base weight turns to inf: the next loss is NaN
+        if info.step == 2:
+            kept.update(_files(out / "checkpoints"))
+            with torch.no_grad():
+                tiny_llama.model.norm.weight[0] = float("inf")
+    with pytest.raises(TrainError) as e:
+        _run(tiny_llama, tiny_tokenizer, examples[:6], lora_bank_dir, out, on_step=poison_after_step_2,
+             **{**SHORT, "max_steps": 4})
+    assert str(e.value) == (f"step 3: the loss is not finite (nan); the last good checkpoint is "
+                            f"{out / 'checkpoints' / 'step-0000002'}")
+    assert _files(out / "checkpoints") == kept and not (out / "moe.safetensors").exists()
+    from safetensors.torch import load_file
+    saved = load_file(str(out / "checkpoints" / "step-0000002" / "moe.safetensors"))
+    now = moe_state_dict(tiny_llama)
+    assert all(torch.equal(now[k], saved[k]) for k in saved)  # the optimizer step of step 3 was not applied
+
+
+@pytest.mark.parametrize("backend", ["torch", pytest.param("deepspeed", marks=pytest.mark.skipif(
+    not HAVE_DS, reason="deepspeed is not installed"))])
+def test_nonfinite_weights_are_never_written(backend, tiny_llama, tiny_tokenizer, examples, lora_bank_dir, tmp_path):
+    out, kept = tmp_path / "out", {}
+
+    def poison_after_the_last_step(info):  # after its checkpoint, before the final write
+        if info.step == 3:
+            kept.update(_files(out))
+            with torch.no_grad():
+                next(iter(moe_layers(tiny_llama).values())).lora_B.view(-1)[0] = float("nan")
+    with pytest.raises(TrainError, match=r"^step 3: the trained weights are not finite \(\S+\.lora_B\); the last good "
+                                         r"checkpoint is \S+/checkpoints/step-0000003$"):
+        _run(tiny_llama, tiny_tokenizer, examples[:6], lora_bank_dir, out, backend=backend, deepspeed_config="zero2",
+             on_step=poison_after_the_last_step, **SHORT)
+    assert _files(out) == kept and not (out / "moe.safetensors").exists()
+
+
+@pytest.mark.parametrize("name, damage, reason", [
+    ("optimizer.safetensors", lambda b: b[: len(b) // 2], r"optimizer\.safetensors: truncated or corrupt"),
+    ("moe.safetensors", lambda b: b[:-1], r"moe\.safetensors: truncated or corrupt"),
+    ("trainer_state.json", lambda b: b[: len(b) // 2], r"trainer_state\.json:\d+: malformed JSON"),
+], ids=["optimizer", "moe", "trainer_state"])
+def test_resume_falls_back_from_a_damaged_newest_checkpoint(name, damage, reason, short_run, tiny_llama,
+                                                            tiny_tokenizer, examples, lora_bank_dir, tmp_path, caplog):
+    done, losses = short_run
+    out = tmp_path / "out"
+    shutil.copytree(done, out)
+    bad = out / "checkpoints" / "step-0000003" / name
+    bad.write_bytes(damage(bad.read_bytes()))
+    steps = []
+    with caplog.at_level(logging.WARNING, logger="rocket.train"):
+        res = _run(tiny_llama, tiny_tokenizer, examples[:6], lora_bank_dir, out, resume=True,
+                   on_step=lambda info: steps.append(info.step), **SHORT)
+    assert re.search(rf"skipping step-0000003: {re.escape(str(bad.parent))}/{reason}", caplog.text), caplog.text
+    assert steps == [3] and res.losses == losses  # step 3 again from step 2: the same step
+    assert _files(out) == _files(done)
+
+
+class _FileSizeLimit:
+    """From `limit(nbytes)` on, this process's writes past nbytes fail for real (EFBIG, as writes to a
+    full disk fail with ENOSPC) until `close()`."""
+
+    def __init__(self):
+        self.saved = None
+
+    def limit(self, nbytes: int):
+        import resource
+        self.saved = signal.signal(signal.SIGXFSZ, signal.SIG_IGN), resource.getrlimit(resource.RLIMIT_FSIZE)
+        resource.setrlimit(resource.RLIMIT_FSIZE, (nbytes, self.saved[1][1]))
+
+    def close(self):
+        if self.saved is not None:
+            import resource
+            resource.setrlimit(resource.RLIMIT_FSIZE, self.saved[1])
+            signal.signal(signal.SIGXFSZ, self.saved[0])
+
+
+@pytest.mark.skipif(not hasattr(signal, "SIGXFSZ"), reason="needs POSIX file size limits")
+@pytest.mark.parametrize("at_step, message", [
+    # the checkpoint of step 3: its moe.safetensors still fits, its optimizer.safetensors (twice the size) does not
+    (2, r"^step 3: cannot write the checkpoint \S+/step-0000003 \(optimizer\.safetensors: .*File too large.*\); "
+        r"the earlier checkpoints are intact$"),
+    # the final moe.safetensors, after the last checkpoint
+    (3, r"^\S+/out/moe\.safetensors: cannot write \(.*File too large.*\); the last good checkpoint is "
+        r"\S+/step-0000003$"),
+], ids=["checkpoint", "final output"])
+def test_failed_write_names_the_file_and_leaves_the_checkpoints(at_step, message, short_run, tiny_llama,
+                                                                tiny_tokenizer, examples, lora_bank_dir, tmp_path):
+    done, losses = short_run
+    out, fsize = tmp_path / "out", _FileSizeLimit()
+    moe_bytes = (done / "checkpoints" / "step-0000003" / "moe.safetensors").stat().st_size
+
+    def fill_the_disk(info):
+        if info.step == at_step:
+            fsize.limit(moe_bytes if at_step == 2 else 1024)
+    try:
+        with pytest.raises(TrainError, match=message):
+            _run(copy.deepcopy(tiny_llama), tiny_tokenizer, examples[:6], lora_bank_dir, out,
+                 on_step=fill_the_disk, **SHORT)
+    finally:
+        fsize.close()
+    names = sorted(str(p.relative_to(out)) for p in out.rglob("*"))
+    kept = ["step-0000001", "step-0000002"] if at_step == 2 else ["step-0000002", "step-0000003"]
+    assert names == ["checkpoints"] + [f"checkpoints/{c}{f}" for c in kept
+                                       for f in ("", "/moe.safetensors", "/optimizer.safetensors",
+                                                 "/trainer_state.json")]  # no temporary file or directory left
+    steps = []
+    res = _run(tiny_llama, tiny_tokenizer, examples[:6], lora_bank_dir, out, resume=True,
+               on_step=lambda info: steps.append(info.step), **SHORT)
+    assert steps == ([3] if at_step == 2 else []) and res.losses == losses
+    assert _files(out) == _files(done)

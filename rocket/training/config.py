@@ -1,6 +1,8 @@
 """The hyperparameters of a training run and what it returns."""
 from __future__ import annotations
 
+import math
+import numbers
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 import torch
@@ -11,6 +13,22 @@ from rocket.errors import TrainError
 PLAN_KEYS = ("epochs", "max_steps", "lr", "warmup_ratio", "batch_size", "grad_accum", "seed", "cutoff",
              "template", "overflow", "group_by_length", "top_k", "train_router_only")
 
+# What TrainConfig accepts: integer fields and their least value; float fields must be finite and pass
+# the test (save_total_limit 0 would delete every checkpoint; max_grad_norm 0 turns clipping off).
+INT_FIELDS = {"epochs": 1, "cutoff": 1, "batch_size": 1, "grad_accum": 1, "top_k": 1, "pad_to_multiple": 1,
+              "save_steps": 0, "save_total_limit": 1}
+FLOAT_FIELDS = {
+    "lr": (lambda x: x > 0, "> 0"),
+    "warmup_ratio": (lambda x: 0 <= x < 1, "in [0, 1)"),
+    "weight_decay": (lambda x: x >= 0, "≥ 0"),
+    "max_grad_norm": (lambda x: x >= 0, "≥ 0 (0: no clipping)"),
+    "lora_dropout": (lambda x: 0 <= x < 1, "in [0, 1)"),
+    "aux_loss_coef": (lambda x: x >= 0, "≥ 0 (0: off)"),
+}
+
+
+def _is_int(value) -> bool:
+    return isinstance(value, numbers.Integral) and not isinstance(value, bool)
 
 
 @dataclass
@@ -41,15 +59,26 @@ class TrainConfig:
     save_total_limit: int = 2
 
     def __post_init__(self):
-        for name in ("epochs", "cutoff", "batch_size", "grad_accum", "top_k", "pad_to_multiple"):
-            if int(getattr(self, name)) < 1:
-                raise TrainError(f"{name} must be ≥ 1, got {getattr(self, name)}")
-        if not self.lr > 0:
-            raise TrainError(f"lr must be > 0, got {self.lr}")
+        # Checked where the settings enter, one line naming the field (docs/design.md §2.2), so a bad
+        # value stops `rocket train` before anything is loaded instead of training to NaN.
+        for name, low in INT_FIELDS.items():
+            value = getattr(self, name)
+            if not _is_int(value) or value < low:
+                raise TrainError(f"{name} must be an integer ≥ {low}, got {value!r}")
+        if self.max_steps is not None and (not _is_int(self.max_steps) or self.max_steps < 1):
+            raise TrainError(f"max_steps must be an integer ≥ 1 (or None), got {self.max_steps!r}")
+        if not _is_int(self.seed):
+            raise TrainError(f"seed must be an integer, got {self.seed!r}")
+        for name, (allowed, rule) in FLOAT_FIELDS.items():
+            value = getattr(self, name)
+            if not (isinstance(value, numbers.Real) and not isinstance(value, bool) and math.isfinite(value)
+                    and allowed(value)):
+                raise TrainError(f"{name} must be a finite number {rule}, got {value!r}")
+        for name in ("train_router_only", "group_by_length"):
+            if not isinstance(getattr(self, name), bool):
+                raise TrainError(f"{name} must be True or False, got {getattr(self, name)!r}")
         if self.overflow not in ("drop", "truncate", "error"):
             raise TrainError(f"overflow must be drop, truncate or error, got {self.overflow!r}")
-        if self.max_steps is not None and self.max_steps < 1:
-            raise TrainError(f"max_steps must be ≥ 1, got {self.max_steps}")
 
     @classmethod
     def from_dict(cls, d: dict) -> "TrainConfig":

@@ -22,6 +22,10 @@ def _trainable(model) -> list[tuple[str, torch.nn.Parameter]]:
     return [(n, p) for n, p in model.named_parameters() if p.requires_grad]
 
 
+def _first_nonfinite(params: list[tuple[str, torch.Tensor]]) -> str | None:
+    return next((name for name, p in params if not torch.isfinite(p).all()), None)
+
+
 class TorchEngine:
     """Plain torch: AdamW on the trainable tensors (float32 masters when the model is low-precision)."""
     name = "torch"
@@ -52,6 +56,10 @@ class TorchEngine:
     def save_moe(self, path: Path):
         from rocket.moe.state import save_moe_state
         save_moe_state(self.model, path)
+
+    def nonfinite_parameter(self) -> str | None:
+        """The name of the first trainable tensor holding a NaN or Inf, or None."""
+        return _first_nonfinite(self.params)
 
     def optimizer_tensors(self) -> dict[str, torch.Tensor]:
         out = {}
@@ -175,6 +183,12 @@ class DeepSpeedEngine:
         with self._gathered():  # collective under ZeRO-3: every rank enters, rank 0 writes
             if self.rank == 0:
                 save_moe_state(self.model, path)
+
+    def nonfinite_parameter(self) -> str | None:
+        """The name of the first trainable tensor holding a NaN or Inf, or None (the same on every rank:
+        each sees the whole tensors)."""
+        with self._gathered():  # collective under ZeRO-3
+            return _first_nonfinite(self.params)
 
     def optimizer_tensors(self) -> dict[str, torch.Tensor]:
         from deepspeed.utils import safe_get_full_fp32_param, safe_get_full_optimizer_state

@@ -35,11 +35,12 @@ from pathlib import Path
 from typing import Callable
 import torch
 from rocket.data.examples import load_examples
-from rocket.modeling import default_device, load_model, load_tokenizer, resolve_dtype
+from rocket.modeling import check_model_dir, default_device, load_model, load_tokenizer, resolve_dtype
 from rocket.moe.state import MOE_FILE
 from rocket.data.tokenize import pad_batch
 from rocket.training.batches import prepare_examples, length_grouped_batches, rank_batches, token_loss_sum
-from rocket.training.checkpoint import run_key, CONFIG_FILE, LOSSES_FILE, OPTIM_FILE, _check_resumable, _read_state, latest_checkpoint, save_checkpoint
+from rocket.training.checkpoint import (run_key, CONFIG_FILE, LOSSES_FILE, OPTIM_FILE, _check_resumable,
+                                       checkpoint_dirs, latest_checkpoint, read_checkpoint, save_checkpoint, writing)
 from rocket.training.config import StepInfo, TrainConfig, TrainResult
 from rocket.training.engines import make_engine
 from rocket.errors import TrainError
@@ -55,6 +56,18 @@ def lr_at(step: int, total: int, cfg: TrainConfig) -> float:
     if step < warmup:
         return cfg.lr * (step + 1) / warmup
     return cfg.lr * max(0.0, (total - step) / max(1, total - warmup))
+
+
+def _last_good(ckpt: Path | None) -> str:
+    return f"the last good checkpoint is {ckpt}" if ckpt is not None else "no checkpoint has been written"
+
+
+def _check_weights(engine, step: int, last_good: Path | None):
+    """Before a checkpoint or the final state is written: a NaN or Inf weight stops the run instead
+    (docs/design.md §7)."""
+    bad = engine.nonfinite_parameter()
+    if bad is not None:
+        raise TrainError(f"step {step}: the trained weights are not finite ({bad}); {_last_good(last_good)}")
 
 
 def _load_bank(experts):
@@ -84,6 +97,9 @@ def train(base_model, data, experts, out, *, tokenizer=None, config: TrainConfig
         if unknown:
             raise TrainError(f"train(): unknown option(s) {', '.join(sorted(unknown))}")
     out = Path(out)
+    if not isinstance(base_model, torch.nn.Module):
+        check_model_dir(base_model)  # cheap: a wrong directory is one line before any long work
+    tokenizer = load_tokenizer(base_model, tokenizer)
     device = default_device(device)
     if device.type == "cuda" and "LOCAL_RANK" in os.environ:
         device = torch.device("cuda", int(os.environ["LOCAL_RANK"]))
@@ -93,22 +109,21 @@ def train(base_model, data, experts, out, *, tokenizer=None, config: TrainConfig
     examples = load_examples(data) if isinstance(data, (str, Path)) else list(data)
     bank = _load_bank(experts)
     key = run_key(cfg, examples, bank.names)
-    ckpt = None
-    if resume == "auto":  # the latest checkpoint if it belongs to this run, else a fresh start
-        ckpt = latest_checkpoint(out)
-        if ckpt is not None and _read_state(ckpt).get("key") != key:
+    found = None  # (checkpoint, its trainer state)
+    if resume == "auto" or (resume and not isinstance(resume, (str, Path))):
+        found = latest_checkpoint(out)  # the newest complete one: damaged newer ones are skipped with a warning
+        if found is None:
+            log.info("resume: no checkpoint in %s, starting from step 0", out / "checkpoints")
+        elif resume == "auto" and found[1].get("key") != key:  # another run's: a fresh start
             log.info("resume: the checkpoints in %s belong to another run; starting from step 0", out / "checkpoints")
             shutil.rmtree(out / "checkpoints")
-            ckpt = None
+            found = None
     elif resume:
-        ckpt = Path(resume) if isinstance(resume, (str, Path)) else latest_checkpoint(out)
-        if ckpt is None:
-            log.info("resume: no checkpoint in %s, starting from step 0", out / "checkpoints")
-    elif latest_checkpoint(out) is not None:
+        found = Path(resume), read_checkpoint(Path(resume))
+    elif checkpoint_dirs(out):
         raise TrainError(f"{out}: holds checkpoints of an earlier run; pass --resume or choose another --out")
-    saved_state = _read_state(ckpt) if ckpt is not None else None
+    ckpt, saved_state = found or (None, None)
 
-    tokenizer = load_tokenizer(base_model, tokenizer)
     model = load_model(base_model, device, dtype)
     tokenized = prepare_examples(examples, tokenizer, cfg, where)
     if saved_state is not None:  # before any expensive setup
@@ -140,14 +155,15 @@ def train(base_model, data, experts, out, *, tokenizer=None, config: TrainConfig
         start, losses = int(saved_state["step"]), list(saved_state.get("losses", []))
         log.info("resumed from %s at step %d of %d", ckpt, start, total)
     if rank == 0:
-        out.mkdir(parents=True, exist_ok=True)
+        with writing(out):
+            out.mkdir(parents=True, exist_ok=True)
 
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     from tqdm.auto import tqdm
     bar = tqdm(total=total, initial=start, desc="training", unit="step", disable=not progress or rank != 0)
     history, tokens_seen, t_begin = [], 0, time.perf_counter()
     dist = world > 1
-    step = start
+    step, last_good = start, ckpt
     while step < total:
         epoch, first = divmod(step, steps_per_epoch)
         batches = rank_batches(length_grouped_batches(lengths, cfg.batch_size, cfg.seed, epoch, cfg.group_by_length),
@@ -173,11 +189,13 @@ def train(base_model, data, experts, out, *, tokenizer=None, config: TrainConfig
                     loss = loss + cfg.aux_loss_coef * moe_aux_loss(model) / len(group)
                 engine.backward(loss)
                 loss_sum += part.detach()
-            lr = lr_at(step, total, cfg)
-            engine.step(lr)
             if dist:
                 torch.distributed.all_reduce(loss_sum)
             step_loss = float(loss_sum / n_tok)
+            if not math.isfinite(step_loss):  # stop before the optimizer step: the weights stay finite
+                raise TrainError(f"step {step + 1}: the loss is not finite ({step_loss}); {_last_good(last_good)}")
+            lr = lr_at(step, total, cfg)
+            engine.step(lr)
             losses.append(step_loss)
             step += 1
             n_in = sum(b["n_input"] for b in group)
@@ -189,13 +207,19 @@ def train(base_model, data, experts, out, *, tokenizer=None, config: TrainConfig
             bar.set_postfix(loss=f"{step_loss:.4f}", lr=f"{lr:.2e}", epoch=epoch)
             end_of_epoch = s == steps_per_epoch - 1 or step == total
             if (cfg.save_steps and step % cfg.save_steps == 0) or (not cfg.save_steps and end_of_epoch):
-                save_checkpoint(engine, out, step, {**meta, "losses": losses}, cfg.save_total_limit)
+                _check_weights(engine, step, last_good)
+                last_good = save_checkpoint(engine, out, step, {**meta, "losses": losses}, cfg.save_total_limit)
             if on_step is not None:
                 on_step(info)
     bar.close()
     seconds = time.perf_counter() - t_begin
-    engine.save_moe(out / MOE_FILE)
+    _check_weights(engine, step, last_good)
+    hint = f"; {_last_good(last_good)}"
+    with writing(out / MOE_FILE, hint) as f:
+        engine.save_moe(f)
     if rank == 0:
-        write_json(out / CONFIG_FILE, {**meta, "backend": engine.name, "steps": step}, indent=2)
-        write_json(out / LOSSES_FILE, losses, indent=2)
+        with writing(out / CONFIG_FILE, hint) as f:
+            write_json(f, {**meta, "backend": engine.name, "steps": step}, indent=2)
+        with writing(out / LOSSES_FILE, hint) as f:
+            write_json(f, losses, indent=2)
     return TrainResult(model, losses, step, engine.name, out, tokens_seen, seconds, history)
