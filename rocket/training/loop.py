@@ -45,6 +45,7 @@ from rocket.training.config import StepInfo, TrainConfig, TrainResult
 from rocket.training.engines import make_engine
 from rocket.errors import TrainError
 from rocket.io import write_json
+from rocket.progress import progress_bar
 
 
 log = logging.getLogger("rocket.train")
@@ -159,8 +160,7 @@ def train(base_model, data, experts, out, *, tokenizer=None, config: TrainConfig
             out.mkdir(parents=True, exist_ok=True)
 
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    from tqdm.auto import tqdm
-    bar = tqdm(total=total, initial=start, desc="training", unit="step", disable=not progress or rank != 0)
+    bar = progress_bar(total=total, initial=start, desc="training", unit="step", disable=not progress or rank != 0)
     history, tokens_seen, t_begin = [], 0, time.perf_counter()
     dist = world > 1
     step, last_good = start, ckpt
