@@ -146,13 +146,13 @@ def test_scoring(recorder, device, on_gpu):
             print(f"--- profile {strategy} (N=4)\n" + "\n".join(table.splitlines()[:16]))
     # the public call (strategy auto), set-up included: staging the adapters, copies of the base weights, packing
     times["rocket_end_to_end"], e2e = wall(
-        lambda: score_adapters(model, None, bank, tokenized, max_tokens=best_budget, progress=False), device, reps,
-        warmup=False)
+        lambda: score_adapters(model, None, bank, tokenized, accuracy=None, max_tokens=best_budget, progress=False,
+                               log=lambda *a: None), device, reps, warmup=False)
     extra["end_to_end_strategy"] = e2e.meta["strategy"]
     sgmv_budget = min(s["budgets"], key=lambda b: times[_key("sgmv", b)])
     times["rocket_end_to_end_sgmv"], e2e_sgmv = wall(
-        lambda: score_adapters(model, None, bank, tokenized, max_tokens=sgmv_budget, progress=False,
-                               strategy="sgmv"), device, reps, warmup=False)
+        lambda: score_adapters(model, None, bank, tokenized, accuracy=None, max_tokens=sgmv_budget,
+                               progress=False, strategy="sgmv", log=lambda *a: None), device, reps, warmup=False)
     ours_name = "merged" if "merged" in best else "sgmv"
     ours = losses[ours_name]
     # how far the other rocket paths sit from the fastest one (recorded; checked against peft below)

@@ -292,11 +292,13 @@ def _world_ready(world: Path, cfg: DemoSize, seed: int) -> bool:
 
 
 def run_config(world: Path, run_dir: Path, cfg: DemoSize, seed: int, progress: bool, embed_model=None):
-    """The `rocket run` options the demo uses (what `rocket run` would be given on the command line)."""
+    """The `rocket run` options the demo uses (what `rocket run` would be given on the command line).
+    The demo's answers are free text, from which no extractor reads a short answer, so it runs
+    without accuracy (the perplexity + diversity ablation, docs/design.md 'Accuracy')."""
     from rocket.pipeline.run import RunConfig
 
     return RunConfig(base_model=str(world / "base_model"), bank=str(world / "bank"), kshot=str(world / "kshot.jsonl"),
-                     pool=str(world / "pool.jsonl"), out=str(run_dir), template=TEMPLATE,
+                     accuracy=None, pool=str(world / "pool.jsonl"), out=str(run_dir), template=TEMPLATE,
                      n_experts=3, top_m=5, target=cfg.kshot + cfg.target, threshold=0.9, embed_model=embed_model,
                      train=dict(epochs=cfg.epochs, lr=1e-3, batch_size=cfg.batch, grad_accum=1,
                                 lora_dropout=0.0, top_k=2, backend="torch"),
@@ -331,7 +333,8 @@ def evaluate(world: Path, run_dir: Path, truth: dict) -> dict:
     tokenized = [tokenize_example(e, tokenizer, TEMPLATE) for e in heldout]
     base_loss = float(example_losses(model, tokenized).mean())
     bank = LoraBank.load(world / "bank")
-    single = score_adapters(model, tokenizer, bank, tokenized, TEMPLATE, progress=False)
+    single = score_adapters(model, tokenizer, bank, tokenized, TEMPLATE, accuracy=None, progress=False,
+                            log=lambda *a: None)
     adapter_loss = dict(zip(single.names, single.loss.mean(1).tolist()))
     moe = load_moe(copy.deepcopy(model), run_dir / "checkpoint").eval()
     moe_loss = float(example_losses(moe, tokenized).mean())

@@ -1,12 +1,19 @@
 """`rocket run`: outputs, resume stage by stage, reruns after changes, nothing half-written."""
+import copy
+import json
 import os
 from pathlib import Path
 
 import pytest
 
-from rocket.cli import main as cli_main
-from rocket.data.examples import load_examples, write_jsonl
-from rocket.pipeline.run import STAGES, PipelineError, RunConfig, run_pipeline
+from rocket.adapters.bank import LoraBank
+from rocket.cli import build_parser, main as cli_main
+from rocket.data.examples import DataError, load_examples, write_jsonl
+from rocket.data.tokenize import tokenize_examples
+from rocket.pipeline.cli import config_from_args
+from rocket.pipeline.run import STAGES, Pipeline, PipelineError, RunConfig, run_pipeline
+from rocket.runtime.adapters import multi_lora_model
+from rocket.runtime.generation import greedy_generate
 
 OUTPUTS = ["scores.json", "heatmap.png", "experts.txt", "experts.json", "similarity.png", "aug.jsonl", "aug.json",
            "checkpoint/moe.safetensors", "routing.json", "report.html"]
@@ -31,7 +38,7 @@ def config(inputs, tiny_model_dir, lora_bank_dir, out, **kw):
     base = dict(base_model=str(tiny_model_dir), bank=str(lora_bank_dir), kshot=str(inputs / "kshot.jsonl"),
                 pool=str(inputs / "pool.jsonl"), out=str(out), n_experts=2, top_m=3, target=10,
                 threshold=0.9, train=dict(epochs=1, batch_size=4, grad_accum=1, cutoff=512, backend="torch"), device="cpu",
-                progress=False)
+                accuracy=None, progress=False)
     base.update(kw)
     return RunConfig(**base)
 
@@ -99,7 +106,7 @@ def test_cli_run_and_clear_error(inputs, tiny_model_dir, lora_bank_dir, tmp_path
     args = ["run", "--base-model", str(tiny_model_dir), "--bank", str(lora_bank_dir), "--kshot",
             str(inputs / "kshot.jsonl"), "--opensource", str(inputs / "pool.jsonl"), "--out", str(tmp_path / "r"),
             "--n-experts", "2", "--top-m", "3", "--target", "8", "--stop-after", "augment", "--no-progress",
-            "--device", "cpu"]
+            "--no-accuracy", "--device", "cpu"]
     assert cli_main(args) == 0
     assert "ran score, select, augment" in capsys.readouterr().out
     bad = list(args)
@@ -108,3 +115,54 @@ def test_cli_run_and_clear_error(inputs, tiny_model_dir, lora_bank_dir, tmp_path
     assert cli_main(bad) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "missing" in err[0]
+
+
+def test_run_scores_accuracy_by_default_and_reasoning_perplexity(inputs, tiny_llama, tiny_tokenizer, tiny_model_dir,
+                                                                lora_bank_dir, kshot_examples, tmp_path):
+    """RunConfig's default accuracy is 'auto'; --kshot-cot feeds the losses and is an input of the score stage."""
+    bank = LoraBank.load(lora_bank_dir)
+    kshot = copy.deepcopy(kshot_examples[:3])
+    prompts = [t.input_ids[:t.prompt_len] for t in tokenize_examples(kshot, tiny_tokenizer)]
+    with multi_lora_model(tiny_llama, bank) as rows:
+        gens = greedy_generate(tiny_llama, rows, prompts, len(bank), tiny_tokenizer.eos_token_id,
+                               tiny_tokenizer.pad_token_id, 4, progress=False)
+    for k in (0, 1):  # adapter 1 answers these as the golds say
+        kshot[k]["output"] = tiny_tokenizer.decode(gens[1][k], skip_special_tokens=True)
+    write_jsonl(tmp_path / "kshot.jsonl", kshot)
+    cot = tmp_path / "cot.jsonl"
+    write_jsonl(cot, [dict(e, output=e["output"] + " because it is so") for e in kshot_examples[:5]])
+    cfg = config(inputs, tiny_model_dir, lora_bank_dir, tmp_path / "run", kshot=str(tmp_path / "kshot.jsonl"),
+                 kshot_cot=str(cot), max_new_tokens=4, accuracy=RunConfig.accuracy)  # the default
+    assert cfg.accuracy == "auto"
+    log = []
+    assert run_pipeline(cfg, stop_after="score", log=log.append) == dict(score="ran")
+    scores = json.loads((tmp_path / "run" / "scores.json").read_text())
+    meta = scores["meta"]
+    assert meta["accuracy_auto"] is True and meta["accuracy_examples"] == 3 and scores["accuracy"][1] >= 2 / 3
+    assert meta["perplexity"] == "reasoning" and meta["data_cot"] == str(cot) and scores["examples"] == 5
+    assert "perplexity: reasoning on 5 examples" in log and any(line.startswith("accuracy: extractor") for line in log)
+    assert run_pipeline(cfg, stop_after="score", log=log.append) == dict(score="skipped")
+    write_jsonl(cot, [dict(e, output=e["output"] + " because it is so") for e in kshot_examples[:4]])
+    assert run_pipeline(cfg, stop_after="score", log=log.append) == dict(score="ran")
+
+
+def test_run_checks_golds_before_loading_the_model(inputs, tiny_model_dir, lora_bank_dir, tmp_path, monkeypatch):
+    def no_model(self):
+        raise AssertionError("the model was loaded")
+
+    monkeypatch.setattr(Pipeline, "base", no_model)
+    cfg = config(inputs, tiny_model_dir, lora_bank_dir, tmp_path / "run", accuracy="number")
+    with pytest.raises(DataError, match=rf"^{inputs / 'kshot.jsonl'}:1: the gold output 'A. dry palms' has no answer "
+                                        "for extractor 'number'$"):
+        run_pipeline(cfg, log=lambda *a: None)
+
+
+def test_cli_run_accuracy_flags(tmp_path):
+    argv = ["run", "--base-model", "m", "--bank", "b", "--kshot", "k.jsonl", "--pool", "p.jsonl", "--out", "o"]
+    parse = build_parser("run").parse_args
+    assert config_from_args(parse(argv)).accuracy == "auto"
+    cfg = config_from_args(parse(argv + ["--no-accuracy", "--kshot-cot", "cot.jsonl"]))
+    assert cfg.accuracy is None and cfg.kshot_cot == "cot.jsonl" and cfg.max_new_tokens == 256
+    assert config_from_args(parse(argv + ["--accuracy", "number"])).accuracy == "number"
+    with pytest.raises(SystemExit):
+        parse(argv + ["--no-accuracy", "--accuracy-file", "acc.json"])

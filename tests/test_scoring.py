@@ -12,14 +12,16 @@ from rocket.adapters.bank import BankError, LoraBank
 from rocket.cli import main as cli_main
 from rocket.data.examples import DataError
 from rocket.data.tokenize import tokenize_examples
-from rocket.errors import RocketError
-from rocket.runtime.generation import extract_choice, extract_number, greedy_generate
+from rocket.errors import RocketError, ScoringError
+from rocket.data.examples import load_examples, write_jsonl
+from rocket.runtime.generation import greedy_generate
 from rocket.kernels import reference as R
 from rocket.runtime.packing import pack_rows
 from rocket.data.scores import Scores
 from rocket.runtime.adapters import multi_lora_model
 from rocket.scoring.score import score_adapters
 from rocket.tiny import build_llama, make_random_adapter
+from tests.conftest import DATA
 
 
 @pytest.fixture
@@ -78,8 +80,8 @@ def test_losses_equal_peft_loop_fp32(reference_path, strategy, tiny_llama, tiny_
     bank = LoraBank.load(lora_bank_dir)
     before = {k: v.clone() for k, v in tiny_llama.state_dict().items()}
     # a small token budget: several packed passes, rows of mixed adapters and lengths
-    scores = score_adapters(tiny_llama, tiny_tokenizer, bank, kshot_examples, "alpaca", max_tokens=700,
-                            progress=False, strategy=strategy)
+    scores = score_adapters(tiny_llama, tiny_tokenizer, bank, kshot_examples, "alpaca", accuracy=None,
+                            max_tokens=700, progress=False, strategy=strategy)
     want = peft_reference
     assert scores.names == bank.names and scores.loss.shape == (4, 10) and scores.meta["strategy"] == strategy
     assert torch.allclose(scores.loss, want, rtol=0, atol=2e-5)
@@ -94,12 +96,13 @@ def test_models_without_packing_score_one_row_per_pass(reference_path, monkeypat
                                                       lora_bank_dir, kshot_examples, peft_reference):
     monkeypatch.setattr("rocket.scoring.score.supports_packing", lambda model: False)
     scores = score_adapters(tiny_llama, tiny_tokenizer, LoraBank.load(lora_bank_dir).subset([0, 2]),
-                            kshot_examples[:4], progress=False, strategy="sgmv")
+                            kshot_examples[:4], accuracy=None, progress=False, strategy="sgmv")
     assert torch.allclose(scores.loss, peft_reference[[0, 2], :4], rtol=0, atol=2e-5)
 
 
 def test_progress_bar_counts_pairs(reference_path, tiny_llama, tiny_tokenizer, lora_bank_dir, kshot_examples, capsys):
-    score_adapters(tiny_llama, tiny_tokenizer, LoraBank.load(lora_bank_dir), kshot_examples[:3], max_tokens=300)
+    score_adapters(tiny_llama, tiny_tokenizer, LoraBank.load(lora_bank_dir), kshot_examples[:3], accuracy=None,
+                   max_tokens=300)
     err = capsys.readouterr().err
     assert "scoring" in err and "12/12" in err
 
@@ -110,8 +113,8 @@ def test_triton_kernels_in_scoring_equal_peft(tiny_llama, tiny_tokenizer, lora_b
     names, examples = [bank.names[1], bank.names[3]], kshot_examples[:2]
     want = peft_losses(copy.deepcopy(tiny_llama), lora_bank_dir, names, tokenize_examples(examples, tiny_tokenizer))
     device = "cuda" if torch.cuda.is_available() else "cpu"
-    scores = score_adapters(tiny_llama.to(device), tiny_tokenizer, bank.subset([1, 3]), examples, max_tokens=300,
-                            progress=False, strategy="sgmv")
+    scores = score_adapters(tiny_llama.to(device), tiny_tokenizer, bank.subset([1, 3]), examples, accuracy=None,
+                            max_tokens=300, progress=False, strategy="sgmv")
     assert torch.allclose(scores.loss, want, rtol=0, atol=5e-5)
 
 
@@ -121,8 +124,8 @@ def test_bf16_on_gpu_close_to_fp32_peft(strategy, tiny_llama, tiny_tokenizer, lo
                                         peft_reference):
     """Packed passes with flash varlen attention, SGMV or merged weights, in bf16."""
     bank = LoraBank.load(lora_bank_dir)
-    scores = score_adapters(tiny_llama.cuda().bfloat16(), tiny_tokenizer, bank, kshot_examples, progress=False,
-                            strategy=strategy, max_tokens=900)
+    scores = score_adapters(tiny_llama.cuda().bfloat16(), tiny_tokenizer, bank, kshot_examples, accuracy=None,
+                            progress=False, strategy=strategy, max_tokens=900)
     assert (scores.loss - peft_reference).abs().max() < 0.05
 
 
@@ -149,29 +152,71 @@ def test_generation_equals_peft_greedy_fp32(reference_path, device, tiny_llama, 
     assert got == want and got_free == free
 
 
-def test_accuracy_counts_exact_matches(reference_path, tiny_llama, tiny_tokenizer, lora_bank_dir, kshot_examples):
+def _fail(*args, **kwargs):
+    raise AssertionError("a scoring pass ran")
+
+
+def test_accuracy_on_by_default_and_reasoning_perplexity(reference_path, tiny_llama, tiny_tokenizer, lora_bank_dir,
+                                                         kshot_examples, peft_reference):
+    """accuracy='auto' by default (here 'exact': half the golds are free text) on `examples`; the losses come
+    from the rationale set `perplexity_examples`; accuracy=None and no rationale set: the ablation, vanilla."""
     bank = LoraBank.load(lora_bank_dir)
     examples = copy.deepcopy(kshot_examples[:4])
     tok = tokenize_examples(examples, tiny_tokenizer)
     gens = peft_generations(copy.deepcopy(tiny_llama), lora_bank_dir, bank.names,
                             [t.input_ids[:t.prompt_len] for t in tok], tiny_tokenizer.eos_token_id,
                             tiny_tokenizer.pad_token_id, 6)
-    examples[0]["output"] = tiny_tokenizer.decode(gens[2][0], skip_special_tokens=True)  # adapter 2 gets it right
+    for k in (0, 1):  # adapter 2 gets these right
+        examples[k]["output"] = tiny_tokenizer.decode(gens[2][k], skip_special_tokens=True)
     want = torch.tensor([[tiny_tokenizer.decode(g, skip_special_tokens=True).strip() == e["output"].strip()
                           for g, e in zip(row, examples)] for row in gens], dtype=torch.float64).mean(1)
-    assert want[2] >= 0.25
-    scores = score_adapters(tiny_llama, tiny_tokenizer, bank, examples, accuracy="exact", max_new_tokens=6,
-                            progress=False)
+    assert want[2] >= 0.5 and not torch.all(want == want[0])
+    lines = []
+    scores = score_adapters(tiny_llama, tiny_tokenizer, bank, examples, perplexity_examples=kshot_examples[4:7],
+                            max_new_tokens=6, progress=False, log=lines.append)
     assert torch.equal(scores.accuracy, want)
+    assert scores.loss.shape == (4, 3) and torch.allclose(scores.loss, peft_reference[:, 4:7], rtol=0, atol=2e-5)
+    meta = scores.meta
+    assert (meta["accuracy"], meta["accuracy_auto"], meta["accuracy_examples"], meta["perplexity"]) == \
+        ("exact", True, 4, "reasoning")
+    assert lines[0] == "perplexity: reasoning on 3 examples"
+    assert lines[1].startswith("accuracy: extractor 'exact' (auto: the golds are neither option labels nor")
+    plain = score_adapters(tiny_llama, tiny_tokenizer, bank, kshot_examples[4:7], accuracy=None, progress=False,
+                           log=lines.append)
+    assert plain.accuracy is None and plain.meta["accuracy"] is None and plain.meta["perplexity"] == "vanilla"
+    assert lines[2:] == ["perplexity: vanilla on 3 examples (their own outputs; perplexity_examples / --kshot-cot "
+                         "give rationales)"]
+    assert torch.allclose(plain.loss, scores.loss, rtol=0, atol=1e-6)
 
 
-def test_extractors():
-    assert extract_choice("The answer is (C), not D") == "C"
-    assert extract_choice("A. dry palms") == "A"
-    assert extract_choice("none here") is None
-    assert extract_number("so 12 apples, total 1,234.0 dollars") == "1234"
-    assert extract_number("x = -3.5") == "-3.5"
-    assert extract_number("no digits") is None
+def test_accuracy_that_cannot_rank_is_refused_before_the_loss_passes(reference_path, monkeypatch, tiny_llama,
+                                                                    tiny_tokenizer, lora_bank_dir, kshot_examples):
+    """Free-text golds: auto picks 'exact', and no 2-token generation can equal a whole sentence."""
+    free = [dict(e, output="the palms get warm because rubbing them makes friction and heat")
+            for e in kshot_examples[:2]]
+    monkeypatch.setattr("rocket.scoring.score.adapter_losses", _fail)
+    with pytest.raises(ScoringError, match=r"^scoring: accuracy cannot rank the adapters: all 4 tie at 0 because "
+                                           r"extractor 'exact' \(auto: .*\) found no generation equal to its gold;"):
+        score_adapters(tiny_llama, tiny_tokenizer, LoraBank.load(lora_bank_dir), free, max_new_tokens=2,
+                       progress=False, log=lambda *a: None)
+
+
+def test_golds_are_checked_before_any_pass(reference_path, monkeypatch, tiny_llama, tiny_tokenizer, lora_bank_dir,
+                                           tmp_path):
+    lines = (DATA / "arc-c_50shot.jsonl").read_text().splitlines()
+    lines[16] = lines[16].replace('"output": "2. bubbles', '"output": "bubbles')   # options 1-4, none named
+    path = tmp_path / "kshot.jsonl"
+    path.write_text("\n".join(lines[:20]) + "\n")
+    monkeypatch.setattr("rocket.scoring.score.adapter_losses", _fail)
+    monkeypatch.setattr("rocket.runtime.generation.greedy_generate", _fail)
+    bank = LoraBank.load(lora_bank_dir)
+    with pytest.raises(DataError, match=rf"^{path}:17: the gold output 'bubbles when .* \(options 1234\)$"):
+        score_adapters(tiny_llama, tiny_tokenizer, bank, load_examples(path), progress=False)  # auto: not all choice
+    with pytest.raises(DataError, match=rf"^{path}:17: .*extractor 'choice' \(options 1234\)$"):
+        score_adapters(tiny_llama, tiny_tokenizer, bank, load_examples(path), accuracy="choice", progress=False)
+    with pytest.raises(DataError, match=r"^example 0: the gold output 'A. dry palms' has no answer for extractor "
+                                        r"'number'$"):
+        score_adapters(tiny_llama, tiny_tokenizer, bank, list(load_examples(path)), accuracy="number", progress=False)
 
 
 def test_pack_rows_respects_budget_in_order():
@@ -221,14 +266,14 @@ def test_cli_score_writes_json_and_heatmap(reference_path, tiny_model_dir, lora_
     assert torch.allclose(scores.ppl_sum, torch.tensor(obj["ppl_sum"], dtype=torch.float64))
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert "lowest PPL_R" in capsys.readouterr().out
-    out2 = tmp_path / "acc_scores.json"
+    out2 = tmp_path / "ablation.json"
     rc = cli_main(["score", "--base-model", str(tiny_model_dir), "--bank", str(lora_bank_dir), "--data", data,
-                   "--out", str(out2), "--accuracy", "choice", "--max-new-tokens", "3", "--strategy", "merged",
-                   "--max-tokens", "2000", "--no-progress", "--device", "cpu"])
+                   "--out", str(out2), "--no-accuracy", "--strategy", "merged", "--max-tokens", "2000",
+                   "--no-progress", "--device", "cpu"])
     obj2 = json.loads(out2.read_text())
-    assert rc == 0 and obj2["meta"]["strategy"] == "merged" and obj2["meta"]["accuracy"] == "choice"
+    assert rc == 0 and obj2["meta"]["strategy"] == "merged" and obj2["meta"]["accuracy"] is None
+    assert obj2["accuracy"] is None
     assert torch.allclose(torch.tensor(obj2["loss"]), torch.tensor(obj["loss"]), atol=2e-5)
-    assert len(obj2["accuracy"]) == 4 and all(0 <= a <= 1 for a in obj2["accuracy"])
     capsys.readouterr()
     empty = tmp_path / "empty.jsonl"
     empty.write_text("\n")
@@ -236,6 +281,36 @@ def test_cli_score_writes_json_and_heatmap(reference_path, tiny_model_dir, lora_
                    "--out", str(tmp_path / "x.json"), "--no-progress"])
     assert rc == 2 and "is empty" in capsys.readouterr().err
     assert not (tmp_path / "x.json").exists()
+
+
+def test_cli_score_accuracy_by_default_golds_first_and_cot(reference_path, monkeypatch, tiny_model_dir,
+                                                          lora_bank_dir, kshot_examples, tmp_path, capsys):
+    base = ["score", "--base-model", str(tiny_model_dir), "--bank", str(lora_bank_dir), "--no-progress",
+            "--device", "cpu"]
+    free = tmp_path / "free.jsonl"
+    write_jsonl(free, [dict(e, output="the palms get warm because rubbing makes heat") for e in kshot_examples[:2]])
+    # on by default: free-text golds → 'exact', and no 2-token generation equals a sentence → refused
+    assert cli_main(base + ["--data", str(free), "--out", str(tmp_path / "a.json"), "--max-new-tokens", "2"]) == 2
+    err = [line for line in capsys.readouterr().err.splitlines() if "error" in line]  # not the loading bars
+    assert len(err) == 1 and "all 4 tie at 0 because extractor 'exact' (auto:" in err[0]
+    assert not (tmp_path / "a.json").exists()
+    # an unreadable gold is named by file and line before the model is even loaded
+    rows = (DATA / "arc-c_50shot.jsonl").read_text().splitlines()
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text("\n".join(rows[:16] + [rows[16].replace('"output": "2. ', '"output": "')]) + "\n")
+    with monkeypatch.context() as patch:
+        patch.setattr("rocket.scoring.cli.load_base", _fail)
+        assert cli_main(base + ["--data", str(bad), "--out", str(tmp_path / "b.json"), "--accuracy", "choice"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and f"{bad}:17: the gold output 'bubbles when acid" in err[0] and "(options 1234)" in err[0]
+    # --data-cot: reasoning perplexity on the rationale set (here without accuracy)
+    cot = tmp_path / "cot.jsonl"
+    write_jsonl(cot, [dict(e, output=e["output"] + " because it is so") for e in kshot_examples[:3]])
+    out = tmp_path / "c.json"
+    assert cli_main(base + ["--data", str(free), "--kshot-cot", str(cot), "--out", str(out), "--no-accuracy"]) == 0
+    obj = json.loads(out.read_text())
+    assert obj["examples"] == 3 and obj["meta"]["perplexity"] == "reasoning" and obj["meta"]["data_cot"] == str(cot)
+    assert "perplexity: reasoning on 3 examples" in capsys.readouterr().out
 
 
 def _sharded_worker(rank, world, rendezvous, model_dir, bank_dir, data, out):
@@ -248,7 +323,8 @@ def _sharded_worker(rank, world, rendezvous, model_dir, bank_dir, data, out):
     dist.init_process_group("gloo", store=store, rank=rank, world_size=world)
     model = AutoModelForCausalLM.from_pretrained(model_dir).eval()
     tok = AutoTokenizer.from_pretrained(model_dir)
-    scores = score_adapters(model, tok, LoraBank.load(bank_dir), load_examples(data)[:4], progress=False)
+    scores = score_adapters(model, tok, LoraBank.load(bank_dir), load_examples(data), max_new_tokens=4,
+                            progress=False, log=lambda *a: None)
     if rank == 0:
         scores.save(out)
     # A rank once aborted in CI with "terminate called without an active exception": a C++ thread torn
@@ -262,17 +338,26 @@ def _sharded_worker(rank, world, rendezvous, model_dir, bank_dir, data, out):
     os._exit(0)
 
 
-def test_adapters_sharded_over_processes(reference_path, tiny_model_dir, lora_bank_dir, tmp_path):
+def test_adapters_sharded_over_processes(reference_path, tiny_model_dir, lora_bank_dir, kshot_examples, tmp_path):
+    """Losses and accuracy (adapter 1, generated on rank 1, gets two golds right) equal one process's."""
     import torch.multiprocessing as mp
-    data = os.path.join(os.path.dirname(__file__), "data", "arc-c_10shot.jsonl")
-    out = tmp_path / "sharded.json"
-    mp.spawn(_sharded_worker, args=(2, str(tmp_path / "rdv"), str(tiny_model_dir), str(lora_bank_dir),
-                                    data, str(out)), nprocs=2, join=True)
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from rocket.data.examples import load_examples
     model = AutoModelForCausalLM.from_pretrained(str(tiny_model_dir)).eval()
     tok = AutoTokenizer.from_pretrained(str(tiny_model_dir))
-    single = score_adapters(model, tok, LoraBank.load(lora_bank_dir), load_examples(data)[:4], progress=False,
-                            distributed=False)
-    assert torch.allclose(Scores.load(out).loss, single.loss, atol=1e-6)
+    bank = LoraBank.load(lora_bank_dir)
+    examples = copy.deepcopy(kshot_examples[:4])
+    prompts = [t.input_ids[:t.prompt_len] for t in tokenize_examples(examples, tok)]
+    with multi_lora_model(model, bank) as rows:
+        gens = greedy_generate(model, rows, prompts, len(bank), tok.eos_token_id, tok.pad_token_id, 4, progress=False)
+    for k in (0, 1):
+        examples[k]["output"] = tok.decode(gens[1][k], skip_special_tokens=True)
+    data, out = tmp_path / "kshot.jsonl", tmp_path / "sharded.json"
+    write_jsonl(data, examples)
+    mp.spawn(_sharded_worker, args=(2, str(tmp_path / "rdv"), str(tiny_model_dir), str(lora_bank_dir),
+                                    str(data), str(out)), nprocs=2, join=True)
+    single = score_adapters(model, tok, bank, load_examples(data), max_new_tokens=4, progress=False,
+                            distributed=False, log=lambda *a: None)
+    sharded = Scores.load(out)
+    assert torch.allclose(sharded.loss, single.loss, atol=1e-6)
+    assert single.accuracy[1] >= 0.5 and torch.equal(sharded.accuracy, single.accuracy)

@@ -14,6 +14,21 @@ FIELDS = ("instruction", "input", "output")
 
 
 
+class Examples(list):
+    """The example dicts of a file, each remembering where it came from (`file:line`, or `file: item
+    i` in a JSON array), so that a later check can name the line; the dicts themselves are unchanged."""
+
+    def __init__(self, items=(), places=()):
+        super().__init__(items)
+        self.places = list(places)
+
+
+def where(examples, i: int) -> str:
+    """Where example i came from: its file and line when `examples` was loaded from a file (and
+    not sliced since), else its index."""
+    return examples.places[i] if isinstance(examples, Examples) else f"example {i}"
+
+
 # --------------------------------------------------------------------------- I/O
 def _check_example(obj, where: str, require_output: bool) -> dict:
     if not isinstance(obj, dict):
@@ -37,12 +52,13 @@ def _is_one_object(text: str) -> bool:
         return False
 
 
-def load_examples(path: str | os.PathLike, require_output: bool = True) -> list[dict]:
+def load_examples(path: str | os.PathLike, require_output: bool = True) -> Examples:
     """Read examples from JSONL (one object per line) or a JSON array file.
 
     Every object needs `instruction` and `output` (strings); `input` may be absent or empty.
     Errors name the file and line: malformed JSON, missing fields, wrong types, an empty file, bytes
     that are not UTF-8 (a leading byte-order mark is accepted).
+    The list remembers every example's place (`where`) for checks made later.
     """
     path = Path(path)
     text = read_text(path, DataError)
@@ -53,9 +69,10 @@ def load_examples(path: str | os.PathLike, require_output: bool = True) -> list[
             items = json.loads(text)
         except json.JSONDecodeError as e:
             raise DataError(f"{path}:{e.lineno}: malformed JSON ({e.msg})") from None
-        examples = [_check_example(o, f"{path}: item {i}", require_output) for i, o in enumerate(items)]
+        places = [f"{path}: item {i}" for i in range(len(items))]
+        examples = [_check_example(o, place, require_output) for o, place in zip(items, places)]
     else:
-        examples = []
+        examples, places = [], []
         # JSONL records end at "\n" only: str.splitlines() would also split inside a record at
         # U+2028, U+2029, U+0085 and other characters that JSON leaves unescaped.
         for lineno, line in enumerate(text.split("\n"), start=1):
@@ -69,10 +86,11 @@ def load_examples(path: str | os.PathLike, require_output: bool = True) -> list[
                     raise DataError(f"{path}: one JSON object spread over several lines; expected JSONL "
                                     "(one object per line) or a JSON array") from None
                 raise DataError(f"{path}:{lineno}: malformed JSON ({e.msg})") from None
-            examples.append(_check_example(obj, f"{path}:{lineno}", require_output))
+            places.append(f"{path}:{lineno}")
+            examples.append(_check_example(obj, places[-1], require_output))
     if not examples:
         raise DataError(f"{path}: no examples")
-    return examples
+    return Examples(examples, places)
 
 
 def write_jsonl(path: str | os.PathLike, rows) -> None:

@@ -3,24 +3,24 @@ from __future__ import annotations
 
 from pathlib import Path
 from rocket.pipeline.run import RunConfig, STAGES, run_pipeline
+from rocket.scoring.cli import add_accuracy_arguments
 
 
 # --------------------------------------------------------------------------- CLI
 def add_arguments(parser) -> None:
     parser.add_argument("--base-model", required=True, help="HF model directory of the base model")
     parser.add_argument("--bank", required=True, help="directory of peft adapters, or a manifest .txt")
-    parser.add_argument("--kshot", required=True, help="K-shot examples of the task (JSONL or JSON array)")
+    parser.add_argument("--kshot", required=True, help="K-shot examples of the task (JSONL or JSON array): golds "
+                        "for accuracy, data for retrieval and training, and for perplexity unless --kshot-cot")
+    parser.add_argument("--kshot-cot", help="the K-shot examples with rationales in 'output': reasoning perplexity "
+                        "is scored on them (default: on --kshot, vanilla perplexity)")
     parser.add_argument("--pool", "--opensource", dest="pool", required=True,
                         help="the open pool: instruction data to select from (--opensource: the reference's name)")
     parser.add_argument("--out", required=True, help="run directory (created; an existing one is resumed)")
     g = parser.add_argument_group("score")
     g.add_argument("--template", default="alpaca", help="prompt template: alpaca, llama2, mistral, chat "
                    "or a .json file (default: alpaca)")
-    acc = g.add_mutually_exclusive_group()
-    acc.add_argument("--accuracy", nargs="?", const="exact", choices=["choice", "number", "exact"],
-                     help="also rank by exact-match accuracy of greedy generations with this extractor")
-    acc.add_argument("--accuracy-file", help="JSON {adapter: accuracy} to use as accuracy")
-    g.add_argument("--max-new-tokens", type=int, default=64, help="generation length for --accuracy")
+    add_accuracy_arguments(g)
     g.add_argument("--max-tokens", type=int, default=None, help="padded tokens per scoring forward")
     g.add_argument("--dtype", choices=["auto", "float32", "bfloat16", "float16"], default="auto",
                    help="model dtype for scoring (auto: bfloat16 on CUDA, float32 on CPU)")
@@ -57,7 +57,8 @@ def config_from_args(args) -> RunConfig:
     if args.train_router_only:
         train["train_router_only"] = True
     return RunConfig(base_model=args.base_model, bank=args.bank, kshot=args.kshot, pool=args.pool,
-                     out=args.out, template=args.template, accuracy=args.accuracy, accuracy_file=args.accuracy_file,
+                     out=args.out, template=args.template, kshot_cot=args.kshot_cot, accuracy=args.accuracy,
+                     accuracy_file=args.accuracy_file,
                      max_new_tokens=args.max_new_tokens, max_tokens=args.max_tokens, dtype=args.dtype,
                      n_experts=args.n_experts, top_m=args.top_m, target=args.target, threshold=args.threshold,
                      embed_model=args.embed_model, prefix=args.prefix, train=train, device=str(args.device),

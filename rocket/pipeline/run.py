@@ -14,6 +14,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 import torch
+from rocket.data.answers import DEFAULT_MAX_NEW_TOKENS
 from rocket.io import write_json
 from rocket.modeling import load_base
 from rocket.resume import Stamps, digest, fingerprint
@@ -34,9 +35,10 @@ class RunConfig:
     out: str
     # score
     template: str = "alpaca"
-    accuracy: str | None = None            # extractor: choice, number, exact
+    kshot_cot: str | None = None           # the K-shot set with rationales: reasoning perplexity on it
+    accuracy: str | None = "auto"          # extractor: auto, choice, number, exact; None: the ablation
     accuracy_file: str | None = None
-    max_new_tokens: int = 64
+    max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS
     max_tokens: int | None = None
     dtype: str = "auto"
     # select
@@ -94,9 +96,10 @@ class Pipeline:
         c = self.cfg
         return {
             "score": (["scores.json", "heatmap.png"], [c.base_model, c.bank, c.kshot] +
-                      ([c.accuracy_file] if c.accuracy_file else []),
+                      ([c.kshot_cot] if c.kshot_cot else []) + ([c.accuracy_file] if c.accuracy_file else []),
                       dict(template=c.template, accuracy=c.accuracy, max_new_tokens=c.max_new_tokens,
-                           dtype=c.dtype, device=self.device.type), self._score),
+                           perplexity="reasoning" if c.kshot_cot else "vanilla", dtype=c.dtype,
+                           device=self.device.type), self._score),
             "select": (["experts.txt", "experts.json", "similarity.png"], [c.bank],
                        dict(n_experts=c.n_experts, top_m=c.top_m), self._select),
             "augment": (["aug.jsonl", "aug.json"], [c.kshot, c.pool],
@@ -145,16 +148,20 @@ class Pipeline:
     # ---- the stages
     def _score(self) -> dict:
         from rocket.data.examples import load_examples
+        from rocket.scoring.accuracy import plan_accuracy
         from rocket.scoring.heatmap import save_heatmap
         from rocket.scoring.score import score_adapters
 
         c = self.cfg
         examples = load_examples(c.kshot)
+        cot = load_examples(c.kshot_cot) if c.kshot_cot else None
+        plan_accuracy(examples, c.accuracy, c.accuracy_file)  # every gold readable, before the model loads
         model, tokenizer = self.base()
         scores = score_adapters(model, tokenizer, self.bank(), examples, c.template, accuracy=c.accuracy,
-                                accuracy_file=c.accuracy_file, max_new_tokens=c.max_new_tokens,
-                                max_tokens=c.max_tokens, progress=c.progress)
-        scores.meta.update(base_model=str(c.base_model), bank=str(c.bank), data=str(c.kshot))
+                                accuracy_file=c.accuracy_file, perplexity_examples=cot,
+                                max_new_tokens=c.max_new_tokens, max_tokens=c.max_tokens, progress=c.progress,
+                                log=self.log)
+        scores.meta.update(base_model=str(c.base_model), bank=str(c.bank), data=str(c.kshot), data_cot=c.kshot_cot)
         save_heatmap(scores, self.p("heatmap.png"))
         scores.save(self.p("scores.json"))
         best = int(torch.argmin(scores.ppl_sum))

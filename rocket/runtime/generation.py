@@ -7,48 +7,11 @@ prompts cost a few batched forwards per generated token instead of N·K `generat
 from __future__ import annotations
 
 import inspect
-import re
 import torch
 from tqdm.auto import tqdm
-from rocket.data.examples import DataError
 from rocket.data.tokenize import Tokenized, pad_batch
+from rocket.data.answers import DEFAULT_MAX_NEW_TOKENS, AnswerKey
 from rocket.errors import RocketError
-
-
-_CHOICE = re.compile(r"\b([A-E])\b")
-_NUMBER = re.compile(r"-?\d[\d,]*(?:\.\d+)?")
-
-
-def extract_choice(text: str) -> str | None:
-    """The first standalone option letter A–E."""
-    m = _CHOICE.search(text)
-    return m.group(1) if m else None
-
-
-def extract_number(text: str) -> str | None:
-    """The last number in the text, commas removed, numerically normalised ('3.0' == '3')."""
-    found = _NUMBER.findall(text)
-    if not found:
-        return None
-    raw = found[-1].replace(",", "")
-    try:
-        value = float(raw)
-    except ValueError:
-        return raw
-    return str(int(value)) if value.is_integer() else repr(value)
-
-
-def extract_exact(text: str) -> str:
-    return text.strip()
-
-
-EXTRACTORS = {"choice": extract_choice, "number": extract_number, "exact": extract_exact}
-
-
-def get_extractor(name: str):
-    if name not in EXTRACTORS:
-        raise RocketError(f"unknown accuracy extractor {name!r}: use {', '.join(EXTRACTORS)}")
-    return EXTRACTORS[name]
 
 
 def _kv_cache_io(decoder):
@@ -61,7 +24,7 @@ def _kv_cache_io(decoder):
 
 @torch.no_grad()
 def greedy_generate(model, rows, prompts: list[list[int]], n_adapters: int, eos_id: int, pad_id: int,
-                    max_new_tokens: int = 64, max_tokens: int | None = None,
+                    max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS, max_tokens: int | None = None,
                     progress: bool = True) -> list[list[list[int]]]:
     """Greedy continuations of every prompt under every adapter: out[a][k] = new token ids (EOS
     excluded), for a model wrapped by rocket.scoring.multi_lora_model (`rows` selects adapters)."""
@@ -113,27 +76,20 @@ def greedy_generate(model, rows, prompts: list[list[int]], n_adapters: int, eos_
     return out
 
 
-def adapter_accuracy(model, rows, tokenizer, examples, tokenized: list[Tokenized], n_adapters: int,
-                     extractor: str, max_new_tokens: int = 64, max_tokens: int | None = None,
-                     progress: bool = True) -> torch.Tensor:
-    """acc [n_adapters] = mean exact match of extract(greedy generation) vs extract(gold output)."""
-    extract = get_extractor(extractor)
+def adapter_accuracy(model, rows, tokenizer, key: AnswerKey, prompts: list[list[int]], n_adapters: int,
+                     max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS, max_tokens: int | None = None,
+                     progress: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
+    """acc [n_adapters] = mean over the prompts of key.correct(greedy generation), and read
+    [n_adapters] = how many generations the extractor read an answer in (float64)."""
     if tokenizer is None:
         raise RocketError("accuracy: a tokenizer is needed to decode generations")
-    golds = []
-    for i, ex in enumerate(examples):
-        if not isinstance(ex, dict) or "output" not in ex:
-            raise DataError(f"example {i}: accuracy needs the gold 'output' text")
-        gold = extract(ex["output"])
-        if gold is None:
-            raise DataError(f"example {i}: the gold output has nothing for extractor '{extractor}'")
-        golds.append(gold)
-    prompts = [t.input_ids[:t.prompt_len] for t in tokenized]
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     gens = greedy_generate(model, rows, prompts, n_adapters, tokenizer.eos_token_id, pad, max_new_tokens,
                            max_tokens, progress)
     acc = torch.zeros(n_adapters, dtype=torch.float64)
+    read = torch.zeros(n_adapters, dtype=torch.float64)
     for a in range(n_adapters):
         texts = tokenizer.batch_decode(gens[a], skip_special_tokens=True)
-        acc[a] = sum(extract(t) == g for t, g in zip(texts, golds)) / len(golds)
-    return acc
+        acc[a] = sum(key.correct(i, t) for i, t in enumerate(texts)) / len(texts)
+        read[a] = sum(key.readers[i](t) is not None for i, t in enumerate(texts))
+    return acc, read

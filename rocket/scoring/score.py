@@ -7,14 +7,16 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 from rocket.adapters.bank import LoraBank
+from rocket.data.answers import DEFAULT_MAX_NEW_TOKENS
 from rocket.data.tokenize import IGNORE_INDEX, Tokenized, tokenize_example
-from rocket.data.examples import DataError
+from rocket.data.examples import DataError, where
 from rocket.errors import ScoringError
 from rocket.kernels.linear_ce import linear_cross_entropy_per_example
 from rocket.runtime.fastpath import fast_forward, supports_fast_path
 from rocket.runtime.packing import PackedBatch, pack_rows, packed_attention, supports_packing
 from rocket.data.scores import Scores, read_accuracy
 from rocket.runtime.adapters import AdapterRows, MergedAdapters, compiled_layers, merged_adapters, multi_lora_model
+from rocket.scoring.accuracy import generated_accuracy, plan_accuracy
 
 
 # --------------------------------------------------------------------------- scoring
@@ -39,11 +41,11 @@ def tokenize_for_scoring(examples, tokenizer, template, max_length) -> list[Toke
         if not isinstance(ex, Tokenized):
             if tokenizer is None:
                 raise ScoringError("scoring: a tokenizer is needed for untokenized examples")
-            ex = tokenize_example(ex, tokenizer, template, max_length, overflow="error", where=f"example {i}")
+            ex = tokenize_example(ex, tokenizer, template, max_length, overflow="error", where=where(examples, i))
         elif max_length is not None and len(ex.input_ids) > max_length:
-            raise DataError(f"example {i}: {len(ex.input_ids)} tokens exceed the context of {max_length}")
+            raise DataError(f"{where(examples, i)}: {len(ex.input_ids)} tokens exceed the context of {max_length}")
         if not any(l != IGNORE_INDEX for l in ex.labels[1:]):
-            raise DataError(f"example {i}: no output tokens to score")
+            raise DataError(f"{where(examples, i)}: no output tokens to score")
         out.append(ex)
     return out
 
@@ -143,67 +145,70 @@ def choose_strategy(strategy: str, device: torch.device, tokens_per_adapter: int
 
 
 def score_adapters(model, tokenizer, bank: LoraBank, examples, template="alpaca", *,
-                   accuracy: str | None = None, accuracy_file: str | Path | None = None,
-                   max_new_tokens: int = 64, max_tokens: int | None = None, progress: bool = True,
-                   distributed: bool | None = None, strategy: str = "auto", compile: bool = False) -> Scores:
-    """Stage 1: loss/ppl [N, K] of every adapter of `bank` on `examples`, in batched passes.
+                   accuracy: str | None = "auto", accuracy_file: str | Path | None = None, perplexity_examples=None,
+                   max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS, max_tokens: int | None = None, progress: bool = True,
+                   distributed: bool | None = None, strategy: str = "auto", compile: bool = False, log=print) -> Scores:
+    """Stage 1: loss/ppl [N, K] of every adapter of `bank`, and its exact-match accuracy, in batched passes.
 
-    examples: dicts in the reference implementation's schema (tokenized with `template`) or rocket.data.Tokenized.
-    accuracy: an extractor ('choice', 'number', 'exact') to compute exact-match accuracy from greedy
-    generations (max_new_tokens each); or accuracy_file: a JSON {adapter: accuracy}.
+    examples: dicts in the reference implementation's schema (tokenized with `template`), the K-shot
+    set whose golds accuracy compares; also the perplexity data unless perplexity_examples is given.
+    perplexity_examples: the K-shot set with rationales in `output` (dicts or rocket.data.Tokenized)
+    for reasoning perplexity; without it the losses are those of `examples` (vanilla perplexity).
+    accuracy: 'auto' (default: the extractor follows the golds: option labels → 'choice', stated
+    numbers → 'number', else 'exact'), an extractor ('choice', 'number', 'exact'), or None (off: the
+    perplexity + diversity ablation); every gold is checked against it before any pass, and a run in
+    which all adapters tie at 0 because it cannot read the answers is refused. Greedy generations of
+    max_new_tokens each. accuracy_file: a JSON {adapter: accuracy} used instead of generating.
     max_tokens: tokens per forward pass (default 32768 on CUDA, 4096 on CPU); rows are packed unpadded.
     strategy: 'sgmv' (many adapters per pass, multi-adapter LoRA kernel), 'merged' (one adapter merged
     into the weights at a time) or 'auto' (see choose_strategy). Llama-family models (Llama, Mistral,
     Qwen2) run through rocket.fastpath; compile: instead torch.compile transformers' own decoder
     layers (merged strategy only; for other architectures, on banks large enough to repay ~10 s).
     distributed: shard adapters over torch.distributed ranks (default: when a group of >1 is up).
+    log: where the lines saying which perplexity and which extractor ran go (rank 0 only).
     """
     import time
 
-    if accuracy is not None and accuracy_file is not None:
-        raise ScoringError("scoring: give either accuracy (an extractor) or accuracy_file, not both")
-    if accuracy is not None:
-        from rocket.runtime.generation import get_extractor
-        get_extractor(accuracy)
-    tokenized = tokenize_for_scoring(examples, tokenizer, template, context_length(model))
+    key = plan_accuracy(examples, accuracy, accuracy_file)
+    reasoning = perplexity_examples is not None
+    tokenized = tokenize_for_scoring(perplexity_examples if reasoning else examples, tokenizer, template,
+                                     context_length(model))
     bank.validate(model)
     head = next((n for n, m in model.named_modules() if m is model.get_output_embeddings()), None)
     if head is not None and head in bank.modules:
         raise ScoringError(f"scoring: adapters on the output layer '{head}' are not supported")
     acc_file = read_accuracy(accuracy_file, bank.names) if accuracy_file is not None else None
+    prompts = None
+    if key is not None:
+        asked = tokenize_for_scoring(examples, tokenizer, template, context_length(model)) if reasoning else tokenized
+        prompts = [t.input_ids[:t.prompt_len] for t in asked]
     prepared = prepare_examples(tokenized, model.get_output_embeddings().weight.shape[0])
     mine, sharded = _shard(len(bank), distributed)
+    if not sharded or torch.distributed.get_rank() == 0:
+        log(f"perplexity: {'reasoning' if reasoning else 'vanilla'} on {len(tokenized)} examples"
+            + ("" if reasoning else " (their own outputs; perplexity_examples / --kshot-cot give rationales)"))
+        if key is not None:
+            log(f"accuracy: extractor '{key.extractor}'" + (f" (auto: {key.reason})" if key.auto else ""))
     N, K = len(bank), len(tokenized)
     device = next(model.parameters()).device
     strategy = choose_strategy(strategy, device, sum(len(ex.ids) for ex in prepared))
     start = time.perf_counter()
-    acc_local = None
+    acc = None
+    if key is not None:  # first: a refused accuracy costs no loss pass
+        acc = generated_accuracy(model, tokenizer, bank, mine, key, prompts, sharded, max_new_tokens, max_tokens,
+                                 progress)
+    loss = torch.zeros(N, K, dtype=torch.float32, device=device)
     if mine:
         if strategy == "merged":
             with merged_adapters(model, bank, mine) as merger, compiled_layers(model, compile):
-                local = adapter_losses(model, merger, prepared, len(mine), max_tokens, progress,
-                                       fast=False if compile else None)
+                loss[mine] = adapter_losses(model, merger, prepared, len(mine), max_tokens, progress,
+                                            fast=False if compile else None)
         else:
             with multi_lora_model(model, bank, mine) as rows:
-                local = adapter_losses(model, rows, prepared, len(mine), max_tokens, progress)
-        if accuracy is not None:
-            from rocket.runtime.generation import adapter_accuracy
-            with multi_lora_model(model, bank, mine) as rows:
-                acc_local = adapter_accuracy(model, rows, tokenizer, examples, tokenized, len(mine), accuracy,
-                                             max_new_tokens, max_tokens, progress).to(device)
-    loss = torch.zeros(N, K, dtype=torch.float32, device=device)
-    if mine:
-        loss[mine] = local
-    acc = None
-    if accuracy is not None:
-        acc = torch.zeros(N, dtype=torch.float64, device=device)
-        if acc_local is not None:
-            acc[mine] = acc_local.double()
+                loss[mine] = adapter_losses(model, rows, prepared, len(mine), max_tokens, progress)
     if sharded:
         import torch.distributed as dist
         dist.all_reduce(loss)
-        if acc is not None:
-            dist.all_reduce(acc)
     if acc_file is not None:
         acc = acc_file
     seconds = time.perf_counter() - start
@@ -211,5 +216,7 @@ def score_adapters(model, tokenizer, bank: LoraBank, examples, template="alpaca"
             "examples": K, "adapters": N, "label_tokens": sum(len(ex.targets) for ex in prepared),
             "tokens": sum(len(ex.ids) for ex in prepared), "strategy": strategy, "compile": compile,
             "seconds": seconds, "pairs_per_s": N * K / seconds if seconds > 0 else None,
-            "accuracy": accuracy or (str(accuracy_file) if accuracy_file else None)}
+            "perplexity": "reasoning" if reasoning else "vanilla",
+            "accuracy": key.extractor if key else (str(accuracy_file) if accuracy_file else None),
+            "accuracy_auto": key.auto if key else None, "accuracy_examples": len(prompts) if prompts else None}
     return Scores(bank.names, loss.double().cpu(), None if acc is None else acc.cpu(), meta)
