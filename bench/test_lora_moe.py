@@ -19,6 +19,7 @@ Before any timing, every method's output and gradients are checked against the p
 references of rocket.kernels.reference on the same inputs (float32 on the GPU, float64 on the CPU);
 the relative errors are recorded as `rel_err_vs_reference`.
 """
+import os
 from functools import partial
 
 import torch
@@ -33,6 +34,8 @@ GPU = dict(shapes=[(T, 4096, d_out, E) for T in (16384, 4096) for d_out in (4096
            k=2, r=16, dtype=torch.bfloat16, reps={})
 CPU = dict(shapes=[(70, 48, 40, 4), (33, 32, 24, 8)], k=2, r=4, dtype=torch.float32, reps=dict(warmup=0, reps=1))
 HEADLINE = (16384, 4096, 4096, 8)
+if os.environ.get("ROCKET_BENCH_SHAPES") == "headline":  # a short GPU session: the headline row only
+    GPU["shapes"] = [HEADLINE]
 GRAPHABLE = ("base", "rocket", "rocket_triton", "rocket_tma", "rocket_cublas", "dense_einsum", "single_lora")
 
 
