@@ -62,6 +62,22 @@ def write_json(path: str | os.PathLike, obj, indent: int = 1) -> Path:
     return atomic_write(path, json.dumps(obj, indent=indent, default=str) + "\n")
 
 
+def check_paths(inputs: dict[str, object], outputs: dict[str, object],
+                error: type[RocketError] = RocketError) -> None:
+    """Before any work: no output may be the same file as another output or as an input (resolved
+    paths, so `a/../b` and symlinks count). Keys are what the user typed (e.g. '--out'); None
+    values are skipped. A collision raises `error` naming both."""
+    seen: dict[Path, str] = {}
+    for kind, paths in (("input", inputs), ("output", outputs)):
+        for flag, path in paths.items():
+            if path is None:
+                continue
+            resolved = Path(path).resolve()
+            if resolved in seen and (kind == "output"):
+                raise error(f"{flag} {path}: the same file as {seen[resolved]}; it would be overwritten")
+            seen.setdefault(resolved, flag)
+
+
 def read_text(path: str | os.PathLike, error: type[RocketError] = RocketError) -> str:
     """A file's UTF-8 text, a leading byte-order mark (common on Windows) dropped. Bytes that are
     not UTF-8 raise `error` naming the file and line."""

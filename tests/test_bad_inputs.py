@@ -137,6 +137,22 @@ def touch(rel: str):
     return lambda inputs: (inputs.tmp / rel).write_text("not a directory\n")
 
 
+def write(rel: str, data: bytes | str):
+    """{tmp}/rel with this content."""
+    def make(inputs):
+        path = inputs.tmp / rel
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_bytes(data.encode() if isinstance(data, str) else data)
+    return make
+
+
+def dedup_of(rows):
+    def run(inputs):
+        from rocket import dedup
+        dedup(torch.tensor(rows))
+    return run
+
+
 TOKENIZER = ("tokenizer*", "special_tokens_map.json", "chat_template.jinja")
 
 CASES = [
@@ -235,6 +251,34 @@ CASES = [
                      "--out", "{tmp}/file/out", "--device", "cpu", "--backend", "torch", "--no-progress",
                      before=touch("file")),
                  r"file/out: cannot write \(Not a directory\)$", id="train --out under a file"),
+    # outputs that would overwrite an input or another output, refused before any work
+    pytest.param(cli("augment", "--pool", "{data}", "--kshot", "{data}", "--out", "{tmp}/aug.jsonl",
+                     "--report", "{tmp}/aug.jsonl"),
+                 r"--report .*aug\.jsonl: the same file as --out; it would be overwritten$", id="augment --report = --out"),
+    pytest.param(cli("augment", "--pool", "{tmp}/pool.jsonl", "--kshot", "{data}", "--out", "{data}",
+                     before=write("pool.jsonl", '{"instruction": "a", "output": "b"}\n')),
+                 r"--out .*arc-c_10shot\.jsonl: the same file as --kshot; it would be overwritten$",
+                 id="augment --out = --kshot"),
+    pytest.param(cli("score", "--base-model", "{model}", "--bank", "{bank}", "--data", "{data}",
+                     "--out", "{tmp}/s.json", "--heatmap", "{tmp}/../{tmp.name}/s.json", "--no-progress"),
+                 r"--heatmap .*s\.json: the same file as --out; it would be overwritten$", id="score --heatmap = --out"),
+    pytest.param(cli("select", "--scores", "{tmp}/s.json", "--bank", "{bank}", "--out", "{tmp}/s.json",
+                     before=write("s.json", '{"adapters": ["a"], "loss": [[0.1]]}')),
+                 r"--out .*s\.json: the same file as --scores; it would be overwritten$", id="select --out = --scores"),
+    # data files: encodings and shapes
+    pytest.param(cli("augment", "--pool", "{tmp}/pool.jsonl", "--kshot", "{data}", "--out", "{tmp}/aug.jsonl",
+                     before=write("pool.jsonl", b'{"instruction": "a", "output": "b"}\n{"instruction": "caf\xe9"}')),
+                 r"pool\.jsonl:2: not UTF-8 text \(byte 0xe9\)$", id="augment pool not UTF-8"),
+    pytest.param(cli("augment", "--pool", "{tmp}/one.json", "--kshot", "{data}", "--out", "{tmp}/aug.jsonl",
+                     before=write("one.json", '{\n  "instruction": "a",\n  "output": "b"\n}\n')),
+                 r"one\.json: one JSON object spread over several lines; expected JSONL", id="augment pretty JSON object"),
+    pytest.param(cli("select", "--scores", "{tmp}/s.json", "--bank", "{bank}", "--out", "{tmp}/e.txt",
+                     before=write("s.json", '{"adapters": ["a", "b"], "loss": [[0.1, 0.2], [0.3]]}')),
+                 r"s\.json: 'loss' row 1 \('b'\) has 1 values, row 0 has 2$", id="select ragged scores"),
+    # embeddings with no direction
+    pytest.param(call(dedup_of([[1.0, 0.0], [float("nan"), 1.0], [1.0, 0.0]])), r"^dedup: row 1 has non-finite values",
+                 id="dedup NaN row"),
+    pytest.param(call(dedup_of([[1.0, 0.0], [0.0, 0.0]])), r"^dedup: row 1 is all zeros", id="dedup zero row"),
 ]
 
 

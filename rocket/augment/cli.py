@@ -7,7 +7,8 @@ from rocket.data.examples import load_examples, write_jsonl
 from rocket.augment.embed import REFERENCE_PREFIX, load_embedder
 from rocket.augment.build import select_data
 from rocket.augment.retrieval import INDEXES
-from rocket.io import write_json
+from rocket.errors import AugmentError
+from rocket.io import check_paths, write_json
 
 
 # --------------------------------------------------------------------------- CLI
@@ -47,6 +48,8 @@ def add_arguments(parser) -> None:
 
 
 def main(args) -> int:
+    check_paths({"--kshot": args.kshot, "--pool": args.pool}, {"--out": args.out, "--report": args.report},
+                AugmentError)
     start = time.perf_counter()
     kshot = load_examples(args.kshot)
     pool = load_examples(args.pool)

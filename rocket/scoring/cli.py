@@ -1,6 +1,8 @@
 """`rocket score`: score every adapter of a bank on K-shot data."""
 from __future__ import annotations
 
+from pathlib import Path
+
 import torch
 from rocket.adapters.bank import LoraBank
 from rocket.data.answers import DEFAULT_MAX_NEW_TOKENS
@@ -9,6 +11,8 @@ from rocket.modeling import load_base, resolve_dtype
 from rocket.scoring.accuracy import plan_accuracy
 from rocket.scoring.heatmap import save_heatmap
 from rocket.scoring.score import score_adapters
+from rocket.errors import ScoringError
+from rocket.io import check_paths
 
 
 def add_accuracy_arguments(group) -> None:
@@ -56,7 +60,9 @@ def add_arguments(parser) -> None:
 
 
 def main(args) -> int:
-
+    check_paths({"--data": args.data, "--data-cot": args.data_cot, "--accuracy-file": args.accuracy_file,
+                 "--bank": args.bank if Path(args.bank).is_file() else None},
+                {"--out": args.out, "--heatmap": args.heatmap}, ScoringError)
     examples = load_examples(args.data)
     cot = load_examples(args.data_cot) if args.data_cot else None
     plan_accuracy(examples, args.accuracy, args.accuracy_file)  # every gold readable, before any long work

@@ -6,6 +6,7 @@ from rocket.data.scores import Scores
 from rocket.selection.outputs import write_outputs
 from rocket.selection.ranking import select_experts
 from rocket.errors import SelectionError
+from rocket.io import check_paths
 
 
 def add_arguments(parser) -> None:
@@ -25,8 +26,9 @@ def main(args) -> int:
     out = Path(args.out)
     report = Path(args.report) if args.report else out.with_suffix(".json")
     plot = None if args.no_plot else (Path(args.plot) if args.plot else out.with_suffix(".png"))
-    if out in (report, plot):
-        raise SelectionError(f"--out {out}: the manifest would overwrite the report or the plot")
+    check_paths({"--scores": args.scores, "--accuracy-file": args.accuracy_file,
+                 "--bank": args.bank if Path(args.bank).is_file() else None},
+                {"--out": out, "--report": report, "--plot": plot}, SelectionError)
     scores = Scores.load(args.scores)
     selection = select_experts(scores, Path(args.bank), acc=args.accuracy_file, top_m=args.top_m,
                                n_experts=args.n_experts, device=args.device, progress=not args.no_progress)
