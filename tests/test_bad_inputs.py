@@ -70,6 +70,19 @@ def real_train_cli(*flags: str, before=None):
                "--device", "cpu", "--backend", "torch", "--no-progress", *flags, before=before)
 
 
+def run_cli(*flags: str):
+    """`rocket run FLAGS` on the tiny model and bank, the K-shot data as pool too: the error must come
+    before any stage runs (the run directory stays empty)."""
+    run = cli("run", "--base-model", "{model}", "--bank", "{bank}", "--kshot", "{data}", "--pool", "{data}",
+              "--out", "{tmp}/run", "--no-accuracy", "--device", "cpu", "--no-progress", *flags)
+
+    def checked(inputs: Inputs) -> str:
+        line = run(inputs)
+        assert not (inputs.tmp / "run").exists(), "a stage ran before the options were checked"
+        return line
+    return checked
+
+
 def config(**fields):
     def make(inputs):
         from rocket.training.config import TrainConfig
@@ -279,6 +292,13 @@ CASES = [
     pytest.param(call(dedup_of([[1.0, 0.0], [float("nan"), 1.0], [1.0, 0.0]])), r"^dedup: row 1 has non-finite values",
                  id="dedup NaN row"),
     pytest.param(call(dedup_of([[1.0, 0.0], [0.0, 0.0]])), r"^dedup: row 1 is all zeros", id="dedup zero row"),
+    # rocket run: every stage's options checked before the first stage runs (nothing written)
+    pytest.param(run_cli("--top-k", "9"), r"--top-k 9 > --n-experts 4: a token cannot use more experts", id="run --top-k 9"),
+    pytest.param(run_cli("--threshold", "2"), r"--threshold must be a cosine in \[-1, 1\], got 2\.0$", id="run --threshold 2"),
+    pytest.param(run_cli("--n-experts", "9", "--top-m", "9"), r"--n-experts 9: the bank .* has only \d adapters$",
+                 id="run --n-experts above the bank"),
+    pytest.param(run_cli("--lr", "-1"), r"lr must be a finite number > 0, got -1\.0$", id="run --lr -1"),
+    pytest.param(run_cli("--template", "nope"), r"unknown template 'nope'", id="run --template unknown"),
 ]
 
 

@@ -91,16 +91,27 @@ class Pipeline:
     def p(self, name: str) -> Path:
         return self.dir / name
 
+    def _bank_inputs(self) -> list[str]:
+        """The bank as stage inputs: a manifest and every adapter directory it lists, so a changed
+        adapter file reruns scoring even when the .txt itself is unchanged."""
+        from rocket.adapters.bank import bank_entries
+
+        bank = Path(self.cfg.bank)
+        if not bank.is_file():
+            return [str(bank)]
+        return [str(bank)] + [str(p if p.is_dir() else p.parent) for _, p in bank_entries(bank)]
+
     # ---- stage table: name → (outputs, inputs, options, function)
     def _plan(self):
         c = self.cfg
+        bank = self._bank_inputs()
         return {
-            "score": (["scores.json", "heatmap.png"], [c.base_model, c.bank, c.kshot] +
+            "score": (["scores.json", "heatmap.png"], [c.base_model, *bank, c.kshot] +
                       ([c.kshot_cot] if c.kshot_cot else []) + ([c.accuracy_file] if c.accuracy_file else []),
                       dict(template=c.template, accuracy=c.accuracy, max_new_tokens=c.max_new_tokens,
                            perplexity="reasoning" if c.kshot_cot else "vanilla", dtype=c.dtype,
                            device=self.device.type), self._score),
-            "select": (["experts.txt", "experts.json", "similarity.png"], [c.bank],
+            "select": (["experts.txt", "experts.json", "similarity.png"], bank,
                        dict(n_experts=c.n_experts, top_m=c.top_m), self._select),
             "augment": (["aug.jsonl", "aug.json"], [c.kshot, c.pool],
                         dict(target=c.target, threshold=c.threshold, embed_model=c.embed_model, prefix=c.prefix,
@@ -110,12 +121,55 @@ class Pipeline:
             "report": (["routing.json", "report.html"], [], {}, self._report),
         }
 
+    def validate(self) -> None:
+        """Every option of every stage and every input, checked before the first stage runs: a run
+        must not fail after hours of scoring on an option of its last stage."""
+        from rocket.adapters.bank import bank_entries
+        from rocket.data.examples import load_examples
+        from rocket.data.templates import PromptTemplate
+        from rocket.modeling import check_model_dir, check_tokenizer_dir
+        from rocket.scoring.accuracy import plan_accuracy
+        from rocket.training.config import TrainConfig
+
+        c = self.cfg
+        check_model_dir(c.base_model)
+        check_tokenizer_dir(c.base_model)
+        bank = bank_entries(c.bank)
+        for name, path in (("--pool", c.pool), ("--kshot-cot", c.kshot_cot), ("--accuracy-file", c.accuracy_file)):
+            if path is not None and not Path(path).is_file():
+                raise PipelineError(f"{name} {path}: no such file")
+        if self.dir.exists() and not self.dir.is_dir():
+            raise PipelineError(f"--out {self.dir}: a file, expected a run directory")
+        if c.template != "chat":
+            PromptTemplate.get(c.template)
+        kshot = load_examples(c.kshot)
+        if c.kshot_cot:
+            load_examples(c.kshot_cot)
+        plan_accuracy(kshot, c.accuracy, c.accuracy_file)  # every gold readable
+        for name, value in (("--n-experts", c.n_experts), ("--top-m", c.top_m), ("--target", c.target)):
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise PipelineError(f"{name} must be a positive integer, got {value!r}")
+        if c.n_experts > c.top_m:
+            raise PipelineError(f"--n-experts {c.n_experts} > --top-m {c.top_m}: the experts are chosen among the top M")
+        if c.n_experts > len(bank):
+            raise PipelineError(f"--n-experts {c.n_experts}: the bank {c.bank} has only {len(bank)} adapters")
+        if c.target < len(kshot):
+            raise PipelineError(f"--target {c.target} is smaller than the {len(kshot)} K-shot items it includes")
+        if not (isinstance(c.threshold, (int, float)) and -1.0 <= c.threshold <= 1.0):
+            raise PipelineError(f"--threshold must be a cosine in [-1, 1], got {c.threshold!r}")
+        options = {k: v for k, v in c.train.items() if k not in ("deepspeed", "backend")}
+        train_cfg = TrainConfig.from_dict({"template": c.template, "seed": c.seed, **options})
+        if train_cfg.top_k > c.n_experts:
+            raise PipelineError(f"--top-k {train_cfg.top_k} > --n-experts {c.n_experts}: a token cannot use more "
+                                "experts than the mixture has")
+
     def run(self, force: str | None = None, stop_after: str | None = None) -> dict:
         """Run every stage not already done (from `force` on, all are redone); stop after
         `stop_after`. Returns {stage: 'ran' | 'skipped'} (and the stages not reached are absent)."""
         for name, value in (("force", force), ("stop_after", stop_after)):
             if value is not None and value not in STAGES:
                 raise PipelineError(f"--{name.replace('_', '-')} {value}: not a stage ({', '.join(STAGES)})")
+        self.validate()
         self.dir.mkdir(parents=True, exist_ok=True)
         plan = self._plan()
         upstream = []
@@ -209,6 +263,9 @@ class Pipeline:
         backend = options.pop("backend", "auto")
         options.setdefault("template", c.template)
         options.setdefault("seed", c.seed)
+        if any((partial / "checkpoints").glob("step-*")):
+            self.log(f"[train] {partial} holds checkpoints of an interrupted run: training continues from the "
+                     "newest if it belongs to this run (same settings, data and experts), else from step 0")
         result = train(c.base_model, str(self.p("aug.jsonl")), str(self.p("experts.txt")), partial,
                        deepspeed_config=deepspeed, backend=backend, device=self.device, resume="auto",
                        progress=c.progress, **options)
