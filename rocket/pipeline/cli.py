@@ -39,6 +39,8 @@ def add_arguments(parser) -> None:
     g.add_argument("--grad-accum", type=int, help="micro-batches per optimizer step (default: rocket train's)")
     g.add_argument("--top-k", type=int, help="experts per token (default: 2)")
     g.add_argument("--cutoff", type=int, help="max tokens per example (default: rocket train's)")
+    g.add_argument("--save-steps", type=int, help="checkpoint every N optimizer steps, so a killed run loses "
+                   "at most N steps (default: at the end of each epoch)")
     g.add_argument("--train-router-only", action="store_true", help="freeze the experts, train the routers")
     g.add_argument("--deepspeed", help="DeepSpeed config: a JSON file, or zero2 / zero3 (shipped)")
     g.add_argument("--backend", choices=["auto", "deepspeed", "torch"],
@@ -49,7 +51,7 @@ def add_arguments(parser) -> None:
     g.add_argument("--no-progress", action="store_true", help="no progress bars")
 
 
-TRAIN_FLAGS = ("epochs", "lr", "batch_size", "grad_accum", "top_k", "cutoff", "deepspeed", "backend")
+TRAIN_FLAGS = ("epochs", "lr", "batch_size", "grad_accum", "top_k", "cutoff", "save_steps", "deepspeed", "backend")
 
 
 def config_from_args(args) -> RunConfig:
