@@ -17,6 +17,7 @@ _API = {
     "LoraMoELinear": "rocket.moe",
     "inject_lora_moe": "rocket.moe",
     "moe_aux_loss": "rocket.moe",
+    "save_moe": "rocket.moe",
     "save_moe_state": "rocket.moe",
     "load_moe_state": "rocket.moe",
     "load_moe": "rocket.moe",

@@ -166,6 +166,30 @@ def dedup_of(rows):
     return run
 
 
+def saved_moe(damage=None):
+    """load_moe({model}, {tmp}/moe), a mixture of two experts on the tiny model saved there by
+    save_moe, `damage(directory)` done to it first (no mixture at all without `damage`)."""
+    def run(inputs):
+        from rocket.adapters.bank import LoraBank
+        from rocket.modeling import load_model
+        from rocket.moe import inject_lora_moe, load_moe, save_moe
+        if damage is not None:
+            base = load_model(inputs.model, torch.device("cpu"))
+            save_moe(inject_lora_moe(base, LoraBank.load(inputs.bank), [0, 1], top_k=1), inputs.tmp / "moe")
+            damage(inputs.tmp / "moe")
+        load_moe(inputs.model, inputs.tmp / "moe", device="cpu")
+    return call(run)
+
+
+def moe_config_edit(edit):
+    """Rewrites the rocket_moe_config.json of a saved mixture as edit(config) returns it."""
+    def damage(directory: Path):
+        import json
+        file = directory / "rocket_moe_config.json"
+        file.write_text(json.dumps(edit(json.loads(file.read_text()))))
+    return damage
+
+
 TOKENIZER = ("tokenizer*", "special_tokens_map.json", "chat_template.jinja")
 
 CASES = [
@@ -260,6 +284,23 @@ CASES = [
                  id="train --resume CKPT, moe without its config"),
     pytest.param(real_train_cli("--resume", "{tmp}/nowhere"), r"nowhere: no such checkpoint directory$",
                  id="train --resume CKPT, no such directory"),
+    # trained mixtures (load_moe)
+    pytest.param(saved_moe(), r"moe: no such MoE state file$", id="load_moe, no such path"),
+    pytest.param(saved_moe(lambda d: [p.unlink() for p in d.iterdir()]),
+                 r"moe: no rocket_moe_config\.json or moe\.safetensors \(expected a rocket train output",
+                 id="load_moe, empty directory"),
+    pytest.param(saved_moe(lambda d: (d / "moe.safetensors").unlink()),
+                 r"moe/moe\.safetensors: no such MoE state file \(its rocket_moe_config\.json is there\)$",
+                 id="load_moe, config without weights"),
+    pytest.param(saved_moe(lambda d: (d / "rocket_moe_config.json").write_text('{"top_k": 1,')),
+                 r"moe/rocket_moe_config\.json:1: malformed JSON", id="load_moe, malformed config"),
+    pytest.param(saved_moe(moe_config_edit(lambda c: [c])),
+                 r"moe/rocket_moe_config\.json: expected a JSON object, got a list$", id="load_moe, config a list"),
+    pytest.param(saved_moe(moe_config_edit(lambda c: {k: v for k, v in c.items() if k != "top_k"})),
+                 r"moe/rocket_moe_config\.json: no field 'top_k'$", id="load_moe, config without top_k"),
+    pytest.param(saved_moe(moe_config_edit(lambda c: {**c, "base_model": "llama"})),
+                 r"moe: field 'base_model' must hold the base model's 'path' and 'fingerprint'$",
+                 id="load_moe, base_model not an object"),
     pytest.param(cli("train", "--base-model", "{model}", "--data", "{data}", "--experts", "{bank}",
                      "--out", "{tmp}/file/out", "--device", "cpu", "--backend", "torch", "--no-progress",
                      before=touch("file")),

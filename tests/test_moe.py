@@ -11,7 +11,9 @@ from rocket.kernels import reference as R
 from rocket.errors import MoEError
 from rocket.moe.layer import LoraMoELinear
 from rocket.moe.inject import inject_lora_moe, moe_aux_loss, moe_layers, set_train_router_only
-from rocket.moe.state import load_moe_state, moe_state_dict, read_moe_state, save_moe_state
+from rocket.moe.state import load_moe, load_moe_state, moe_state_dict, read_moe_state, save_moe, save_moe_state
+from rocket.resume import model_fingerprint
+from rocket.tiny import build_llama
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 
@@ -379,6 +381,40 @@ def test_load_refuses_mismatched_and_foreign_files(tiny_llama, lora_bank_dir, tm
     save_file({"x": torch.zeros(1)}, str(tmp_path / "foreign.safetensors"))
     with pytest.raises(MoEError, match="not a rocket MoE state"):
         load_moe_state(other, tmp_path / "foreign.safetensors")
+
+
+def test_base_fingerprint_is_the_same_in_every_load_dtype_and_sees_changes(tiny_llama):
+    fp = model_fingerprint(tiny_llama)
+    half = copy.deepcopy(tiny_llama).to(torch.bfloat16)
+    assert model_fingerprint(half) == fp                                  # float32 weights loaded in bfloat16
+    assert model_fingerprint(copy.deepcopy(half).to(torch.float16)) == fp  # bfloat16 weights loaded in float16
+    with torch.no_grad():
+        half.model.layers[0].self_attn.o_proj.weight[0, 0] += 0.05  # element 0 of every parameter is sampled
+    assert model_fingerprint(half) == {**fp, "samples": model_fingerprint(half)["samples"]} != fp
+    tiny_llama.config.rope_parameters = {"rope_theta": 5e5, "rope_type": "default"}
+    assert model_fingerprint(tiny_llama) == {**fp, "config": model_fingerprint(tiny_llama)["config"]} != fp
+
+
+def test_save_moe_writes_a_directory_that_load_moe_checks_against_its_base(tiny_llama, tiny_tokenizer,
+                                                                           lora_bank_dir, tmp_path):
+    gen = torch.Generator().manual_seed(8)
+    base = copy.deepcopy(tiny_llama)
+    model = inject_lora_moe(tiny_llama, LoraBank.load(lora_bank_dir), ["qv_r4", "mlp_r16"], top_k=1)
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.requires_grad:
+                p.add_(torch.randn(p.shape, generator=gen) * 0.01)
+    out = save_moe(model, tmp_path / "moe", tokenizer=tiny_tokenizer)
+    assert {"moe.safetensors", "rocket_moe_config.json", "tokenizer.json"} <= {p.name for p in out.iterdir()}
+    ids = _ids(model, gen)
+    with torch.no_grad():
+        assert rel_err(load_moe(copy.deepcopy(base), out, device="cpu")(input_ids=ids).logits,
+                       model(input_ids=ids).logits) == 0
+    deeper = build_llama(tiny_tokenizer, layers=3, seed=1234)
+    with pytest.raises(MoEError, match=r"^\S+/moe: trained on base model an in-memory model but given an in-memory "
+                                       r"model, which differs in config\.json, parameter names or shapes, weights; "
+                                       r"pass force_base=True \(--force-base\) to load it anyway$"):
+        load_moe(deeper, out, device="cpu")
 
 
 def test_set_train_router_only_and_aux_loss_over_the_model(tiny_llama, lora_bank_dir):

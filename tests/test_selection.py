@@ -322,9 +322,10 @@ def test_cli_select_end_to_end(lora_bank_dir, tmp_path, capsys):
     assert rc == 0
     printed = capsys.readouterr().out
     report = json.loads(out.with_suffix(".json").read_text())
-    lines = out.read_text().splitlines()
-    assert len(lines) == 2 and all(Path(p).is_file() and Path(p).name.startswith("adapter_model") for p in lines)
-    chosen = LoraBank.load(out)   # the manifest is a bank in the reference implementation's format
+    header, *lines = out.read_text().splitlines()
+    assert header.startswith("# experts chosen by rocket")
+    assert lines == [str(lora_bank_dir / n) for n in report["experts"]]
+    chosen = LoraBank.load(out)   # the manifest is a bank: one adapter directory per line
     assert chosen.names == report["experts"] and all(n in printed for n in chosen.names)
     expected = select_experts(Scores.load(tmp_path / "scores.json"), bank, top_m=3, n_experts=2, device="cpu")
     assert report["experts"] == expected.experts
@@ -332,6 +333,21 @@ def test_cli_select_end_to_end(lora_bank_dir, tmp_path, capsys):
     assert len(report["similarity"]) == 3 and report["uses_accuracy"]
     assert out.with_suffix(".png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert not list(out.parent.glob("*.tmp"))
+
+
+def test_selection_save_writes_the_manifest_rocket_select_writes(lora_bank_dir, tmp_path, monkeypatch):
+    bank = LoraBank.load(lora_bank_dir)
+    sel = select_experts(_scores_for(bank.names, tmp_path / "s.json", seed=2), bank, top_m=3, n_experts=2,
+                         device="cpu")
+    monkeypatch.chdir(lora_bank_dir)  # a bank given by a relative path still gives absolute lines
+    relative = select_experts(Scores.load(tmp_path / "s.json"), Path("."), top_m=3, n_experts=2, device="cpu")
+    assert relative.paths == sel.paths == [str(lora_bank_dir / n) for n in sel.experts]
+    path = sel.save(tmp_path / "out" / "experts.txt")
+    assert path.read_text() == "".join(f"{line}\n" for line in [
+        f"# experts chosen by rocket {__import__('rocket').__version__} (select): one adapter directory per line",
+        *sel.paths])
+    assert LoraBank.load(path).names == sel.experts
+    assert [p.name for p in path.parent.iterdir()] == ["experts.txt"]  # no temporary file left
 
 
 def test_cli_select_errors_are_one_line_and_write_nothing(lora_bank_dir, tmp_path, capsys):

@@ -456,3 +456,149 @@ def test_failed_write_names_the_file_and_leaves_the_checkpoints(at_step, message
                on_step=lambda info: steps.append(info.step), **SHORT)
     assert steps == ([3] if at_step == 2 else []) and res.losses == losses
     assert _files(out) == _files(done)
+
+
+# --------------------------------------------------------------------------- trained-MoE directory (docs/design.md §3)
+@pytest.fixture(scope="module")
+def dir_run(tiny_model_dir, kshot_examples, lora_bank_dir, tmp_path_factory):
+    """A short run on the tiny base model given by its directory: the output directory and the trained model."""
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("TRITON_INTERPRET", "0")
+        out = tmp_path_factory.mktemp("dir_run") / "out"
+        res = train(str(tiny_model_dir), kshot_examples, lora_bank_dir, out, backend="torch", device="cpu",
+                    progress=False, cutoff=512, max_steps=2, lr=1e-2, batch_size=4, grad_accum=1)
+    return out, res.model.eval()
+
+
+IDS = torch.tensor([[1, 5, 9, 40, 77, 3]])
+
+
+def _logits(model):
+    with torch.no_grad():
+        return model(input_ids=IDS).logits
+
+
+def _base_copy(tiny_model_dir, tmp_path, name="base"):
+    dst = tmp_path / name
+    shutil.copytree(tiny_model_dir, dst)
+    return dst
+
+
+def test_output_is_a_trained_moe_directory_that_loads_onto_its_base(dir_run, tiny_model_dir, tiny_tokenizer,
+                                                                    lora_bank_dir):
+    from safetensors import safe_open
+    from transformers import AutoTokenizer
+    from rocket.moe.state import CONFIG_KEY
+    out, trained = dir_run
+    assert {p.name for p in out.iterdir()} >= {"moe.safetensors", "rocket_moe_config.json", "tokenizer.json",
+                                               "tokenizer_config.json", "train_config.json", "losses.json",
+                                               "checkpoints"}
+    assert not [p.name for p in out.iterdir() if p.name.startswith(".")]  # no temporary file or directory left
+    cfg = json.loads((out / "rocket_moe_config.json").read_text())
+    with safe_open(str(out / "moe.safetensors"), framework="pt") as f:
+        assert json.loads(f.metadata()[CONFIG_KEY]) == cfg
+    names = sorted(p.name for p in lora_bank_dir.iterdir())
+    assert cfg["base_model"]["path"] == str(tiny_model_dir)
+    assert set(cfg["base_model"]["fingerprint"]) == {"config", "shapes", "samples"}
+    assert cfg["experts"] == names and cfg["expert_dirs"] == [str(lora_bank_dir / n) for n in names]
+    assert (cfg["top_k"], cfg["n_experts"], cfg["rank"], cfg["dropout"], cfg["router_std"]) == (2, 4, 16, 0.05, 0.01)
+    assert cfg["target_modules"] == ["down_proj", "gate_proj", "k_proj", "o_proj", "q_proj", "up_proj", "v_proj"]
+    assert len(cfg["modules"]) == 14 and cfg["rocket_version"] == __import__("rocket").__version__
+    text = "The quick brown fox"
+    assert AutoTokenizer.from_pretrained(str(out))(text).input_ids == tiny_tokenizer(text).input_ids
+    want = _logits(trained)
+    assert torch.equal(_logits(load_moe(tiny_model_dir, out, device="cpu")), want)
+    # the same base elsewhere (another machine's copy) and in bfloat16: the same fingerprint
+    assert torch.equal(_logits(load_moe(_base_copy(tiny_model_dir, out.parent, "copy"), out, device="cpu")), want)
+    assert load_moe(tiny_model_dir, out, device="cpu", dtype="bfloat16").dtype == torch.bfloat16
+
+
+def _perturbed(tiny_model_dir, tmp_path):
+    from safetensors.torch import load_file, save_file
+    base = _base_copy(tiny_model_dir, tmp_path, "perturbed")
+    weights = load_file(str(base / "model.safetensors"))
+    weights["model.layers.1.mlp.down_proj.weight"][0, 0] += 0.01
+    save_file(weights, str(base / "model.safetensors"), metadata={"format": "pt"})
+    return base
+
+
+def _other_config(tiny_model_dir, tmp_path):
+    base = _base_copy(tiny_model_dir, tmp_path, "other_config")
+    config = json.loads((base / "config.json").read_text())
+    config["rms_norm_eps"] = 1e-5
+    (base / "config.json").write_text(json.dumps(config))
+    return base
+
+
+@pytest.mark.parametrize("make, differs", [(_perturbed, "weights"), (_other_config, "config.json")],
+                         ids=["one perturbed weight", "another config"])
+def test_load_moe_refuses_another_base_unless_forced(make, differs, dir_run, tiny_model_dir, tmp_path):
+    from rocket.errors import MoEError
+    out, trained = dir_run
+    other = make(tiny_model_dir, tmp_path)
+    message = f"{out}: trained on base model {tiny_model_dir} but given {other}, which differs in {differs}"
+    with pytest.raises(MoEError) as e:
+        load_moe(other, out, device="cpu")
+    assert str(e.value) == f"{message}; pass force_base=True (--force-base) to load it anyway"
+    with pytest.warns(UserWarning, match=re.escape(f"{message}; loaded anyway (force_base)")):
+        forced = load_moe(other, out, device="cpu", force_base=True)
+    saved = moe_state_dict(trained)
+    assert all(torch.equal(v, saved[k]) for k, v in moe_state_dict(forced).items())
+
+
+def test_the_earlier_single_file_output_still_loads(dir_run, tiny_model_dir, tmp_path):
+    """A run's output before the directory form: moe.safetensors alone, its config in the metadata, no
+    base-model fingerprint."""
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+    from rocket.moe.state import CONFIG_KEY
+    out, trained = dir_run
+    with safe_open(str(out / "moe.safetensors"), framework="pt") as f:
+        tensors = {k: f.get_tensor(k) for k in f.keys()}
+        cfg = json.loads(f.metadata()[CONFIG_KEY])
+    earlier = {k: cfg[k] for k in ("experts", "modules", "top_k", "n_experts", "dropout", "router_std", "seed",
+                                   "load_balancing", "train_router_only")}
+    (tmp_path / "old").mkdir()
+    save_file(tensors, str(tmp_path / "old" / "moe.safetensors"), metadata={CONFIG_KEY: json.dumps(earlier)})
+    for source in (tmp_path / "old", tmp_path / "old" / "moe.safetensors"):
+        with pytest.warns(UserWarning, match="saved without the base model's fingerprint"):
+            loaded = load_moe(tiny_model_dir, source, device="cpu")
+        assert torch.equal(_logits(loaded), _logits(trained))
+
+
+def test_select_out_is_what_train_experts_reads(tiny_model_dir, lora_bank_dir, examples, tmp_path, capsys):
+    """`rocket select --out experts.txt` writes adapter directories; `rocket train --experts` reads them, and
+    the reference implementation's manifests of .../adapter_model.bin files too."""
+    from safetensors.torch import load_file
+    from rocket.adapters.bank import LoraBank
+    from rocket.cli import main
+    from rocket.data.examples import write_jsonl
+    from rocket.data.scores import Scores
+    names = LoraBank.load(lora_bank_dir).names
+    Scores(names, torch.linspace(0.5, 2.0, 5 * len(names), dtype=torch.float64).reshape(len(names), 5)).save(
+        tmp_path / "scores.json")
+    manifest = tmp_path / "experts.txt"
+    assert main(["select", "--scores", str(tmp_path / "scores.json"), "--bank", str(lora_bank_dir), "--n-experts",
+                 "2", "--top-m", "3", "--out", str(manifest), "--no-plot", "--no-progress", "--device", "cpu"]) == 0
+    header, *dirs = manifest.read_text().splitlines()
+    chosen = json.loads(manifest.with_suffix(".json").read_text())["experts"]
+    assert header.startswith("# ") and dirs == [str(lora_bank_dir / n) for n in chosen]
+    # the reference implementation's manifest: a weights file per line, .bin
+    bin_manifest, bin_dirs = tmp_path / "reference.txt", []
+    for name in chosen:
+        d = tmp_path / "bin" / name
+        shutil.copytree(lora_bank_dir / name, d)
+        torch.save(load_file(d / "adapter_model.safetensors"), d / "adapter_model.bin")
+        (d / "adapter_model.safetensors").unlink()
+        bin_dirs.append(str(d))
+    bin_manifest.write_text("".join(f"{d}/adapter_model.bin\n" for d in bin_dirs))
+    data = tmp_path / "aug.jsonl"
+    write_jsonl(data, examples)
+    for experts, expected in ((manifest, dirs), (bin_manifest, bin_dirs)):
+        out = tmp_path / experts.stem
+        assert main(["train", "--base-model", str(tiny_model_dir), "--data", str(data), "--experts", str(experts),
+                     "--out", str(out), "--max-steps", "1", "--batch-size", "4", "--grad-accum", "1", "--cutoff",
+                     "512", "--backend", "torch", "--no-progress", "--device", "cpu"]) == 0
+        assert f"wrote {out}" in capsys.readouterr().out
+        cfg = json.loads((out / "rocket_moe_config.json").read_text())
+        assert cfg["experts"] == chosen and cfg["expert_dirs"] == expected

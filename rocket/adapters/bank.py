@@ -145,6 +145,9 @@ def load_adapter(path: str | Path, name: str | None = None) -> LoraAdapter:
 
 
 def _manifest_entries(manifest: Path) -> list[Path]:
+    """The paths a manifest lists, one per line: an adapter directory (what `rocket select` writes)
+    or its weights file (the reference implementation's manifests list `.../adapter_model.bin`);
+    blank and `#` lines skipped, relative paths taken from the manifest's directory."""
     entries = []
     for lineno, line in enumerate(read_text(manifest, BankError).split("\n"), start=1):
         line = line.strip()

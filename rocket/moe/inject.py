@@ -3,10 +3,12 @@ from __future__ import annotations
 
 import logging
 import math
+import os
 
 import torch
 from torch import nn
 from rocket.moe.layer import LoraMoELinear, MoEError
+from rocket.resume import model_fingerprint
 
 log = logging.getLogger("rocket.moe")
 
@@ -84,7 +86,8 @@ def inject_lora_moe(model: nn.Module, bank, experts, target_modules=None, top_k:
     matches when its name equals one or ends with '.'+one); every match must be covered by some
     chosen adapter. Each layer gets its own router, seeded with seed + layer index (reproducible).
     All base parameters are frozen; the experts (unless train_router_only) and routers are trainable.
-    The config is kept as `model.rocket_moe_config` (used by save_moe_state).
+    The config is kept as `model.rocket_moe_config` (used by save_moe_state), with the experts' adapter
+    directories and the base model's path and fingerprint (load_moe checks it).
     """
     if moe_layers(model):
         raise MoEError("inject_lora_moe: the model already has LoRA-MoE layers")
@@ -104,6 +107,8 @@ def inject_lora_moe(model: nn.Module, bank, experts, target_modules=None, top_k:
         if missing:
             raise MoEError(f"inject_lora_moe: module '{missing[0]}' matches target_modules but no chosen expert "
                            f"covers it ({len(missing)} such modules)")
+    config = getattr(model, "config", None)
+    base_model = {"path": getattr(config, "name_or_path", None) or None, "fingerprint": model_fingerprint(model)}
     model.requires_grad_(False)
     adapters = [bank[i] for i in idx]
     lacking: dict[str, list[str]] = {}  # adapter → the wrapped modules it lacks (fresh experts there)
@@ -120,9 +125,11 @@ def inject_lora_moe(model: nn.Module, bank, experts, target_modules=None, top_k:
         log.warning("inject_lora_moe: fresh LoRA experts (A random, B = 0, trained from scratch) where an "
                     "adapter lacks a wrapped module: " + "; ".join(f"'{a}' lacks {len(m)} ({', '.join(m)})"
                                                               for a, m in lacking.items()))
-    model.rocket_moe_config = {"experts": [bank.names[i] for i in idx], "modules": names, "top_k": int(top_k),
-                               "dropout": float(dropout), "router_std": float(router_std), "seed": int(seed),
-                               "load_balancing": bool(load_balancing), "train_router_only": bool(train_router_only)}
+    model.rocket_moe_config = {"base_model": base_model, "experts": [bank.names[i] for i in idx],
+                               "expert_dirs": [os.path.abspath(bank[i].path) for i in idx], "modules": names,
+                               "top_k": int(top_k), "dropout": float(dropout), "router_std": float(router_std),
+                               "seed": int(seed), "load_balancing": bool(load_balancing),
+                               "train_router_only": bool(train_router_only)}
     return model
 
 

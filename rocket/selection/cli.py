@@ -12,7 +12,9 @@ from rocket.io import check_paths
 def add_arguments(parser) -> None:
     parser.add_argument("--scores", required=True, help="scores JSON written by `rocket score`")
     parser.add_argument("--bank", required=True, help="directory of peft adapters, or a manifest .txt")
-    parser.add_argument("--out", required=True, help="manifest to write: one adapter weights path per line")
+    parser.add_argument("--out", required=True,
+                        help="experts manifest to write (.txt; rocket train --experts reads it): a # header line, "
+                             "then one adapter directory per line")
     parser.add_argument("--n-experts", type=int, default=4, metavar="N", help="experts to choose (N, default: 4)")
     parser.add_argument("--top-m", type=int, default=8, metavar="M", help="prefilter size M by R_P + R_A (default: 8)")
     parser.add_argument("--accuracy-file", metavar="JSON", help="JSON {adapter: accuracy} overriding the scores' accuracy")

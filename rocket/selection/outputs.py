@@ -38,10 +38,10 @@ def plot_similarity(selection: Selection) -> bytes:
 
 
 def write_outputs(selection: Selection, manifest: Path, report: Path | None, plot: Path | None) -> None:
-    """Manifest (one weights path per line, the reference implementation's format), JSON report and
-    PNG; each file is written to a temporary name first and all are renamed only when every one is
+    """Experts manifest (Selection.manifest: one adapter directory per line), JSON report and PNG;
+    each file is written to a temporary name first and all are renamed only when every one is
     complete."""
-    outputs = [(manifest, ("\n".join(selection.paths) + "\n").encode())]
+    outputs = [(manifest, selection.manifest().encode())]
     if report is not None:
         outputs.append((report, (json.dumps(selection.to_json(), indent=1) + "\n").encode()))
     if plot is not None:

@@ -3,19 +3,30 @@ diversity').
 
 R_P ranks adapters by PPL_R ascending, R_A by accuracy descending (ties share the smallest rank);
 the top M by R_P + R_A are kept (adapters with ΔW = 0 set aside); every N-tuple S of them gets
-R_D(S), the rank of its mean pairwise |ΔW cosine| (least aligned first); the tuple minimising Σ_{m∈S}(R_P + R_A) + R_D(S) is chosen.
+R_D(S), the rank of its mean pairwise |ΔW cosine| (least aligned first); the tuple minimising
+Σ_{m∈S}(R_P + R_A) + R_D(S) is chosen.
+
+The experts manifest (`Selection.save`, `rocket select --out experts.txt`; what `rocket train
+--experts` reads): UTF-8 text, newline-terminated lines; first a `#` comment line saying what wrote
+it, then one chosen adapter's directory per line, an absolute path, in bank order. Readers
+(rocket.adapters.bank) skip blank and `#` lines, resolve relative paths against the manifest's
+directory and also accept a weights file per line, as in the reference implementation's manifests
+(`.../adapter_model.bin`).
 """
 from __future__ import annotations
 
 import math
+import os
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 import torch
-from rocket.adapters.bank import BankError, LoraAdapter, LoraBank, bank_entries, load_adapter, weights_file
+from rocket import __version__
+from rocket.adapters.bank import LoraAdapter, LoraBank, bank_entries, load_adapter
 from rocket.data.scores import Scores, read_accuracy
 from rocket.adapters.similarity import _similarity, has_delta, unshared_pairs
 from rocket.errors import SelectionError
+from rocket.io import atomic_write
 
 
 
@@ -65,7 +76,8 @@ class Selection:
 
     `table` has one row per candidate adapter (bank order); `top` are the M prefiltered names in
     bank order, which is also the order of `similarity` [M, M] and of the columns of `tuples`
-    (positions into `top`). tuple_sim / r_d / rank_sum / objective are per tuple [T]."""
+    (positions into `top`). tuple_sim / r_d / rank_sum / objective are per tuple [T]; `paths` are
+    the experts' adapter directories (absolute), the lines of the manifest `save` writes."""
     experts: list[str]
     paths: list[str]
     table: list[dict]
@@ -80,6 +92,15 @@ class Selection:
     uses_accuracy: bool
     unshared: list[tuple[str, str]] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
+
+    def manifest(self) -> str:
+        """The experts manifest (see the module docstring): a header, then `paths`, one per line."""
+        return (f"# experts chosen by rocket {__version__} (select): one adapter directory per line\n"
+                + "".join(f"{p}\n" for p in self.paths))
+
+    def save(self, path: str | Path) -> Path:
+        """Write the experts manifest to `path` atomically; `rocket train --experts` reads it."""
+        return atomic_write(path, self.manifest())
 
     def tuple_names(self, row: int) -> list[str]:
         return [self.top[p] for p in self.tuples[row].tolist()]
@@ -127,13 +148,10 @@ def _as_accuracy(acc, names: list[str]) -> torch.Tensor:
     return acc
 
 
-def _weights_path(adapter: LoraAdapter) -> str:
-    """The manifest line of an adapter: its weights file (as the reference implementation's manifests list them), or its
-    path where it has none (an adapter built in memory)."""
-    try:
-        return str(weights_file(adapter.path).resolve())
-    except BankError:
-        return str(adapter.path)
+def _adapter_dir(adapter: LoraAdapter) -> str:
+    """The manifest line of an adapter: its directory as an absolute path (symbolic links kept, so
+    the directory name, the adapter's name when read back, stays the same)."""
+    return os.path.abspath(adapter.path)
 
 
 def select_experts(scores: Scores, bank: LoraBank | str | Path, acc=None, top_m: int = 8, n_experts: int = 4,
@@ -236,5 +254,5 @@ def select_experts(scores: Scores, bank: LoraBank | str | Path, acc=None, top_m:
               "R_P": int(r_p[k]), "R_A": None if accuracy is None else int(r_a[k]),
               "rank_sum": int(score[k]), "top_m": top_rank.get(k),
               "chosen": cand[k] in experts} for k in range(len(cand))]
-    return Selection(experts, [_weights_path(sub[n]) for n in experts], table, top_names, sim, tuples,
+    return Selection(experts, [_adapter_dir(sub[n]) for n in experts], table, top_names, sim, tuples,
                      tuple_sim, r_d, rank_sum, objective, best, accuracy is not None, unshared, notes)

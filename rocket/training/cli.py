@@ -5,7 +5,6 @@ import argparse
 import logging
 import os
 from pathlib import Path
-from rocket.moe.state import MOE_FILE
 from rocket.training.config import TrainConfig
 from rocket.training.loop import train
 
@@ -17,8 +16,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     a("--base-model", "--base_model", required=True, help="HF model directory of the base model")
     a("--data", "--data_path", required=True, help="training examples (JSONL or JSON array), e.g. aug.jsonl")
     a("--experts", required=True,
-      help="the selected adapters: a manifest .txt (rocket select's experts.txt) or a directory of adapters")
-    a("--out", "--output_dir", required=True, help="output directory (checkpoints/, moe.safetensors)")
+      help="the selected adapters: a manifest .txt (rocket select's experts.txt: one adapter directory, or the "
+           "reference implementation's adapter_model.bin, per line) or a directory of adapters")
+    a("--out", "--output_dir", required=True,
+      help="output directory: the trained MoE (moe.safetensors, rocket_moe_config.json, the tokenizer), "
+           "train_config.json, losses.json, checkpoints/; loads with rocket.load_moe(base_model, OUT)")
     a("--deepspeed", default=None,
       help="DeepSpeed config: a JSON file, or zero2 / zero3 (shipped; zero3 when several processes run)")
     a("--backend", choices=["auto", "deepspeed", "torch"], default="auto",
@@ -73,5 +75,5 @@ def main(args) -> int:
     if int(os.environ.get("RANK", "0")) == 0:
         first, last = (result.losses[0], result.losses[-1]) if result.losses else (float("nan"),) * 2
         print(f"trained {result.steps} steps ({result.backend}); loss {first:.4f} → {last:.4f}; "
-              f"wrote {Path(args.out) / MOE_FILE}")
+              f"wrote {Path(args.out)}")
     return 0

@@ -20,8 +20,9 @@ linear decay) and dropout is reseeded from (seed, step, rank) at every step, so 
 only the weights, the AdamW moments and the step to continue exactly where the run stopped.
 
 Checkpoints (safetensors + JSON, written atomically) hold the router and expert weights only:
-`OUT/checkpoints/step-N/{moe.safetensors, optimizer.safetensors, trainer_state.json}`; the final
-`OUT/moe.safetensors` loads with `rocket.load_moe(base_model, OUT)`.
+`OUT/checkpoints/step-N/{moe.safetensors, optimizer.safetensors, trainer_state.json}`. OUT itself
+becomes the trained-MoE directory (rocket.moe.state: moe.safetensors, the tokenizer's files,
+rocket_moe_config.json last), which loads with `rocket.load_moe(base_model, OUT)`.
 """
 from __future__ import annotations
 
@@ -36,7 +37,7 @@ from typing import Callable
 import torch
 from rocket.data.examples import load_examples
 from rocket.modeling import check_model_dir, default_device, load_model, load_tokenizer, resolve_dtype
-from rocket.moe.state import MOE_FILE
+from rocket.moe.state import MOE_FILE, write_moe_dir
 from rocket.data.tokenize import pad_batch
 from rocket.training.batches import prepare_examples, length_grouped_batches, rank_batches, token_loss_sum
 from rocket.training.checkpoint import (run_key, CONFIG_FILE, LOSSES_FILE, OPTIM_FILE, _check_resumable,
@@ -84,7 +85,8 @@ def train(base_model, data, experts, out, *, tokenizer=None, config: TrainConfig
 
     base_model: HF model directory or model object (then `tokenizer` too); data: a JSONL/JSON path
     or a list of examples; experts: a manifest .txt / bank directory / LoraBank (every adapter in it
-    becomes an expert); out: the output directory. config or keyword overrides: TrainConfig fields.
+    becomes an expert); out: the output directory, which becomes the trained-MoE directory (the
+    tokenizer saved with it) that load_moe reads. config or keyword overrides: TrainConfig fields.
     resume: True → the latest checkpoint in out (none: start fresh), or a checkpoint directory; a
     checkpoint of other settings, data or experts is an error. "auto" → the latest checkpoint when it
     belongs to this run (see run_key), else start fresh (what `rocket run` uses).
@@ -222,4 +224,6 @@ def train(base_model, data, experts, out, *, tokenizer=None, config: TrainConfig
             write_json(f, {**meta, "backend": engine.name, "steps": step}, indent=2)
         with writing(out / LOSSES_FILE, hint) as f:
             write_json(f, losses, indent=2)
+        with writing(out, hint):
+            write_moe_dir(out, tokenizer)
     return TrainResult(model, losses, step, engine.name, out, tokens_seen, seconds, history)
