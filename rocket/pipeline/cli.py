@@ -40,7 +40,7 @@ def add_arguments(parser) -> None:
     g.add_argument("--top-k", type=int, help="experts per token (default: 2)")
     g.add_argument("--cutoff", type=int, help="max tokens per example (default: rocket train's)")
     g.add_argument("--save-steps", type=int, help="checkpoint every N optimizer steps, so a killed run loses "
-                   "at most N steps (default: at the end of each epoch)")
+                   "at most N steps (default: rocket train's, at the end of each epoch)")
     g.add_argument("--train-router-only", action="store_true", help="freeze the experts, train the routers")
     g.add_argument("--deepspeed", help="DeepSpeed config: a JSON file, or zero2 / zero3 (shipped)")
     g.add_argument("--backend", choices=["auto", "deepspeed", "torch"],
