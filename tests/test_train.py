@@ -602,3 +602,12 @@ def test_select_out_is_what_train_experts_reads(tiny_model_dir, lora_bank_dir, e
         assert f"wrote {out}" in capsys.readouterr().out
         cfg = json.loads((out / "rocket_moe_config.json").read_text())
         assert cfg["experts"] == chosen and cfg["expert_dirs"] == expected
+
+
+@pytest.mark.skipif(not HAVE_DS, reason="deepspeed is not installed")
+def test_deepspeed_logs_go_to_stderr_never_stdout():
+    import subprocess
+    import sys
+    code = "from rocket.training.engines import import_deepspeed; import_deepspeed().utils.logger.warning('probe')"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0 and out.stdout == "" and "probe" in out.stderr, (out.stdout, out.stderr[-500:])

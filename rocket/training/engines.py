@@ -126,12 +126,23 @@ def fill_ds_config(ds: dict, cfg: TrainConfig, world: int, bf16: bool) -> dict:
     return ds
 
 
+def import_deepspeed():
+    """deepspeed, imported with its log handler pointed at stderr: it logs its accelerator choice
+    to stdout at import, and stdout is the commands' output (a script may parse it)."""
+    import contextlib
+    import sys
+
+    with contextlib.redirect_stdout(sys.stderr):  # its handler takes the stream current at creation
+        import deepspeed
+    return deepspeed
+
+
 class DeepSpeedEngine:
     """DeepSpeed ZeRO-2/3 around the model; rocket's own AdamW (torch's) as the client optimizer."""
     name = "deepspeed"
 
     def __init__(self, model, cfg: TrainConfig, ds_config: dict, device: torch.device):
-        import deepspeed
+        deepspeed = import_deepspeed()
         from rocket.moe.inject import moe_layers
 
         _single_process_env()
@@ -247,7 +258,7 @@ def make_engine(backend: str, model, cfg: TrainConfig, ds_config, device: torch.
         log.info("backend: plain torch loop (asked for)")
         return TorchEngine(model, cfg, device)
     try:
-        import deepspeed  # noqa: F401
+        import_deepspeed()
     except ImportError:
         if backend == "deepspeed" or several:
             raise TrainError("DeepSpeed is not installed (pip install deepspeed): needed for --backend "
