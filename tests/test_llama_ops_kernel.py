@@ -67,23 +67,31 @@ def test_bad_shapes():
         silu_mul(torch.randn(4, 8).to(DEVICE), torch.randn(4, 9).to(DEVICE))
 
 
-def test_fast_forward_equals_transformers(tiny_llama, tiny_tokenizer, kshot_examples):
-    """Packed rows through rocket.fastpath (all rows, and label rows only) vs each row alone through
-    the HF model (float32)."""
+def _fast_and_hf(model, tokenizer, kshot_examples):
+    """(fast_forward of two packed rows, label rows only, batch; each row alone through the HF model)."""
     from rocket.data.tokenize import tokenize_examples
     from rocket.runtime.fastpath import fast_forward, supports_fast_path
     from rocket.runtime.packing import PackedBatch
     from rocket.scoring.score import prepare_examples
 
-    model = tiny_llama.to(DEVICE)
     short = sorted(kshot_examples, key=lambda e: len(e["instruction"]) + len(e["output"]))[:2]
-    ex = prepare_examples(tokenize_examples(short, tiny_tokenizer), model.config.vocab_size)
+    ex = prepare_examples(tokenize_examples(short, tokenizer), model.config.vocab_size)
     assert supports_fast_path(model, 100)
     batch = PackedBatch([(0, 1), (0, 0)], ex, DEVICE)
     with torch.no_grad():
         full = fast_forward(model, batch)
         labels_only = fast_forward(model, batch, keep=batch.label_pos)
         want = torch.cat([model.model(input_ids=ex[e].ids[None].to(DEVICE)).last_hidden_state[0] for e in (1, 0)])
+    return full, labels_only, batch, want
+
+
+def test_fast_forward_equals_transformers(tiny_llama, tiny_tokenizer, kshot_examples):
+    """Packed rows through rocket.fastpath (all rows, and label rows only) vs each row alone through
+    the HF model (float32)."""
+    from rocket.runtime.fastpath import supports_fast_path
+
+    model = tiny_llama.to(DEVICE)
+    full, labels_only, batch, want = _fast_and_hf(model, tiny_tokenizer, kshot_examples)
     assert full.shape == want.shape and rel_err(full, want) < 1e-5
     assert rel_err(labels_only, want[batch.label_pos]) < 1e-5
     other = copy.deepcopy(model)
@@ -94,22 +102,12 @@ def test_fast_forward_equals_transformers(tiny_llama, tiny_tokenizer, kshot_exam
 @pytest.mark.parametrize("hidden, heads", [(48, 4), (80, 4)])   # head_dim 12 and 20
 def test_fast_forward_with_head_dims_off_powers_of_two(tiny_tokenizer, kshot_examples, hidden, heads):
     """OpenLLaMA-3B (head_dim 100) and Phi-2 (80) style heads: the fast path handles them exactly."""
-    from rocket.data.tokenize import tokenize_examples
-    from rocket.runtime.fastpath import fast_forward, supports_fast_path
-    from rocket.runtime.packing import PackedBatch
-    from rocket.scoring.score import prepare_examples
     from rocket.tiny import build_llama
 
     model = build_llama(tiny_tokenizer, hidden=hidden, heads=heads, kv_heads=heads // 2, seed=5).to(DEVICE)
     assert model.config.hidden_size // heads in (12, 20)
-    short = sorted(kshot_examples, key=lambda e: len(e["instruction"]) + len(e["output"]))[:2]
-    ex = prepare_examples(tokenize_examples(short, tiny_tokenizer), model.config.vocab_size)
-    assert supports_fast_path(model, 100)
-    batch = PackedBatch([(0, 0), (0, 1)], ex, DEVICE)
-    with torch.no_grad():
-        got = fast_forward(model, batch)
-        want = torch.cat([model.model(input_ids=ex[e].ids[None].to(DEVICE)).last_hidden_state[0] for e in (0, 1)])
-    assert rel_err(got, want) < 1e-5
+    full, labels_only, batch, want = _fast_and_hf(model, tiny_tokenizer, kshot_examples)
+    assert rel_err(full, want) < 1e-5 and rel_err(labels_only, want[batch.label_pos]) < 1e-5
 
 
 def test_fused_projections(tiny_llama):
