@@ -2,6 +2,7 @@
 of mixed ranks/alphas/targets, and the `gpu` marker (skipped without CUDA)."""
 import copy
 import os
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -71,3 +72,39 @@ def lora_bank_dir(_tiny_llama, tmp_path_factory):
                             use_rslora=rslora, seed=100 + seed)
     return root
 
+
+@contextmanager
+def idle_threads():
+    """torch threads on the cores idle now only, as `rocket demo` runs (rocket.demo.idle_cores): a
+    thread on a core that another process holds only spins, and slows tiny models many times over."""
+    from rocket.demo import idle_cores
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(min(before, idle_cores()))
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
+@pytest.fixture
+def on_idle_cores():
+    with idle_threads():
+        yield
+
+
+@pytest.fixture(scope="session")
+def demo_world(tmp_path_factory):
+    """ROOT with the `rocket demo` world at the test size in ROOT/world (rocket.demo.build_world,
+    seed 0), built once per session: run_demo(ROOT, "small") reuses it."""
+    from rocket.demo import build_world
+
+    root = tmp_path_factory.mktemp("demo")
+    mp = pytest.MonkeyPatch()
+    mp.setenv("TRITON_INTERPRET", "0")   # the plain-torch CPU paths, as `rocket demo` runs
+    try:
+        with idle_threads():
+            build_world(root / "world", "small", seed=0, progress=False)
+    finally:
+        mp.undo()
+    return root

@@ -7,13 +7,13 @@ from rocket.demo import NEAR_COPY, RELATED, checks, run_demo
 
 
 @pytest.fixture(scope="module")
-def demo(tmp_path_factory):
+def demo(demo_world):
     mp = pytest.MonkeyPatch()
     # the demo is about the pipeline's result, not the kernels (tested on their own): run the CPU
     # reference paths instead of the Triton interpreter that conftest turns on
     mp.setenv("TRITON_INTERPRET", "0")
     try:
-        yield run_demo(tmp_path_factory.mktemp("demo"), "small", seed=0, progress=False, log=lambda *a: None)
+        yield run_demo(demo_world, "small", seed=0, progress=False, log=lambda *a: None)
     finally:
         mp.undo()
 
