@@ -14,7 +14,8 @@ COMMANDS = {
     "score": ("rocket.scoring.cli", "stage 1: perplexity (and accuracy) of every adapter of a bank on K-shot data"),
     "select": ("rocket.selection.cli", "stage 2: choose the best, most diverse N adapters"),
     "augment": ("rocket.augment.cli", "stage 3: select open data similar to the K-shot set, remove near-duplicates"),
-    "train": ("rocket.training.cli", "stage 4: train the LoRA mixture of experts (DeepSpeed)"),
+    "train": ("rocket.training.cli",
+              "stage 4: train the LoRA mixture of experts (plain torch in one process, DeepSpeed in several)"),
     "run": ("rocket.pipeline.cli", "score → select → augment → train in one run directory"),
     "demo": ("rocket.demo", "the whole pipeline on the embedded default (tiny model, synthetic task)"),
 }
