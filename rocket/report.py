@@ -183,6 +183,20 @@ th{background:#f3f3f3}tr.mark td{background:#fff4c2}img{max-width:100%;border:1p
 code{background:#f5f5f5;padding:0 3px}h2{border-bottom:1px solid #ddd}"""
 
 
+def variant(meta: dict) -> str:
+    """Which variant of ROCKET's scoring ran, in words (the paper's, or which ablation)."""
+    perplexity = ("reasoning perplexity (K-shot items with rationales)" if meta.get("perplexity") == "reasoning"
+                  else "vanilla perplexity (no rationale set given)")
+    accuracy = meta.get("accuracy")
+    if accuracy is None:
+        ranks = "accuracy off (the perplexity + diversity ablation)"
+    elif accuracy in ("choice", "number", "exact"):
+        ranks = f"exact-match accuracy with the '{accuracy}' extractor"
+    else:
+        ranks = f"the accuracy given in {accuracy}"
+    return f"Ranked by {perplexity} and {ranks}."
+
+
 def render_report(run_dir: str | Path, extra_sections: list[tuple[str, str]] | None = None) -> str:
     """The HTML of report.html for a run directory (sections for the stages that have outputs)."""
     run = Path(run_dir)
@@ -196,7 +210,7 @@ def render_report(run_dir: str | Path, extra_sections: list[tuple[str, str]] | N
         meta = scores.get("meta", {})
         parts.append(f"<h2>1 · Scoring</h2><p>{len(scores['adapters'])} adapters × {scores['examples']} K-shot "
                      f"examples, template <code>{html.escape(str(meta.get('template')))}</code>, "
-                     f"{meta.get('seconds', 0):.2f} s.</p>")
+                     f"{meta.get('seconds', 0):.2f} s. {html.escape(variant(meta))}</p>")
         if (run / "heatmap.png").is_file():
             parts.append(_img((run / "heatmap.png").read_bytes(), "loss heatmap"))
 

@@ -34,3 +34,14 @@ def test_routing_figure_keeps_full_expert_names_and_grows_with_layers(layers):
 def test_curve_plots_raw_and_smoothed():
     png = plot_curve([{"step": i + 1, "loss": math.exp(-i / 30) + 0.2 * (i % 3)} for i in range(90)])
     assert Image.open(io.BytesIO(png)).size[0] >= 600
+
+
+@pytest.mark.parametrize("meta, words", [
+    ({"perplexity": "reasoning", "accuracy": "choice"}, ["reasoning perplexity", "'choice' extractor"]),
+    ({"perplexity": "vanilla", "accuracy": None}, ["vanilla perplexity", "the perplexity + diversity ablation"]),
+    ({"perplexity": "vanilla", "accuracy": "acc.json"}, ["accuracy given in acc.json"]),
+])
+def test_the_report_says_which_variant_ran(meta, words):
+    from rocket.report import variant
+    text = variant(meta)
+    assert all(w in text for w in words), text
