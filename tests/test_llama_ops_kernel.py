@@ -73,7 +73,7 @@ def test_fast_forward_equals_transformers(tiny_llama, tiny_tokenizer, kshot_exam
     from rocket.data.tokenize import tokenize_examples
     from rocket.runtime.fastpath import fast_forward, supports_fast_path
     from rocket.runtime.packing import PackedBatch
-    from rocket.scoring.score import prepare_examples
+    from rocket.runtime.losses import prepare_examples
 
     model = tiny_llama.to(DEVICE)
     short = sorted(kshot_examples, key=lambda e: len(e["instruction"]) + len(e["output"]))[:2]
@@ -97,7 +97,7 @@ def test_fast_forward_with_head_dims_off_powers_of_two(tiny_tokenizer, kshot_exa
     from rocket.data.tokenize import tokenize_examples
     from rocket.runtime.fastpath import fast_forward, supports_fast_path
     from rocket.runtime.packing import PackedBatch
-    from rocket.scoring.score import prepare_examples
+    from rocket.runtime.losses import prepare_examples
     from rocket.tiny import build_llama
 
     model = build_llama(tiny_tokenizer, hidden=hidden, heads=heads, kv_heads=heads // 2, seed=5).to(DEVICE)
@@ -119,7 +119,7 @@ def test_fused_projections(tiny_llama):
     its own tensor back with the values from before."""
     from rocket.runtime.fastpath import FusedProjections, fast_forward
     from rocket.runtime.packing import PackedBatch
-    from rocket.scoring.score import ScoringExample
+    from rocket.runtime.losses import ScoringExample
 
     model = copy.deepcopy(tiny_llama).to(DEVICE)
     gen = torch.Generator().manual_seed(3)
