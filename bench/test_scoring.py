@@ -16,7 +16,8 @@ from bench.cases import random_bank, random_llama, random_token_rows
 from bench.peers import peft_loop_losses, peft_mixed_losses, peft_padded_losses
 from rocket.data.tokenize import IGNORE_INDEX, Tokenized
 from rocket.runtime.adapters import AdapterRows, compiled_layers, merged_adapters, multi_lora_model
-from rocket.scoring.score import adapter_losses, prepare_examples, score_adapters
+from rocket.runtime.losses import adapter_losses, prepare_examples
+from rocket.scoring.score import score_adapters
 from rocket.tiny import LLAMA_TARGETS
 
 GPU = dict(hidden=2048, layers=16, heads=16, mlp=5504, vocab=32000, N=32, r=16, K=50, prompt=(100, 300),

@@ -32,6 +32,8 @@ _API = {
     "dedup": "rocket.augment",
     "train": "rocket.training",
     "TrainConfig": "rocket.training",
+    "evaluate": "rocket.evaluation",
+    "EvalTable": "rocket.evaluation",
     "load_examples": "rocket.data",
     "run_pipeline": "rocket.pipeline",
     "RunConfig": "rocket.pipeline",

@@ -1,4 +1,4 @@
-"""The `rocket` command: rationale, score, select, augment, train, run, demo.
+"""The `rocket` command: rationale, score, select, augment, train, eval, run, demo.
 
 Each subcommand lives in its stage module, which provides `add_arguments(parser)` and
 `main(args)`; only the chosen stage is imported, so `rocket --help` stays fast.
@@ -16,6 +16,7 @@ COMMANDS = {
     "augment": ("rocket.augment.cli", "stage 3: select open data similar to the K-shot set, remove near-duplicates"),
     "train": ("rocket.training.cli",
               "stage 4: train the LoRA mixture of experts (plain torch in one process, DeepSpeed in several)"),
+    "eval": ("rocket.evaluation.cli", "the trained MoE against the base model and each expert on held-out data"),
     "run": ("rocket.pipeline.cli", "score → select → augment → train in one run directory"),
     "demo": ("rocket.demo", "the whole pipeline on the embedded default (tiny model, synthetic task)"),
 }

@@ -40,6 +40,10 @@ class TrainError(RocketError):
     """Stage 4 (train): a training setup that cannot run: configuration, checkpoint or output directory."""
 
 
+class EvaluationError(RocketError):
+    """`rocket eval`: unusable held-out data, models or output path."""
+
+
 class RationaleError(RocketError):
     """`rocket rationale`: unusable K-shot data, model directory, output path or partial output."""
 

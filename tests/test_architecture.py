@@ -15,9 +15,11 @@ LAYERS = {
     "rocket.adapters": 3,
     "rocket.moe": 4, "rocket.runtime": 4,
     "rocket.rationale": 5, "rocket.scoring": 5, "rocket.selection": 5, "rocket.augment": 5, "rocket.training": 5,
+    "rocket.evaluation": 5,
     "rocket.report": 6, "rocket.pipeline": 7, "rocket.demo": 8, "rocket.cli": 9,
 }
-STAGES = {"rocket.rationale", "rocket.scoring", "rocket.selection", "rocket.augment", "rocket.training"}
+STAGES = {"rocket.rationale", "rocket.scoring", "rocket.selection", "rocket.augment", "rocket.training",
+          "rocket.evaluation"}
 
 
 def module_name(path: Path) -> str:

@@ -72,7 +72,7 @@ def _fast_and_hf(model, tokenizer, kshot_examples):
     from rocket.data.tokenize import tokenize_examples
     from rocket.runtime.fastpath import fast_forward, supports_fast_path
     from rocket.runtime.packing import PackedBatch
-    from rocket.scoring.score import prepare_examples
+    from rocket.runtime.losses import prepare_examples
 
     short = sorted(kshot_examples, key=lambda e: len(e["instruction"]) + len(e["output"]))[:2]
     ex = prepare_examples(tokenize_examples(short, tokenizer), model.config.vocab_size)
@@ -117,7 +117,7 @@ def test_fused_projections(tiny_llama):
     its own tensor back with the values from before."""
     from rocket.runtime.fastpath import FusedProjections, fast_forward
     from rocket.runtime.packing import PackedBatch
-    from rocket.scoring.score import ScoringExample
+    from rocket.runtime.losses import ScoringExample
 
     model = copy.deepcopy(tiny_llama).to(DEVICE)
     gen = torch.Generator().manual_seed(3)

@@ -94,7 +94,7 @@ def test_losses_equal_peft_loop_fp32(reference_path, strategy, tiny_llama, tiny_
 
 def test_models_without_packing_score_one_row_per_pass(reference_path, monkeypatch, tiny_llama, tiny_tokenizer,
                                                       lora_bank_dir, kshot_examples, peft_reference):
-    monkeypatch.setattr("rocket.scoring.score.supports_packing", lambda model: False)
+    monkeypatch.setattr("rocket.runtime.losses.supports_packing", lambda model: False)
     scores = score_adapters(tiny_llama, tiny_tokenizer, LoraBank.load(lora_bank_dir).subset([0, 2]),
                             kshot_examples[:4], accuracy=None, progress=False, strategy="sgmv")
     assert torch.allclose(scores.loss, peft_reference[[0, 2], :4], rtol=0, atol=2e-5)

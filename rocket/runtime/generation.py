@@ -1,8 +1,9 @@
 """Multi-adapter greedy decoding and exact-match accuracy (docs/design.md, 'Accuracy').
 
 Every (adapter, prompt) pair decodes at once: rows of a left-padded batch carry their adapter id
-(through the MultiLoraLinear layers of rocket.scoring) and share one KV cache, so N adapters × K
-prompts cost a few batched forwards per generated token instead of N·K `generate` calls.
+(through the MultiLoraLinear layers of rocket.runtime.adapters) and share one KV cache, so N
+adapters × K prompts cost a few batched forwards per generated token instead of N·K `generate`
+calls. A model without adapter rows (a base model, a LoRA-MoE) decodes through the same loop.
 """
 from __future__ import annotations
 
@@ -27,7 +28,8 @@ def greedy_generate(model, rows, prompts: list[list[int]], n_adapters: int, eos_
                     max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS, max_tokens: int | None = None,
                     progress: bool = True) -> list[list[list[int]]]:
     """Greedy continuations of every prompt under every adapter: out[a][k] = new token ids (EOS
-    excluded), for a model wrapped by rocket.scoring.multi_lora_model (`rows` selects adapters)."""
+    excluded), for a model wrapped by rocket.runtime.adapters.multi_lora_model (`rows` selects
+    adapters), or with rows=None for the model as it is (n_adapters = 1: a base model, a LoRA-MoE)."""
     decoder = model.get_decoder()
     kv_arg, kv_of = _kv_cache_io(decoder)
     lm_head = model.get_output_embeddings()
@@ -53,7 +55,8 @@ def greedy_generate(model, rows, prompts: list[list[int]], n_adapters: int, eos_
         padded = pad_batch([Tokenized.prompt_only(prompts[k]) for _, k in batch], pad_id, device, side="left")
         ids, mask = padded["input_ids"], padded["attention_mask"]
         positions = (mask.cumsum(-1) - 1).clamp_(min=0)
-        rows.set([a for a, _ in batch])
+        if rows is not None:
+            rows.set([a for a, _ in batch])
         state = decoder(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=True)
         finished = torch.zeros(B, dtype=torch.bool, device=device)
         steps = []
@@ -80,7 +83,8 @@ def adapter_accuracy(model, rows, tokenizer, key: AnswerKey, prompts: list[list[
                      max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS, max_tokens: int | None = None,
                      progress: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
     """acc [n_adapters] = mean over the prompts of key.correct(greedy generation), and read
-    [n_adapters] = how many generations the extractor read an answer in (float64)."""
+    [n_adapters] = how many generations the extractor read an answer in (float64); rows as in
+    greedy_generate (None: the model as it is)."""
     if tokenizer is None:
         raise RocketError("accuracy: a tokenizer is needed to decode generations")
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
