@@ -251,6 +251,15 @@ def render_report(run_dir: str | Path, extra_sections: list[tuple[str, str]] | N
         if routing:
             parts.append(f"<p>Routing of {routing['tokens']} K-shot tokens, top-{routing['top_k']}:</p>")
             parts.append(_img(plot_routing(routing), "routing histogram per layer"))
+    evaluation = _load(run / "eval.json")
+    if evaluation:
+        extractor = evaluation.get("extractor")
+        rows = sorted(evaluation["rows"], key=lambda r: r["loss"])
+        parts.append(f"<h2>5 · Held-out evaluation</h2><p>{evaluation['meta']['examples']} examples; accuracy: "
+                     + ("off" if extractor is None else f"extractor '{html.escape(extractor['name'])}'") + "</p>")
+        parts.append(_table(["row", "loss (nats/token)", "accuracy"],
+                            [[r["name"], f"{r['loss']:.4f}", "–" if r["accuracy"] is None else f"{r['accuracy']:.3f}"]
+                             for r in rows], mark=lambda i: rows[i]["kind"] == "moe"))
     parts.append("</body></html>")
     return "\n".join(parts)
 

@@ -48,11 +48,14 @@ def mtimes(out: Path) -> dict:
 
 
 def test_run_writes_every_output_then_skips(inputs, tiny_model_dir, lora_bank_dir, tmp_path):
-    cfg = config(inputs, tiny_model_dir, lora_bank_dir, tmp_path / "run")
+    cfg = config(inputs, tiny_model_dir, lora_bank_dir, tmp_path / "run", eval_data=str(inputs / "kshot.jsonl"))
     assert run_pipeline(cfg, log=lambda *a: None) == {s: "ran" for s in STAGES}
     out = Path(cfg.out)
     for o in OUTPUTS:
         assert (out / o).exists(), o
+    evaluation = json.loads((out / "eval.json").read_text())
+    assert [r["kind"] for r in evaluation["rows"]] == ["base"] + ["adapter"] * cfg.n_experts + ["moe"]
+    assert "Held-out evaluation" in (out / "report.html").read_text()
     assert len(load_examples(out / "aug.jsonl")) <= cfg.target
     assert [Path(p).is_dir() for p in (out / "experts.txt").read_text().splitlines()[1:]] == [True] * cfg.n_experts
     html = (out / "report.html").read_text()

@@ -45,6 +45,9 @@ def add_arguments(parser) -> None:
     g.add_argument("--deepspeed", help="DeepSpeed config: a JSON file, or zero2 / zero3 (shipped)")
     g.add_argument("--backend", choices=["auto", "deepspeed", "torch"],
                    help="training loop: auto (DeepSpeed when usable, else plain torch; the default)")
+    g = parser.add_argument_group("report")
+    g.add_argument("--eval-data", help="held-out examples: the report compares the trained MoE with the base "
+                   "model and each expert on them (loss and accuracy, as rocket eval; eval.json)")
     g = parser.add_argument_group("run")
     g.add_argument("--force", choices=STAGES, help="redo this stage and every later one")
     g.add_argument("--stop-after", choices=STAGES, help="stop after this stage")
@@ -63,7 +66,8 @@ def config_from_args(args) -> RunConfig:
                      accuracy_file=args.accuracy_file,
                      max_new_tokens=args.max_new_tokens, max_tokens=args.max_tokens, dtype=args.dtype,
                      n_experts=args.n_experts, top_m=args.top_m, target=args.target, threshold=args.threshold,
-                     embed_model=args.embed_model, prefix=args.prefix, train=train, device=str(args.device),
+                     embed_model=args.embed_model, prefix=args.prefix, train=train, eval_data=args.eval_data,
+                     device=str(args.device),
                      seed=args.seed, progress=not args.no_progress)
 
 

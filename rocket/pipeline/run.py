@@ -52,6 +52,8 @@ class RunConfig:
     embed_batch_size: int = 64
     # train (passed to rocket.train.train as keyword arguments)
     train: dict = field(default_factory=dict)
+    # report: held-out data to compare the MoE with the base model and each expert on (rocket eval)
+    eval_data: str | None = None
     # everywhere
     device: str | None = None
     seed: int = 0
@@ -118,7 +120,8 @@ class Pipeline:
                              seed=c.seed), self._augment),
             "train": (["checkpoint"], [c.base_model], dict(train=c.train, seed=c.seed, device=self.device.type),
                       self._train),
-            "report": (["routing.json", "report.html"], [], {}, self._report),
+            "report": (["routing.json", "report.html"] + (["eval.json"] if c.eval_data else []),
+                       [c.eval_data] if c.eval_data else [], dict(eval_data=bool(c.eval_data)), self._report),
         }
 
     def validate(self) -> None:
@@ -135,7 +138,8 @@ class Pipeline:
         check_model_dir(c.base_model)
         check_tokenizer_dir(c.base_model)
         bank = bank_entries(c.bank)
-        for name, path in (("--pool", c.pool), ("--kshot-cot", c.kshot_cot), ("--accuracy-file", c.accuracy_file)):
+        for name, path in (("--pool", c.pool), ("--kshot-cot", c.kshot_cot), ("--accuracy-file", c.accuracy_file),
+                           ("--eval-data", c.eval_data)):
             if path is not None and not Path(path).is_file():
                 raise PipelineError(f"{name} {path}: no such file")
         if self.dir.exists() and not self.dir.is_dir():
@@ -145,6 +149,9 @@ class Pipeline:
         kshot = load_examples(c.kshot)
         if c.kshot_cot:
             load_examples(c.kshot_cot)
+        if c.eval_data:
+            from rocket.evaluation.compare import load_eval_examples
+            load_eval_examples(c.eval_data, c.accuracy)
         plan_accuracy(kshot, c.accuracy, c.accuracy_file)  # every gold readable
         for name, value in (("--n-experts", c.n_experts), ("--top-m", c.top_m), ("--target", c.target)):
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
@@ -278,9 +285,19 @@ class Pipeline:
     def _report(self) -> dict:
         from rocket.report import routing_stats, write_report
 
+        c = self.cfg
         write_json(self.p("routing.json"), routing_stats(self))
+        summary = {}
+        if c.eval_data:
+            from rocket.evaluation.compare import evaluate_files
+            table = evaluate_files(c.base_model, self.p("checkpoint"), self.p("experts.txt"), c.eval_data,
+                                   device=self.device, template=c.template, accuracy=c.accuracy,
+                                   max_new_tokens=c.max_new_tokens, progress=c.progress, log=self.log)
+            table.save(self.p("eval.json"))
+            self.log(table.format())
+            summary["eval_rows"] = len(table.rows)
         write_report(self.dir, self.p("report.html"))
-        return {}
+        return summary
 
 
 def run_pipeline(cfg: RunConfig, force: str | None = None, stop_after: str | None = None, log=print) -> dict:
