@@ -65,13 +65,15 @@ def readme_dir(on_idle_cores, demo_world, tmp_path):
     uses: kshot.jsonl the first questions of the ARC 10-shot set; BASE (and INSTRUCT_DIR) the demo's base model with a
     context long enough for ARC questions and their rationales (its rotary positions go beyond the
     256 it was built with); adapters/ the demo's bank plus a LoRA trained on other ARC questions, so
-    that some greedy generations name an option; pool.jsonl part of the demo's open pool."""
+    that some greedy generations name an option; pool.jsonl part of the demo's open pool; test.jsonl
+    the rest of the 10-shot file, held out."""
     world = demo_world / "world"
     base = shutil.copytree(world / "base_model", tmp_path / "BASE")
     config = json.loads((base / "config.json").read_text())
     (base / "config.json").write_text(json.dumps({**config, "max_position_embeddings": 1024}))
     (tmp_path / "INSTRUCT_DIR").symlink_to(base)
     write_jsonl(tmp_path / "kshot.jsonl", load_examples(DATA / "arc-c_10shot.jsonl")[:KSHOT])
+    write_jsonl(tmp_path / "test.jsonl", load_examples(DATA / "arc-c_10shot.jsonl")[KSHOT:])   # held out
     write_jsonl(tmp_path / "pool.jsonl", load_examples(world / "pool.jsonl")[:POOL])
     bank = tmp_path / "adapters"
     bank.mkdir()
