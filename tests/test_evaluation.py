@@ -169,7 +169,7 @@ def _fail(*args, **kwargs):
     ("out is the data", r"--out .*test\.jsonl: the same file as --data; it would be overwritten$"),
     ("out is the manifest", r"--out .*experts\.txt: the same file as --bank; it would be overwritten$"),
     ("out is the MoE", rf"--out .*{MOE_FILE}: the same file as --moe; it would be overwritten$"),
-    ("no MoE", rf"empty: no {MOE_FILE} \(expected a rocket train output or checkpoint\)$"),
+    ("no MoE", rf"empty: no rocket_moe_config\.json or {MOE_FILE} \(expected a rocket train output or checkpoint\)$"),
     ("unreadable gold", r"test\.jsonl:2: the gold output 'B\. breaking a glass' has no answer for extractor 'number'$"),
     ("no base model", r"missing-model: no such model directory$"),
     ("no bank", r"missing-bank: expected a directory of peft adapters or a manifest \.txt$"),

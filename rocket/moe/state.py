@@ -90,8 +90,11 @@ def write_moe_dir(out: str | Path, tokenizer=None) -> Path:
     the tokenizer's files, then rocket_moe_config.json, the weights' config, last."""
     out = Path(out)
     cfg = _file_config(out / MOE_FILE)
-    if tokenizer is not None:
+    if hasattr(tokenizer, "save_pretrained"):
         _save_tokenizer(tokenizer, out)
+    elif tokenizer is not None:  # a tokenizer of the caller's own: the directory loads without it
+        warnings.warn(f"{out}: the tokenizer ({type(tokenizer).__name__}) has no save_pretrained and is not "
+                      "saved with the model", stacklevel=2)
     write_json(out / MOE_CONFIG_FILE, cfg, indent=2)
     return out
 
