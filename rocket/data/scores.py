@@ -3,7 +3,6 @@ written by scoring, read by selection.
 """
 from __future__ import annotations
 
-import json
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -75,12 +74,7 @@ class Scores:
 def read_accuracy(path: str | Path, names: list[str]) -> torch.Tensor:
     """Accuracy per adapter from a JSON {adapter name: accuracy in [0, 1]}, in `names` order."""
     path = Path(path)
-    try:
-        obj = json.loads(path.read_text())
-    except FileNotFoundError:
-        raise DataError(f"{path}: no such accuracy file") from None
-    except json.JSONDecodeError as e:
-        raise DataError(f"{path}:{e.lineno}: malformed JSON ({e.msg})") from None
+    obj = read_json(path, DataError)
     if not isinstance(obj, dict):
         raise DataError(f"{path}: expected a JSON object {{adapter: accuracy}}")
     out = []

@@ -16,7 +16,7 @@ from pathlib import Path
 import torch
 from rocket.data.answers import DEFAULT_MAX_NEW_TOKENS
 from rocket.io import write_json
-from rocket.modeling import load_base
+from rocket.modeling import default_device, load_base
 from rocket.resume import Stamps, digest, fingerprint
 from rocket.errors import PipelineError
 
@@ -70,8 +70,7 @@ class Pipeline:
     def __init__(self, cfg: RunConfig, log=print):
         self.cfg = cfg
         self.dir = cfg.run_dir
-        self.device = torch.device(cfg.device) if cfg.device else torch.device(
-            "cuda" if torch.cuda.is_available() else "cpu")
+        self.device = default_device(cfg.device)
         self.stamps = Stamps(self.dir)
         self.log = log
         self._base = None
