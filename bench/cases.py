@@ -73,6 +73,9 @@ def fwd_bwd(fn, wrt, v):
 # The training suite's shapes: GPU ~1.1B Llama, E=4 experts r=16; CPU: tiny, a correctness run.
 TRAIN_GPU = dict(hidden=2048, layers=16, heads=16, mlp=5504, vocab=32000, E=4, r=16, n=4000, prompt=(100, 300),
                  answer=(50, 200), batch=8, steps=40, loop_steps=16, warm=6, pad=64)
+# The scale users run (ROCKET_BENCH_SHAPES=7b): a 7B-shape Llama, micro-batch 2, examples up to the 1024-token cutoff.
+TRAIN_7B = dict(hidden=4096, layers=32, heads=32, mlp=11008, vocab=32000, E=4, r=16, n=400, prompt=(300, 700),
+                answer=(100, 324), batch=2, steps=30, loop_steps=8, warm=4, pad=64)
 TRAIN_CPU = dict(hidden=64, layers=2, heads=4, mlp=128, vocab=512, E=3, r=4, n=48, prompt=(10, 30), answer=(5, 20),
                  batch=4, steps=6, loop_steps=4, warm=2, pad=16)
 
@@ -113,17 +116,22 @@ def build_model(s, device):
                         pad_token_id=0, bos_token_id=1, eos_token_id=2)
 
 
-def random_bank(model, n, r, dtype=torch.float32, name="e{}", seed=0):
+def random_bank(model, n, r, dtype=torch.float32, name="e{}", seed=0, draw_on="cpu"):
     """n random LoRA adapters (rank r, alpha 2r) on every LLAMA_TARGETS linear of `model`, named
-    name.format(index): A ~ N(0, 1/d_in), B ~ N(0, 0.02²), in `dtype`."""
+    name.format(index): A ~ N(0, 1/d_in), B ~ N(0, 0.02²), in `dtype`, held in host memory.
+    draw_on: the device whose generator draws them ("cuda" for banks of billions of weights: the
+    CPU's generator draws ~10⁸ numbers a second)."""
     from rocket.adapters.bank import LoraAdapter, LoraBank
     from rocket.tiny import LLAMA_TARGETS
-    gen = torch.Generator().manual_seed(seed)
+    gen = torch.Generator(draw_on).manual_seed(seed)
     modules = [(m_name, m) for m_name, m in model.named_modules() if m_name.rpartition(".")[2] in LLAMA_TARGETS]
+
+    def draw(*shape, scale):
+        return (torch.randn(*shape, generator=gen, device=draw_on) * scale).to("cpu", dtype)
     adapters = []
     for a in range(n):
-        weights = {m_name: ((torch.randn(r, m.in_features, generator=gen) / m.in_features ** 0.5).to(dtype),
-                            (torch.randn(m.out_features, r, generator=gen) * 0.02).to(dtype)) for m_name, m in modules}
+        weights = {m_name: (draw(r, m.in_features, scale=m.in_features ** -0.5), draw(m.out_features, r, scale=0.02))
+                   for m_name, m in modules}
         adapters.append(LoraAdapter(name.format(a), Path("."), r, 2.0 * r, False, weights, {k: 2.0 for k in weights}))
     return LoraBank(adapters)
 

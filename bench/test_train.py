@@ -11,15 +11,18 @@ Rows (tokens/s = non-padding tokens through forward + backward + AdamW per secon
 GPU: hidden 2048, 16 layers, MLP 5504, vocab 32000 (~1.1B), E=4 experts r=16, top-2, micro-batch 8,
 examples of 150–500 tokens, lengths padded to a multiple of 64; 40 steps (16 for the reference implementation loop), so
 the suite fits one device call. Every row leaves out the first step of each batch shape.
+ROCKET_BENCH_SHAPES=7b: the scale users run, a 7B-shape Llama (hidden 4096, 32 layers, MLP 11008), micro-batch 2,
+examples of 400–1024 tokens (bench/cases.py TRAIN_7B); peak GPU memory beside every row.
 CPU: tiny shapes, a correctness run of the same code.
 """
 import json
+import os
 import time
 
 import pytest
 import torch
 
-from bench.cases import (TRAIN_CPU, TRAIN_GPU, IntTokenizer, build_model, history, random_bank, random_examples, rate,
+from bench.cases import (TRAIN_7B, TRAIN_CPU, TRAIN_GPU, IntTokenizer, build_model, history, random_bank, random_examples, rate,
                          template_file)
 from rocket.kernels import reference as R
 from rocket.tiny import LLAMA_TARGETS
@@ -65,7 +68,7 @@ def peft_steps(model, tok, examples, cfg, steps, device):
 def test_train_throughput(recorder, device, on_gpu, monkeypatch, tmp_path):
     if not on_gpu:  # the CPU path of a real run is the torch reference (see tests/test_train.py)
         monkeypatch.setenv("TRITON_INTERPRET", "0")
-    s = TRAIN_GPU if on_gpu else TRAIN_CPU
+    s = (TRAIN_7B if os.environ.get("ROCKET_BENCH_SHAPES") == "7b" else TRAIN_GPU) if on_gpu else TRAIN_CPU
     t_start = time.perf_counter()
 
     def say(msg):  # progress with timestamps: a device run that hits its limit still shows where it was
@@ -90,35 +93,49 @@ def test_train_throughput(recorder, device, on_gpu, monkeypatch, tmp_path):
         assert res.losses[-1] == res.losses[-1] and res.steps == steps
         return res
 
-    results, losses = {}, {}
+    results, losses, peak_gib, resident_gib = {}, {}, {}, {}
 
     def done(name, steps, loss=None):
+        if on_gpu:  # each row starts from a reset (run_row), so this is its own peak
+            peak_gib[name] = torch.cuda.max_memory_allocated() / 2 ** 30
         results[name] = rate(steps, s["warm"] if name != "seed_loop" else min(s["warm"], s["loop_steps"] // 2))
         if loss is not None:
             losses[name] = loss
         say(f"{name}: {results[name][0]:.0f} tokens/s, median step {results[name][1]:.1f} ms")
 
-    r = run("rocket_torch", "torch")
+    def reset_peak(name):  # every row's peak counts the untouched `base` kept for the next rows: resident_gib
+        if on_gpu:
+            torch.cuda.empty_cache()
+            torch.cuda.reset_peak_memory_stats()
+            resident_gib[name] = torch.cuda.memory_allocated() / 2 ** 30
+
+    def run_row(name, backend, **kw):
+        reset_peak(name)
+        return run(name, backend, **kw)
+
+    r = run_row("rocket_torch", "torch")
     done("rocket_torch", history(r), r.losses)
+    reset_peak("peft_lora")
     done("peft_lora", peft_steps(_fresh(base), tok, examples, TrainConfig(**cfg), s["steps"], device))
     with monkeypatch.context() as m:
         import rocket.moe.layer as moe
         m.setattr(moe, "lora_moe", lambda *a, return_routing=False, gemm_backend="auto", **k: R.lora_moe_loop(*a, **k))
-        r = run("seed_loop", "torch", steps=s["loop_steps"])
+        r = run_row("seed_loop", "torch", steps=s["loop_steps"])
     done("seed_loop", history(r))
     # same batches, same init: the loop MoE must agree with rocket's layer on the steps both ran
     assert r.losses == pytest.approx(losses["rocket_torch"][: s["loop_steps"]], rel=2e-2 if on_gpu else 1e-4)
     if HAVE_DS:
-        r = run("rocket_zero3", "deepspeed", deepspeed_config="zero3")
+        r = run_row("rocket_zero3", "deepspeed", deepspeed_config="zero3")
         done("rocket_zero3", history(r), r.losses)
 
     tps = {k: v[0] for k, v in results.items()}
     row = recorder.record(device, {k: s[k] for k in ("hidden", "layers", "mlp", "vocab", "E", "r", "batch", "steps",
-                                                     "pad")} | {"top_k": 2, "gpus": 1},
+                                                     "pad")} | {"top_k": 2, "gpus": 1, "cutoff": 1024},
                           {k: v[1] for k, v in results.items()}, baseline="peft_lora", tokens_per_s=tps,
                           rocket_vs_peft={k: tps[k] / tps["peft_lora"] for k in tps if k.startswith("rocket")},
                           rocket_vs_seed_loop={k: tps[k] / tps["seed_loop"] for k in tps if k.startswith("rocket")},
-                          first_last_loss={k: (v[0], v[-1]) for k, v in losses.items()})
+                          first_last_loss={k: (v[0], v[-1]) for k, v in losses.items()},
+                          peak_memory_gib=peak_gib or None, resident_memory_gib=resident_gib or None)
     print(json.dumps(row, indent=1), flush=True)
     if HAVE_DS:  # ZeRO-3 and the torch loop train the same model on the same batches
         assert losses["rocket_zero3"] == pytest.approx(losses["rocket_torch"], rel=2e-2 if on_gpu else 1e-4)
