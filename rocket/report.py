@@ -108,7 +108,7 @@ def plot_routing(routing: dict) -> bytes:
     ax.set_xticks(range(len(experts)), experts, rotation=30, ha="right", fontsize=9)
     step = max(1, len(names) // 40)  # at most ~40 row labels
     ax.set_yticks(range(0, len(names), step), labels[::step], fontsize=8)
-    ax.set_title("share of routed tokens per expert and MoE layer (K-shot examples)", fontsize=10)
+    ax.set_title("share of routed tokens per expert\nand MoE layer (K-shot examples)", fontsize=10)
     fig.colorbar(im, ax=ax, label="share of tokens")
     return _png(fig)
 
@@ -126,17 +126,25 @@ def plot_curve(history: list[dict]) -> bytes:
     """Training loss per step, raw (length-grouped batches make it jagged) and smoothed; the
     evaluation loss where logged."""
     plt = _plt()
+    from matplotlib.ticker import MaxNLocator
+
     fig, ax = plt.subplots(figsize=(6.4, 3.4), layout="constrained")
     pts = [(h["step"], h["loss"]) for h in history if h.get("loss") is not None]
     steps, losses = [p[0] for p in pts], [p[1] for p in pts]
-    ax.plot(steps, losses, color="C0", alpha=0.3, linewidth=0.8, label="train loss (per step)")
-    if losses:
-        window = max(1, len(losses) // 10)
+    window = max(1, len(losses) // 10)
+    if window == 1:   # too few steps to smooth: the steps themselves, marked (one step is a lone point)
+        ax.plot(steps, losses, "o-", color="C0", linewidth=1.5, label="train loss (per step)")
+    else:
+        ax.plot(steps, losses, color="C0", alpha=0.3, linewidth=0.8, label="train loss (per step)")
         ax.plot(steps, smoothed(losses, window), color="C0", linewidth=2, label=f"train loss (mean of {window})")
     ev = [(h["step"], h["eval_loss"]) for h in history if h.get("eval_loss") is not None]
     if ev:
         ax.plot([p[0] for p in ev], [p[1] for p in ev], "o-", color="C1", label="eval loss")
     ax.set_xlabel("step")
+    if window == 1:   # steps are whole numbers: a tick at each, not 0.96, 0.98, … around a lone step
+        ax.set_xticks(steps)
+    else:
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     ax.set_ylabel("loss (nats)")
     ax.set_title("training curve")
     ax.legend(fontsize=8)
@@ -177,10 +185,13 @@ def ranking_rows(selection: dict) -> list[list]:
             for r in rows]
 
 
-CSS = """body{font-family:system-ui,sans-serif;max-width:1100px;margin:2em auto;color:#222}
+# Long paths and names (the run directory, adapters, the embedder) wrap instead of widening the page;
+# tests/test_report_browser.py checks the page in a headless browser.
+CSS = """body{font-family:system-ui,sans-serif;max-width:1100px;margin:2em auto;padding:0 1em;color:#222}
 table{border-collapse:collapse;margin:.5em 0}td,th{border:1px solid #ccc;padding:2px 8px;text-align:right}
 th{background:#f3f3f3}tr.mark td{background:#fff4c2}img{max-width:100%;border:1px solid #eee}
-code{background:#f5f5f5;padding:0 3px}h2{border-bottom:1px solid #ddd}"""
+code{background:#f5f5f5;padding:0 3px}h2{border-bottom:1px solid #ddd}
+code,td{overflow-wrap:anywhere}pre{white-space:pre-wrap;overflow-wrap:anywhere}"""
 
 
 def variant(meta: dict) -> str:

@@ -34,6 +34,7 @@ def test_routing_figure_keeps_full_expert_names_and_grows_with_layers(layers):
 def test_curve_plots_raw_and_smoothed():
     png = plot_curve([{"step": i + 1, "loss": math.exp(-i / 30) + 0.2 * (i % 3)} for i in range(90)])
     assert Image.open(io.BytesIO(png)).size[0] >= 600
+    assert Image.open(io.BytesIO(plot_curve([{"step": 1, "loss": 2.0}]))).size[0] >= 600   # one step: a marked point
 
 
 @pytest.mark.parametrize("meta, words", [

@@ -22,13 +22,13 @@ def plot_similarity(selection: Selection) -> bytes:
     labels = [("★ " if n in selection.experts else "") + n for n in selection.top]
     fig, ax = plt.subplots(figsize=(min(4 + 0.5 * m, 24), min(3 + 0.45 * m, 22)), layout="constrained")
     im = ax.imshow(selection.similarity.numpy(), cmap="coolwarm", vmin=-1, vmax=1, interpolation="nearest")
-    ax.set_xticks(range(m), labels, rotation=60, ha="right", fontsize=7)
-    ax.set_yticks(range(m), labels, fontsize=7)
+    ax.set_xticks(range(m), labels, rotation=60, ha="right", fontsize=8)
+    ax.set_yticks(range(m), labels, fontsize=8)
     if m <= 16:
         for i in range(m):
             for j in range(m):
                 v = float(selection.similarity[i, j])
-                ax.text(j, i, "–" if math.isnan(v) else f"{v:.2f}", ha="center", va="center", fontsize=6)
+                ax.text(j, i, "–" if math.isnan(v) else f"{v:.2f}", ha="center", va="center", fontsize=8)
     ax.set_title("mean per-module cosine of ΔW\n(top M; ★ chosen)", fontsize=10)
     fig.colorbar(im, ax=ax, label="cos")
     buf = BytesIO()
