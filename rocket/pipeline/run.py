@@ -210,7 +210,7 @@ class Pipeline:
         from rocket.data.examples import load_examples
         from rocket.scoring.accuracy import plan_accuracy
         from rocket.scoring.heatmap import save_heatmap
-        from rocket.scoring.score import score_adapters
+        from rocket.scoring.score import score_adapters, score_summary
 
         c = self.cfg
         examples = load_examples(c.kshot)
@@ -224,8 +224,10 @@ class Pipeline:
         scores.meta.update(base_model=str(c.base_model), bank=str(c.bank), data=str(c.kshot), data_cot=c.kshot_cot)
         save_heatmap(scores, self.p("heatmap.png"))
         scores.save(self.p("scores.json"))
+        self.log(f"[score] {score_summary(scores)}")
         best = int(torch.argmin(scores.ppl_sum))
-        return {"adapters": len(scores.names), "examples": scores.loss.shape[1], "lowest_ppl_r": scores.names[best]}
+        return {"adapters": len(scores.names), "examples": scores.loss.shape[1], "lowest_ppl_r": scores.names[best],
+                "base_ppl_r": scores.base_ppl_sum}
 
     def _select(self) -> dict:
         from rocket.data.scores import Scores

@@ -3,14 +3,13 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import torch
 from rocket.adapters.bank import LoraBank
 from rocket.data.answers import DEFAULT_MAX_NEW_TOKENS
 from rocket.data.examples import load_examples
 from rocket.modeling import load_base, resolve_dtype
 from rocket.scoring.accuracy import plan_accuracy
 from rocket.scoring.heatmap import save_heatmap
-from rocket.scoring.score import score_adapters
+from rocket.scoring.score import score_adapters, score_summary
 from rocket.errors import ScoringError
 from rocket.io import check_paths
 
@@ -78,7 +77,6 @@ def main(args) -> int:
     scores.save(args.out)
     if args.heatmap:
         save_heatmap(scores, args.heatmap)
-    best = int(torch.argmin(scores.ppl_sum))
     print(f"scored {len(bank)} adapters on {scores.loss.shape[1]} examples in {scores.meta['seconds']:.1f}s; "
-          f"lowest PPL_R: {scores.names[best]} ({float(scores.ppl_sum[best]):.3f}); wrote {args.out}")
+          f"{score_summary(scores)}; wrote {args.out}")
     return 0
