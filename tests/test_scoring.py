@@ -410,6 +410,28 @@ def test_cli_score_writes_json_and_heatmap(reference_path, tiny_model_dir, lora_
     assert not (tmp_path / "x.json").exists()
 
 
+def test_cli_score_with_a_tokenizer_directory(reference_path, tiny_model_dir, tiny_tokenizer, lora_bank_dir,
+                                              tmp_path, capsys):
+    """A model directory saved without its tokenizer files scores with --tokenizer DIR, as the whole directory
+    does; without --tokenizer the one-line error names the option."""
+    import shutil
+    model = tmp_path / "model"
+    shutil.copytree(tiny_model_dir, model, ignore=shutil.ignore_patterns("tokenizer*", "special_tokens_map.json",
+                                                                         "chat_template.jinja"))
+    tokenizer = tmp_path / "tokenizer"
+    tiny_tokenizer.save_pretrained(tokenizer)
+    data = str(DATA / "arc-c_10shot.jsonl")
+    base = ["score", "--bank", str(lora_bank_dir), "--data", data, "--no-accuracy", "--no-progress", "--device", "cpu"]
+    assert cli_main(base + ["--base-model", str(model), "--out", str(tmp_path / "none.json")]) == 2
+    assert "give its directory with --tokenizer" in capsys.readouterr().err
+    assert cli_main(base + ["--base-model", str(model), "--tokenizer", str(tokenizer),
+                            "--out", str(tmp_path / "split.json")]) == 0
+    assert cli_main(base + ["--base-model", str(tiny_model_dir), "--out", str(tmp_path / "whole.json")]) == 0
+    split, whole = Scores.load(tmp_path / "split.json"), Scores.load(tmp_path / "whole.json")
+    assert torch.equal(split.loss, whole.loss) and torch.equal(split.base_loss, whole.base_loss)
+    assert split.meta["tokenizer"] == str(tokenizer) and whole.meta["tokenizer"] is None
+
+
 def test_cli_score_accuracy_by_default_golds_first_and_cot(reference_path, monkeypatch, tiny_model_dir,
                                                           lora_bank_dir, kshot_examples, tmp_path, capsys):
     base = ["score", "--base-model", str(tiny_model_dir), "--bank", str(lora_bank_dir), "--no-progress",
