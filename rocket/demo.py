@@ -28,6 +28,7 @@ from pathlib import Path
 import torch
 
 from rocket.io import write_json
+from rocket.data.scores import BASE_LABEL, format_ppl
 from rocket.data.tokenize import IGNORE_INDEX, tokenize_example, pad_batch
 from rocket.data.examples import write_jsonl
 from rocket.errors import RocketError
@@ -342,6 +343,7 @@ def evaluate(world: Path, run_dir: Path, truth: dict) -> dict:
     similarity = bank.subset([bank.index(n) for n in truth["near_copy"]]).delta_cos()
     return {
         "ranking": ranking, "ppl_sum": {n: float(scores.ppl_sum[i]) for i, n in enumerate(scores.names)},
+        "base_ppl_sum": scores.base_ppl_sum,
         "experts": experts, "near_copy_cos": float(similarity[0, 1]),
         "open_selected": len(selected), "open_pool": aug["counts"]["pool"],
         "selected_by_family": {f: fams.count(f) for f in truth["families"]},
@@ -380,9 +382,11 @@ def summary_lines(result: dict, truth: dict, ok: dict[str, bool], seconds: float
     related = set(truth["related"])
     lines = [f"target task: '{TARGET.instruction}' (K={truth['size']['kshot']}), needs {' + '.join(truth['related'])}",
              "", "stage 1 · PPL_R ranking (lower is better):"]
+    if result.get("base_ppl_sum") is not None:
+        lines.append(f"     {BASE_LABEL:<12}{format_ppl(result['base_ppl_sum']):>10}   (no adapter, for reference)")
     for k, name in enumerate(result["ranking"], 1):
         mark = "   ← related" if name in related else "   ← near-copy" if name == truth["near_copy"][0] else ""
-        lines.append(f"  {k}. {name:<11} {result['ppl_sum'][name]:>10.1f}{mark}")
+        lines.append(f"  {k}. {name:<11} {format_ppl(result['ppl_sum'][name]):>10}{mark}")
     lines += ["", f"stage 2 · chosen experts: {', '.join(result['experts'])} (3 of the top 5; the near-copy "
               f"'{truth['near_copy'][0]}' has ΔW |cos| {result['near_copy_cos']:.2f} with its original)", "",
               f"stage 3 · {result['open_selected']} of {result['open_pool']} open items kept; by family: "

@@ -3,6 +3,7 @@ device rule for every command."""
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import torch
@@ -62,19 +63,34 @@ def check_model_dir(base_model) -> Path:
     return path
 
 
-def check_tokenizer_dir(base_model) -> Path:
-    """`base_model` as a Path if it holds a saved tokenizer (TOKENIZER_FILES); else one line naming
-    the files that are missing."""
-    path = _model_dir(base_model)
+def check_tokenizer_dir(base_model, tokenizer=None) -> Path:
+    """The directory the tokenizer of `base_model` loads from, checked: `tokenizer` (a directory:
+    `--tokenizer`, for a model saved without its tokenizer) when given, else the model directory.
+    It must hold a saved tokenizer (TOKENIZER_FILES); else one line naming what is missing. Cheap:
+    run before any long work, and by load_tokenizer before transformers sees the directory."""
+    if tokenizer is not None:
+        path = Path(tokenizer)
+        where, fix = f"--tokenizer {path}", ""
+        if not path.is_dir():
+            raise ModelError(f"{where}: no such directory")
+    else:
+        path = _model_dir(base_model)
+        where, fix = str(path), "; save the tokenizer with the model, or give its directory with --tokenizer"
     present = {p.name for p in path.iterdir()}
     if any(present.issuperset(group) for group in TOKENIZER_FILES):
         return path
     partial = next((group for group in TOKENIZER_FILES if present.intersection(group)), None)
     if partial is not None:
-        raise ModelError(f"{path}: incomplete tokenizer: {', '.join(sorted(present.intersection(partial)))} "
+        raise ModelError(f"{where}: incomplete tokenizer: {', '.join(sorted(present.intersection(partial)))} "
                          f"without {', '.join(sorted(set(partial) - present))}")
-    raise ModelError(f"{path}: no tokenizer files (tokenizer.json, tokenizer.model, or vocab.json + merges.txt); "
-                     "save the tokenizer with the model")
+    raise ModelError(f"{where}: no tokenizer files (tokenizer.json, tokenizer.model, or vocab.json + merges.txt)"
+                     + fix)
+
+
+def add_tokenizer_argument(parser, model: str = "--base-model") -> None:
+    """--tokenizer DIR, on every command that loads a model directory (`model` names its flag)."""
+    parser.add_argument("--tokenizer", metavar="DIR", help=f"tokenizer directory to use instead of the one saved "
+                        f"with {model} (for a model directory saved without its tokenizer files)")
 
 
 def load_model(base_model, device: torch.device, dtype: str | torch.dtype | None = "auto") -> torch.nn.Module:
@@ -90,16 +106,18 @@ def load_model(base_model, device: torch.device, dtype: str | torch.dtype | None
 
 
 def load_tokenizer(base_model, tokenizer=None):
-    """`tokenizer` if given, else the one saved with the model directory."""
-    if tokenizer is not None:
+    """`tokenizer` if it is a tokenizer object; else the one saved in the directory `tokenizer`
+    (`--tokenizer`), or, when None, the one saved with the model directory (check_tokenizer_dir)."""
+    if tokenizer is not None and not isinstance(tokenizer, (str, os.PathLike)):
         return tokenizer
-    if isinstance(base_model, torch.nn.Module):
+    if tokenizer is None and isinstance(base_model, torch.nn.Module):
         raise ModelError("a tokenizer is needed when the base model is a model object")
     from transformers import AutoTokenizer
 
-    return AutoTokenizer.from_pretrained(str(check_tokenizer_dir(base_model)))
+    return AutoTokenizer.from_pretrained(str(check_tokenizer_dir(base_model, tokenizer)))
 
 
 def load_base(base_model, device: torch.device, dtype: str | torch.dtype | None = "auto", tokenizer=None):
-    """(model in eval mode, tokenizer) of an HF causal-LM directory."""
+    """(model in eval mode, tokenizer) of an HF causal-LM directory; `tokenizer` as in load_tokenizer
+    (an object, a tokenizer directory, or None: the model directory's)."""
     return load_model(base_model, device, dtype).eval(), load_tokenizer(base_model, tokenizer)

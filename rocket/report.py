@@ -16,6 +16,7 @@ from pathlib import Path
 import torch
 
 from rocket.errors import RocketError
+from rocket.data.scores import BASE_LABEL, Scores, format_ppl
 from rocket.data.tokenize import pad_batch
 from rocket.io import atomic_write
 
@@ -178,11 +179,28 @@ def _load(path: Path):
     return json.loads(path.read_text()) if path.is_file() else None
 
 
-def ranking_rows(selection: dict) -> list[list]:
+def ranking_rows(selection: dict, base: dict | None = None) -> list[list]:
+    """The scores table: the base model's row first when `base` (scores.json's 'base') is given,
+    unranked, then the adapters by R_P + R_A."""
     rows = sorted(selection["ranking"], key=lambda r: (r["R_P"] + (r["R_A"] or 0), r["R_P"], r["name"]))
-    return [[r["name"], f"{r['ppl_sum']:.4g}", "-" if r["accuracy"] is None else f"{r['accuracy']:.3f}", r["R_P"],
-             "-" if r["R_A"] is None else r["R_A"], r["rank_sum"], r["top_m"] or "", "★" if r["chosen"] else ""]
-            for r in rows]
+    head = [] if base is None else [[BASE_LABEL, format_ppl(base["ppl_sum"]),
+                                     "-" if base.get("accuracy") is None else f"{base['accuracy']:.3f}",
+                                     "-", "-", "-", "", ""]]
+    return head + [[r["name"], format_ppl(r["ppl_sum"]), "-" if r["accuracy"] is None else f"{r['accuracy']:.3f}",
+                    r["R_P"], "-" if r["R_A"] is None else r["R_A"], r["rank_sum"], r["top_m"] or "",
+                    "★" if r["chosen"] else ""] for r in rows]
+
+
+def scoring_notes(run: Path) -> list[str]:
+    """The adapters that cannot help, as scoring warned about them: ΔW = 0 and worse than the base model."""
+    zero, worse = Scores.load(run / "scores.json").unhelpful()
+    notes = []
+    if zero:
+        notes.append(f"ΔW = 0 on every module (untrained): {', '.join(zero)}.")
+    if worse:
+        notes.append("Worse than the base model alone (a higher loss on every example, no better accuracy): "
+                     + ", ".join(worse) + ".")
+    return notes
 
 
 # Long paths and names (the run directory, adapters, the embedder) wrap instead of widening the page;
@@ -222,6 +240,13 @@ def render_report(run_dir: str | Path, extra_sections: list[tuple[str, str]] | N
         parts.append(f"<h2>1 · Scoring</h2><p>{len(scores['adapters'])} adapters × {scores['examples']} K-shot "
                      f"examples, template <code>{html.escape(str(meta.get('template')))}</code>, "
                      f"{meta.get('seconds', 0):.2f} s. {html.escape(variant(meta))}</p>")
+        if scores.get("base"):
+            parts.append(f"<p>The base model alone: PPL_R {format_ppl(scores['base']['ppl_sum'])}; "
+                         f"{sum(v < scores['base']['ppl_sum'] for v in scores['ppl_sum'])} of "
+                         f"{len(scores['adapters'])} adapters are below it.</p>")
+        notes = scoring_notes(run)
+        if notes:
+            parts.append("<p>" + " ".join(html.escape(n) for n in notes) + "</p>")
         if (run / "heatmap.png").is_file():
             parts.append(_img((run / "heatmap.png").read_bytes(), "loss heatmap"))
 
@@ -231,8 +256,9 @@ def render_report(run_dir: str | Path, extra_sections: list[tuple[str, str]] | N
         parts.append(f"<p>Chosen: <b>{html.escape(', '.join(selection['experts']))}</b> "
                      f"(objective {selection['objective']}). " + " ".join(html.escape(n) for n in selection["notes"])
                      + "</p>")
+        rows = ranking_rows(selection, selection.get("base", (scores or {}).get("base")))
         parts.append(_table(["adapter", "PPL_R", "acc", "R_P", "R_A", "R_P+R_A", "top-M", "chosen"],
-                            ranking_rows(selection), mark=lambda i: ranking_rows(selection)[i][-1] == "★"))
+                            rows, mark=lambda i: rows[i][-1] == "★"))
         tuples = selection.get("tuples", [])[:10]
         if tuples:
             parts.append("<p>Best tuples (objective = Σ(R_P+R_A) + R_D):</p>" + _table(

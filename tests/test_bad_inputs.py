@@ -70,6 +70,19 @@ def real_train_cli(*flags: str, before=None):
                "--device", "cpu", "--backend", "torch", "--no-progress", *flags, before=before)
 
 
+def score_cli(*flags: str, before=None, base_model="{model}"):
+    """`rocket score FLAGS` on the tiny bank and the K-shot data, accuracy off: the error in FLAGS (or
+    in the base model) must come before any scoring (no scores file is written)."""
+    run = cli("score", "--base-model", base_model, "--bank", "{bank}", "--data", "{data}", "--out",
+              "{tmp}/scores.json", "--no-accuracy", "--device", "cpu", "--no-progress", *flags, before=before)
+
+    def checked(inputs: Inputs) -> str:
+        line = run(inputs)
+        assert not (inputs.tmp / "scores.json").exists()
+        return line
+    return checked
+
+
 def run_cli(*flags: str):
     """`rocket run FLAGS` on the tiny model and bank, the K-shot data as pool too: the error must come
     before any stage runs (the run directory stays empty)."""
@@ -247,8 +260,32 @@ CASES = [
                      "--out", "{tmp}/scores.json", "--device", "cpu", "--no-progress"),
                  r"qv_r4: looks like a peft adapter", id="score adapter as base model"),
     pytest.param(train_cli(before=model_copy(*TOKENIZER), base_model="{tmp}/m"),
-                 r"m: no tokenizer files \(tokenizer\.json, tokenizer\.model, or vocab\.json \+ merges\.txt\)",
+                 r"m: no tokenizer files \(tokenizer\.json, tokenizer\.model, or vocab\.json \+ merges\.txt\); "
+                 r"save the tokenizer with the model, or give its directory with --tokenizer$",
                  id="train base model without tokenizer"),
+    pytest.param(score_cli(before=model_copy(*TOKENIZER), base_model="{tmp}/m"),
+                 r"m: no tokenizer files .*; save the tokenizer with the model, or give its directory with "
+                 r"--tokenizer$",
+                 id="score base model without tokenizer"),
+    # --tokenizer DIR (a model saved without its tokenizer), checked before any long work
+    pytest.param(train_cli("--tokenizer", "{tmp}/nowhere", base_model="{model}"),
+                 r"--tokenizer .*nowhere: no such directory$", id="train --tokenizer missing"),
+    pytest.param(score_cli("--tokenizer", "{bank}/qv_r4"),
+                 r"--tokenizer .*qv_r4: no tokenizer files \(tokenizer\.json, tokenizer\.model, or vocab\.json \+ "
+                 r"merges\.txt\)$", id="score --tokenizer without tokenizer files"),
+    pytest.param(score_cli("--tokenizer", "{tmp}/t", before=model_copy(*TOKENIZER), base_model="{tmp}/m"),
+                 r"--tokenizer .*/t: no such directory$", id="score --tokenizer missing, model without tokenizer"),
+    pytest.param(score_cli("--tokenizer", "{tmp}/m", before=model_copy(*TOKENIZER, files={"vocab.json": "{}"})),
+                 r"--tokenizer .*m: incomplete tokenizer: vocab\.json without merges\.txt$",
+                 id="score --tokenizer incomplete"),
+    pytest.param(run_cli("--tokenizer", "{tmp}/nowhere"), r"--tokenizer .*nowhere: no such directory$",
+                 id="run --tokenizer missing"),
+    pytest.param(cli("eval", "--base-model", "{model}", "--moe", "{tmp}/moe", "--bank", "{bank}", "--data", "{data}",
+                     "--tokenizer", "{tmp}/nowhere", "--no-accuracy", "--device", "cpu", "--no-progress"),
+                 r"--tokenizer .*nowhere: no such directory$", id="eval --tokenizer missing"),
+    pytest.param(cli("rationale", "--model", "{model}", "--kshot", "{data}", "--out", "{tmp}/cot.jsonl",
+                     "--tokenizer", "{tmp}/nowhere", "--device", "cpu", "--no-progress"),
+                 r"--tokenizer .*nowhere: no such directory$", id="rationale --tokenizer missing"),
     pytest.param(load("tokenizer", model_copy(*TOKENIZER, files={"vocab.json": "{}"})),
                  r"m: incomplete tokenizer: vocab\.json without merges\.txt$", id="tokenizer vocab without merges"),
     pytest.param(load("model", model_copy("model.safetensors")), r"m: no model weights \(none of model\.safetensors",

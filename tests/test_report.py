@@ -46,3 +46,29 @@ def test_the_report_says_which_variant_ran(meta, words):
     from rocket.report import variant
     text = variant(meta)
     assert all(w in text for w in words), text
+
+
+def test_the_scores_table_starts_with_the_base_model_and_prints_ppl_r_one_way(tmp_path):
+    import json
+
+    from rocket.data.scores import Scores
+    from rocket.report import ranking_rows, render_report
+
+    selection = {"experts": ["a"], "objective": 2, "notes": [], "ranking": [
+        {"name": "a", "ppl_sum": 4614.3049, "accuracy": 0.5, "R_P": 1, "R_A": 1, "rank_sum": 2, "top_m": 1,
+         "chosen": True},
+        {"name": "b", "ppl_sum": 24168.0, "accuracy": None, "R_P": 2, "R_A": None, "rank_sum": 2, "top_m": None,
+         "chosen": False}]}
+    rows = ranking_rows(selection, {"ppl_sum": 30000.126, "accuracy": 0.25})
+    assert rows[0] == ["(base model)", "30000.13", "0.250", "-", "-", "-", "", ""]
+    assert [r[1] for r in rows[1:]] == ["4614.30", "24168.00"]
+    assert ranking_rows(selection)[0][0] == "a"   # no base row known: the adapters alone
+    Scores(["a", "b", "zero"], torch.tensor([[2.0, 2.0], [0.5, 0.5], [1.0, 1.0]], dtype=torch.float64),
+           meta={"zero_delta": ["zero"]}, base_loss=torch.tensor([1.0, 1.0], dtype=torch.float64)).save(
+        tmp_path / "scores.json")
+    (tmp_path / "experts.json").write_text(json.dumps(selection))
+    page = render_report(tmp_path)
+    assert "<tr><td>(base model)</td><td>5.44</td>" in page   # experts.json without 'base': the scores'
+    assert "The base model alone: PPL_R 5.44; 1 of 3 adapters are below it." in page
+    assert "ΔW = 0 on every module (untrained): zero." in page
+    assert "Worse than the base model alone (a higher loss on every example, no better accuracy): a." in page

@@ -219,6 +219,129 @@ def test_golds_are_checked_before_any_pass(reference_path, monkeypatch, tiny_lla
         score_adapters(tiny_llama, tiny_tokenizer, bank, list(load_examples(path)), accuracy="number", progress=False)
 
 
+@torch.no_grad()
+def plain_losses(model, tokenized):
+    """Losses [K] of the model alone, one example per forward (float64)."""
+    return torch.tensor([float(R.masked_cross_entropy_per_example(
+        model(input_ids=torch.tensor([t.input_ids])).logits, torch.tensor([t.labels]))[0]) for t in tokenized],
+        dtype=torch.float64)
+
+
+@pytest.mark.parametrize("strategy", ["sgmv", "merged"])
+def test_the_base_model_is_scored_in_the_same_run(reference_path, strategy, tiny_llama, tiny_tokenizer,
+                                                  lora_bank_dir, kshot_examples, peft_reference, tmp_path):
+    """Losses of the model alone (the unmerged model / a plain forward) and its greedy accuracy, beside the
+    adapters' (unchanged), saved in scores.json's 'base' and read back."""
+    bank = LoraBank.load(lora_bank_dir)
+    examples = copy.deepcopy(kshot_examples[:4])
+    tok = tokenize_examples(examples, tiny_tokenizer)
+    prompts = [t.input_ids[:t.prompt_len] for t in tok]
+    eos, pad = tiny_tokenizer.eos_token_id, tiny_tokenizer.pad_token_id
+    base_gens = greedy_generate(tiny_llama, None, prompts, 1, eos, pad, 6, progress=False)[0]
+    with multi_lora_model(tiny_llama, bank) as rows:
+        gens = greedy_generate(tiny_llama, rows, prompts, len(bank), eos, pad, 6, progress=False)
+    for k, gen in ((0, base_gens[0]), (1, base_gens[1]), (2, gens[2][2])):  # the base model / adapter 2 right
+        examples[k]["output"] = tiny_tokenizer.decode(gen, skip_special_tokens=True)
+    texts = [tiny_tokenizer.decode(g, skip_special_tokens=True).strip() for g in base_gens]
+    want_acc = sum(t == e["output"].strip() for t, e in zip(texts, examples)) / 4
+    want_loss = plain_losses(tiny_llama, tokenize_examples(examples, tiny_tokenizer))
+    scores = score_adapters(tiny_llama, tiny_tokenizer, bank, examples, accuracy="exact", max_new_tokens=6,
+                            max_tokens=700, progress=False, strategy=strategy, log=lambda *a: None)
+    assert torch.allclose(scores.base_loss, want_loss, rtol=0, atol=2e-5)
+    assert scores.base_accuracy == want_acc >= 0.5 and scores.accuracy[2] >= 0.25
+    assert scores.base_ppl_sum == pytest.approx(float(torch.exp(want_loss).sum()))
+    assert torch.allclose(scores.loss[:, 3], peft_reference[:, 3], rtol=0, atol=2e-5)   # its output unchanged
+    assert all(type(m).__name__ != "MultiLoraLinear" for m in tiny_llama.modules())
+    scores.save(tmp_path / "scores.json")
+    obj = json.loads((tmp_path / "scores.json").read_text())
+    assert obj["base"]["accuracy"] == want_acc and obj["base"]["ppl_sum"] == pytest.approx(scores.base_ppl_sum)
+    back = Scores.load(tmp_path / "scores.json")
+    assert torch.equal(back.base_loss, scores.base_loss) and back.base_accuracy == want_acc
+    assert back.names == bank.names   # the base model is no adapter row
+
+
+def test_scores_without_a_base_row_still_load(tmp_path):
+    """scores.json from before the base model was scored: no 'base' field."""
+    path = tmp_path / "old.json"
+    path.write_text(json.dumps({"adapters": ["a", "b"], "examples": 2, "loss": [[0.5, 1.0], [0.7, 0.2]],
+                                "accuracy": [0.5, 1.0], "meta": {}}))
+    old = Scores.load(path)
+    assert old.base_loss is None and old.base_accuracy is None and old.base_ppl_sum is None
+    assert old.worse_than_base() == [] and old.to_json()["base"] is None
+    path.write_text(json.dumps({"adapters": ["a"], "loss": [[0.5, 1.0]], "base": {"loss": [0.1]}}))
+    with pytest.raises(DataError, match=r"old\.json: field 'base' must hold 'loss', 2 finite values"):
+        Scores.load(path)
+
+
+def test_worse_than_base_is_a_higher_loss_everywhere_and_no_better_accuracy():
+    loss = torch.tensor([[2.0, 3.0], [2.0, 3.0], [1.0, 3.0], [0.5, 0.5], [1.5, 2.5]], dtype=torch.float64)
+    names = ["worse", "more_accurate", "equal_once", "better", "worse_no_acc"]
+    acc = torch.tensor([0.5, 0.75, 0.0, 1.0, 0.25], dtype=torch.float64)
+    base = torch.tensor([1.0, 2.0], dtype=torch.float64)
+    scores = Scores(names, loss, acc, base_loss=base, base_accuracy=0.5)
+    assert scores.worse_than_base() == ["worse", "worse_no_acc"]   # equal accuracy is no better
+    assert Scores(names, loss, None, base_loss=base).worse_than_base() == ["worse", "more_accurate", "worse_no_acc"]
+    assert Scores(names, loss, acc, base_loss=base).worse_than_base() == ["worse", "more_accurate", "worse_no_acc"]
+
+
+def _zeroed(src, dst):
+    """A copy of the peft adapter `src` with every lora_B zero: ΔW = 0 (an untrained adapter)."""
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+    shutil.copytree(src, dst)
+    weights = load_file(str(dst / "adapter_model.safetensors"))
+    save_file({k: torch.zeros_like(v) if "lora_B" in k else v for k, v in weights.items()},
+              str(dst / "adapter_model.safetensors"))
+
+
+def test_adapters_that_cannot_help_are_warned_about(reference_path, tiny_llama, tiny_tokenizer, lora_bank_dir,
+                                                    kshot_examples, tmp_path):
+    """On K-shot items 2-5, the random adapter attn_r2_rs has a higher loss than the base model on every item,
+    all_r8 not; an adapter with B = 0 scores as the base model and is named as untrained only."""
+    bank_dir = tmp_path / "bank"
+    _zeroed(lora_bank_dir / "qv_r4", bank_dir / "untrained")
+    for name in ("all_r8", "attn_r2_rs"):
+        (bank_dir / name).symlink_to(lora_bank_dir / name)
+    bank = LoraBank.load(bank_dir)
+    with pytest.warns(UserWarning) as caught:
+        scores = score_adapters(tiny_llama, tiny_tokenizer, bank, kshot_examples[2:6], accuracy=None, progress=False,
+                                log=lambda *a: None)
+    ours = [str(w.message) for w in caught if str(w.message).startswith("scoring:")]
+    assert scores.meta["zero_delta"] == ["untrained"] and scores.worse_than_base() == ["attn_r2_rs"]
+    assert torch.allclose(scores.loss[bank.index("untrained")], scores.base_loss, atol=1e-6)
+    assert ours == [("scoring: 1 adapter(s) with ΔW = 0 on every module (untrained: they score as the base model, "
+                     "and selection sets them aside): untrained"),
+                    ("scoring: 1 adapter(s) worse than the base model alone (a higher loss on every example): "
+                     "attn_r2_rs")]
+
+
+def test_heatmap_shows_the_base_model_first(tmp_path, monkeypatch):
+    from matplotlib.figure import Figure
+
+    from rocket.scoring.heatmap import heatmap_rows, save_heatmap
+
+    scores = Scores(["a", "b"], torch.tensor([[1.0, 2.0], [3.0, 4.0]], dtype=torch.float64),
+                    base_loss=torch.tensor([5.0, 6.0], dtype=torch.float64))
+    labels, loss = heatmap_rows(scores)
+    assert labels == ["(base model)", "a", "b"] and loss[0].tolist() == [5.0, 6.0] and loss.shape == (3, 2)
+    figures = []
+    save = Figure.savefig
+    monkeypatch.setattr(Figure, "savefig", lambda fig, *a, **k: (figures.append(fig), save(fig, *a, **k))[1])
+    save_heatmap(scores, tmp_path / "h.png")
+    ax = figures[0].axes[0]
+    assert [t.get_text() for t in ax.get_yticklabels()] == ["(base model)", "a", "b"]
+    assert [line.get_ydata()[0] for line in ax.lines] == [0.5]   # the rule between the base row and the adapters
+    labels, _ = heatmap_rows(Scores(["a"], torch.ones(1, 2, dtype=torch.float64)))
+    assert labels == ["a"]   # an older scores file: no base row
+
+
+def test_ppl_r_has_one_format():
+    from rocket.data.scores import format_ppl
+    assert [format_ppl(v) for v in (10.0, 4614.3049, 24168.0, 1.5e7, float("inf"))] == \
+        ["10.00", "4614.30", "24168.00", "1.500e+07", "inf"]
+
+
 def test_pack_rows_respects_budget_in_order():
     lengths = [30, 100, 55, 100, 7]
     rows = [(a, e) for a in range(3) for e in range(5)]
@@ -265,7 +388,11 @@ def test_cli_score_writes_json_and_heatmap(reference_path, tiny_model_dir, lora_
     scores = Scores.load(out)
     assert torch.allclose(scores.ppl_sum, torch.tensor(obj["ppl_sum"], dtype=torch.float64))
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-    assert "lowest PPL_R" in capsys.readouterr().out
+    best = int(scores.ppl_sum.argmin())
+    below = int((scores.ppl_sum < scores.base_ppl_sum).sum())
+    assert (f"lowest PPL_R: {bank.names[best]} ({scores.ppl_sum[best]:.2f}), base model {scores.base_ppl_sum:.2f} "
+            f"({below} of 4 adapters below it); wrote {out}") in capsys.readouterr().out
+    assert obj["base"]["accuracy"] is None and len(obj["base"]["loss"]) == 10   # accuracy from a file: none for it
     out2 = tmp_path / "ablation.json"
     rc = cli_main(["score", "--base-model", str(tiny_model_dir), "--bank", str(lora_bank_dir), "--data", data,
                    "--out", str(out2), "--no-accuracy", "--strategy", "merged", "--max-tokens", "2000",
@@ -281,6 +408,28 @@ def test_cli_score_writes_json_and_heatmap(reference_path, tiny_model_dir, lora_
                    "--out", str(tmp_path / "x.json"), "--no-progress"])
     assert rc == 2 and "is empty" in capsys.readouterr().err
     assert not (tmp_path / "x.json").exists()
+
+
+def test_cli_score_with_a_tokenizer_directory(reference_path, tiny_model_dir, tiny_tokenizer, lora_bank_dir,
+                                              tmp_path, capsys):
+    """A model directory saved without its tokenizer files scores with --tokenizer DIR, as the whole directory
+    does; without --tokenizer the one-line error names the option."""
+    import shutil
+    model = tmp_path / "model"
+    shutil.copytree(tiny_model_dir, model, ignore=shutil.ignore_patterns("tokenizer*", "special_tokens_map.json",
+                                                                         "chat_template.jinja"))
+    tokenizer = tmp_path / "tokenizer"
+    tiny_tokenizer.save_pretrained(tokenizer)
+    data = str(DATA / "arc-c_10shot.jsonl")
+    base = ["score", "--bank", str(lora_bank_dir), "--data", data, "--no-accuracy", "--no-progress", "--device", "cpu"]
+    assert cli_main(base + ["--base-model", str(model), "--out", str(tmp_path / "none.json")]) == 2
+    assert "give its directory with --tokenizer" in capsys.readouterr().err
+    assert cli_main(base + ["--base-model", str(model), "--tokenizer", str(tokenizer),
+                            "--out", str(tmp_path / "split.json")]) == 0
+    assert cli_main(base + ["--base-model", str(tiny_model_dir), "--out", str(tmp_path / "whole.json")]) == 0
+    split, whole = Scores.load(tmp_path / "split.json"), Scores.load(tmp_path / "whole.json")
+    assert torch.equal(split.loss, whole.loss) and torch.equal(split.base_loss, whole.base_loss)
+    assert split.meta["tokenizer"] == str(tokenizer) and whole.meta["tokenizer"] is None
 
 
 def test_cli_score_accuracy_by_default_golds_first_and_cot(reference_path, monkeypatch, tiny_model_dir,
@@ -339,7 +488,8 @@ def _sharded_worker(rank, world, rendezvous, model_dir, bank_dir, data, out):
 
 
 def test_adapters_sharded_over_processes(reference_path, tiny_model_dir, lora_bank_dir, kshot_examples, tmp_path):
-    """Losses and accuracy (adapter 1, generated on rank 1, gets two golds right) equal one process's."""
+    """Losses and accuracy (adapter 1, generated on rank 1, gets two golds right) and the base model's row equal
+    one process's."""
     import torch.multiprocessing as mp
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -361,3 +511,6 @@ def test_adapters_sharded_over_processes(reference_path, tiny_model_dir, lora_ba
     sharded = Scores.load(out)
     assert torch.allclose(sharded.loss, single.loss, atol=1e-6)
     assert single.accuracy[1] >= 0.5 and torch.equal(sharded.accuracy, single.accuracy)
+    # the base model's row: scored on rank 0 alone, then all-reduced (both ranks take part)
+    assert torch.allclose(sharded.base_loss, single.base_loss, atol=1e-6)
+    assert sharded.base_accuracy == single.base_accuracy is not None

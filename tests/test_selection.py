@@ -262,6 +262,27 @@ def test_adapters_with_zero_delta_are_set_aside_with_a_warning():
                        bank.subset([0, 1]), top_m=2, n_experts=2, device="cpu")
 
 
+def test_the_base_model_row_is_shown_never_selected():
+    """A base model better than every adapter stays a reference row: selection ranks the adapters only;
+    the tables show it first, unranked, and PPL_R in the one format (two decimals)."""
+    bank = random_bank(5, seed=4)
+    loss = torch.tensor([[2.0], [1.0], [3.0], [1.5], [2.5]], dtype=torch.float64)
+    scores = Scores(bank.names, loss, torch.full((5,), 0.5, dtype=torch.float64),
+                    base_loss=torch.tensor([0.1], dtype=torch.float64), base_accuracy=1.0)
+    sel = select_experts(scores, bank, top_m=4, n_experts=2, device="cpu")
+    assert [r["name"] for r in sel.table] == bank.names and len(sel.experts) == 2
+    assert sel.to_json()["base"] == {"ppl_sum": pytest.approx(math.exp(0.1)), "accuracy": 1.0}
+    lines = sel.format_table().splitlines()
+    assert lines[1].split() == ["(base", "model)", "1.11", "1.000", "-", "-", "-"]
+    assert lines[2].split()[:2] == ["ad01", f"{math.exp(1.0):.2f}"]   # the best adapter, R_P 1
+    same = select_experts(Scores(bank.names, loss, torch.full((5,), 0.5, dtype=torch.float64)), bank, top_m=4,
+                          n_experts=2, device="cpu")
+    assert same.experts == sel.experts and same.base is None and "(base model)" not in same.format_table()
+    # the accuracy of another file is not comparable with the base model's: its row shows none
+    assert select_experts(scores, bank, acc=[0.1, 0.2, 0.3, 0.4, 0.5], top_m=4, n_experts=2,
+                          device="cpu").base["accuracy"] is None
+
+
 def test_bad_inputs_give_clear_errors():
     bank = random_bank(5, seed=2)
     scores = Scores(bank.names[:4] + ["stranger"], torch.rand(5, 2, dtype=torch.float64))

@@ -7,11 +7,13 @@ from rocket.data.answers import DEFAULT_MAX_NEW_TOKENS
 from rocket.errors import EvaluationError
 from rocket.evaluation.compare import evaluate_files
 from rocket.io import check_paths
+from rocket.modeling import add_tokenizer_argument
 from rocket.moe.state import MOE_FILE
 
 
 def add_arguments(parser) -> None:
     parser.add_argument("--base-model", required=True, help="HF model directory of the base model")
+    add_tokenizer_argument(parser)
     parser.add_argument("--moe", required=True, help="what `rocket train --out` wrote (or a checkpoint directory, "
                         f"or its {MOE_FILE})")
     parser.add_argument("--bank", required=True, help="the experts: a manifest .txt (experts.txt) or a directory of "
@@ -38,7 +40,7 @@ def main(args) -> int:
                  "--moe": moe / MOE_FILE if moe.is_dir() else moe}, {"--out": args.out}, EvaluationError)
     table = evaluate_files(args.base_model, args.moe, args.bank, args.data, device=args.device,
                            template=args.template, accuracy=args.accuracy, max_new_tokens=args.max_new_tokens,
-                           max_tokens=args.max_tokens, progress=not args.no_progress)
+                           max_tokens=args.max_tokens, progress=not args.no_progress, tokenizer=args.tokenizer)
     print(table.format())
     if args.out:
         table.save(args.out)

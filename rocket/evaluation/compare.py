@@ -155,17 +155,18 @@ def load_eval_examples(data, accuracy: str | None = "auto"):
 
 def evaluate_files(base_model, moe, bank, data, *, device=None, template="alpaca", accuracy: str | None = "auto",
                    max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS, max_tokens: int | None = None,
-                   progress: bool = True, log=print) -> EvalTable:
+                   progress: bool = True, log=print, tokenizer=None) -> EvalTable:
     """evaluate() from paths: the base-model directory, the MoE (what `rocket train --out` wrote, a
     checkpoint directory or its moe.safetensors), the bank (directory or manifest, e.g. experts.txt)
-    and the held-out data. Data, golds, bank and tokenizer are checked before any model loads. The
+    and the held-out data; tokenizer: a tokenizer directory instead of the base model's (--tokenizer).
+    Data, golds, bank and tokenizer are checked before any model loads. The
     base weights are in memory twice: the plain model and the one carrying the MoE."""
     examples = load_eval_examples(data, accuracy)
+    check_tokenizer_dir(base_model, tokenizer)
     adapters = LoraBank.load(bank, progress=progress)
-    check_tokenizer_dir(base_model)
     device = default_device(device)
     moe_model = load_moe(base_model, moe, device=device)  # checks its file, then the base directory, first
-    model, tokenizer = load_base(base_model, device)
+    model, tokenizer = load_base(base_model, device, tokenizer=tokenizer)
     table = evaluate(model, tokenizer, adapters, moe_model, examples, template=template, accuracy=accuracy,
                      max_new_tokens=max_new_tokens, max_tokens=max_tokens, progress=progress, log=log)
     table.meta.update(base_model=str(base_model), moe=str(moe), bank=str(bank), data=str(data),

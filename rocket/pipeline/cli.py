@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 from pathlib import Path
+from rocket.modeling import add_tokenizer_argument
 from rocket.pipeline.run import RunConfig, STAGES, run_pipeline
 from rocket.scoring.cli import add_accuracy_arguments
 
@@ -9,6 +10,7 @@ from rocket.scoring.cli import add_accuracy_arguments
 # --------------------------------------------------------------------------- CLI
 def add_arguments(parser) -> None:
     parser.add_argument("--base-model", required=True, help="HF model directory of the base model")
+    add_tokenizer_argument(parser)
     parser.add_argument("--bank", required=True, help="directory of peft adapters, or a manifest .txt")
     parser.add_argument("--kshot", required=True, help="K-shot examples of the task (JSONL or JSON array): golds "
                         "for accuracy, data for retrieval and training, and for perplexity unless --kshot-cot")
@@ -62,8 +64,8 @@ def config_from_args(args) -> RunConfig:
     if args.train_router_only:
         train["train_router_only"] = True
     return RunConfig(base_model=args.base_model, bank=args.bank, kshot=args.kshot, pool=args.pool,
-                     out=args.out, template=args.template, kshot_cot=args.kshot_cot, accuracy=args.accuracy,
-                     accuracy_file=args.accuracy_file,
+                     out=args.out, tokenizer=args.tokenizer, template=args.template, kshot_cot=args.kshot_cot,
+                     accuracy=args.accuracy, accuracy_file=args.accuracy_file,
                      max_new_tokens=args.max_new_tokens, max_tokens=args.max_tokens, dtype=args.dtype,
                      n_experts=args.n_experts, top_m=args.top_m, target=args.target, threshold=args.threshold,
                      embed_model=args.embed_model, prefix=args.prefix, train=train, eval_data=args.eval_data,

@@ -33,6 +33,7 @@ class RunConfig:
     kshot: str
     pool: str
     out: str
+    tokenizer: str | None = None           # a tokenizer directory instead of the one saved with base_model
     # score
     template: str = "alpaca"
     kshot_cot: str | None = None           # the K-shot set with rationales: reasoning perplexity on it
@@ -80,7 +81,7 @@ class Pipeline:
     # ---- shared inputs, loaded once and only when a stage needs them
     def base(self):
         if self._base is None:
-            self._base = load_base(self.cfg.base_model, self.device, self.cfg.dtype)
+            self._base = load_base(self.cfg.base_model, self.device, self.cfg.dtype, self.cfg.tokenizer)
         return self._base
 
     def bank(self):
@@ -106,8 +107,9 @@ class Pipeline:
     def _plan(self):
         c = self.cfg
         bank = self._bank_inputs()
+        model = [c.base_model] + ([c.tokenizer] if c.tokenizer else [])
         return {
-            "score": (["scores.json", "heatmap.png"], [c.base_model, *bank, c.kshot] +
+            "score": (["scores.json", "heatmap.png"], [*model, *bank, c.kshot] +
                       ([c.kshot_cot] if c.kshot_cot else []) + ([c.accuracy_file] if c.accuracy_file else []),
                       dict(template=c.template, accuracy=c.accuracy, max_new_tokens=c.max_new_tokens,
                            perplexity="reasoning" if c.kshot_cot else "vanilla", dtype=c.dtype,
@@ -117,7 +119,7 @@ class Pipeline:
             "augment": (["aug.jsonl", "aug.json"], [c.kshot, c.pool],
                         dict(target=c.target, threshold=c.threshold, embed_model=c.embed_model, prefix=c.prefix,
                              seed=c.seed), self._augment),
-            "train": (["checkpoint"], [c.base_model], dict(train=c.train, seed=c.seed, device=self.device.type),
+            "train": (["checkpoint"], model, dict(train=c.train, seed=c.seed, device=self.device.type),
                       self._train),
             "report": (["routing.json", "report.html"] + (["eval.json"] if c.eval_data else []),
                        [c.eval_data] if c.eval_data else [], dict(eval_data=bool(c.eval_data)), self._report),
@@ -135,7 +137,7 @@ class Pipeline:
 
         c = self.cfg
         check_model_dir(c.base_model)
-        check_tokenizer_dir(c.base_model)
+        check_tokenizer_dir(c.base_model, c.tokenizer)
         bank = bank_entries(c.bank)
         for name, path in (("--pool", c.pool), ("--kshot-cot", c.kshot_cot), ("--accuracy-file", c.accuracy_file),
                            ("--eval-data", c.eval_data)):
@@ -210,7 +212,7 @@ class Pipeline:
         from rocket.data.examples import load_examples
         from rocket.scoring.accuracy import plan_accuracy
         from rocket.scoring.heatmap import save_heatmap
-        from rocket.scoring.score import score_adapters
+        from rocket.scoring.score import score_adapters, score_summary
 
         c = self.cfg
         examples = load_examples(c.kshot)
@@ -221,11 +223,14 @@ class Pipeline:
                                 accuracy_file=c.accuracy_file, perplexity_examples=cot,
                                 max_new_tokens=c.max_new_tokens, max_tokens=c.max_tokens, progress=c.progress,
                                 log=self.log)
-        scores.meta.update(base_model=str(c.base_model), bank=str(c.bank), data=str(c.kshot), data_cot=c.kshot_cot)
+        scores.meta.update(base_model=str(c.base_model), tokenizer=c.tokenizer, bank=str(c.bank), data=str(c.kshot),
+                           data_cot=c.kshot_cot)
         save_heatmap(scores, self.p("heatmap.png"))
         scores.save(self.p("scores.json"))
+        self.log(f"[score] {score_summary(scores)}")
         best = int(torch.argmin(scores.ppl_sum))
-        return {"adapters": len(scores.names), "examples": scores.loss.shape[1], "lowest_ppl_r": scores.names[best]}
+        return {"adapters": len(scores.names), "examples": scores.loss.shape[1], "lowest_ppl_r": scores.names[best],
+                "base_ppl_r": scores.base_ppl_sum}
 
     def _select(self) -> dict:
         from rocket.data.scores import Scores
@@ -273,8 +278,8 @@ class Pipeline:
             self.log(f"[train] {partial} holds checkpoints of an interrupted run: training continues from the "
                      "newest if it belongs to this run (same settings, data and experts), else from step 0")
         result = train(c.base_model, str(self.p("aug.jsonl")), str(self.p("experts.txt")), partial,
-                       deepspeed_config=deepspeed, backend=backend, device=self.device, resume="auto",
-                       progress=c.progress, **options)
+                       tokenizer=c.tokenizer, deepspeed_config=deepspeed, backend=backend, device=self.device,
+                       resume="auto", progress=c.progress, **options)
         shutil.rmtree(final, ignore_errors=True)
         os.replace(partial, final)
         losses = result.losses
@@ -291,7 +296,8 @@ class Pipeline:
             from rocket.evaluation.compare import evaluate_files
             table = evaluate_files(c.base_model, self.p("checkpoint"), self.p("experts.txt"), c.eval_data,
                                    device=self.device, template=c.template, accuracy=c.accuracy,
-                                   max_new_tokens=c.max_new_tokens, progress=c.progress, log=self.log)
+                                   max_new_tokens=c.max_new_tokens, progress=c.progress, log=self.log,
+                                   tokenizer=c.tokenizer)
             table.save(self.p("eval.json"))
             self.log(table.format())
             summary["eval_rows"] = len(table.rows)

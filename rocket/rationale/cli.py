@@ -1,12 +1,14 @@
 """`rocket rationale`: add a generated rationale after the gold answer of every K-shot item."""
 from __future__ import annotations
 
+from rocket.modeling import add_tokenizer_argument
 from rocket.rationale.generate import write_rationales
 
 
 def add_arguments(parser) -> None:
     parser.add_argument("--model", required=True, help="HF model directory of the rationale model (a strong "
                         "instruct model)")
+    add_tokenizer_argument(parser, "--model")
     parser.add_argument("--kshot", required=True, help="K-shot examples, gold answers in 'output' (JSONL or JSON array)")
     parser.add_argument("--out", required=True, help="JSONL to write: the items with output = answer, newline, "
                         "rationale (resumes from OUT.partial)")
@@ -21,8 +23,8 @@ def add_arguments(parser) -> None:
 
 
 def main(args) -> int:
-    items = write_rationales(args.model, args.kshot, args.out, device=args.device, dtype=args.dtype,
-                             template=args.template, batch_size=args.batch_size,
+    items = write_rationales(args.model, args.kshot, args.out, tokenizer=args.tokenizer, device=args.device,
+                             dtype=args.dtype, template=args.template, batch_size=args.batch_size,
                              max_new_tokens=args.max_new_tokens, progress=not args.no_progress)
     print(f"wrote {len(items)} K-shot items with rationales to {args.out}")
     return 0

@@ -202,10 +202,11 @@ def generate_rationales(model, tokenizer, examples: list[dict], *, template: str
 
 
 def write_rationales(model_dir: str | os.PathLike, kshot: str | os.PathLike, out: str | os.PathLike, *,
-                     device=None, dtype="auto", template: str = "auto", batch_size: int = 8,
-                     max_new_tokens: int = 256, progress: bool = True) -> list[dict]:
+                     tokenizer: str | os.PathLike | None = None, device=None, dtype="auto", template: str = "auto",
+                     batch_size: int = 8, max_new_tokens: int = 256, progress: bool = True) -> list[dict]:
     """`rocket rationale`: check the inputs (before any model is loaded), load the model directory
-    with rocket.modeling.load_base and write `out` with `generate_rationales` (resumable)."""
+    with rocket.modeling.load_base and write `out` with `generate_rationales` (resumable).
+    tokenizer: a tokenizer directory instead of the one saved with the model (--tokenizer)."""
     model_dir, kshot, out = Path(model_dir), Path(kshot), Path(out)
     if not model_dir.is_dir():
         raise RationaleError(f"{model_dir}: no such model directory")
@@ -215,7 +216,7 @@ def write_rationales(model_dir: str | os.PathLike, kshot: str | os.PathLike, out
         raise RationaleError(f"{out}: the output would overwrite the K-shot file {kshot}; write it elsewhere")
     examples = load_examples(kshot)
     _check(examples, batch_size, max_new_tokens)
-    tokenizer = load_tokenizer(model_dir)
+    tokenizer = load_tokenizer(model_dir, tokenizer)
     tpl = resolve_template(template, tokenizer)
     model, tokenizer = load_base(model_dir, default_device(device), dtype, tokenizer)
     return generate_rationales(model, tokenizer, examples, template=tpl, batch_size=batch_size,

@@ -1,5 +1,6 @@
 """Accuracy of stage 1 (docs/design.md, 'Accuracy'): which extractor runs, checked against every gold
-before any pass; the generation pass; and the refusal of an accuracy that cannot rank the adapters."""
+before any pass; the generation pass (the adapters', then the base model's alone); and the refusal
+of an accuracy that cannot rank the adapters."""
 from __future__ import annotations
 
 import torch
@@ -55,3 +56,16 @@ def generated_accuracy(model, tokenizer, bank: LoraBank, mine: list[int], key: A
         dist.all_reduce(read)
     refuse_uninformative(key, acc, read, len(prompts))
     return acc
+
+
+def base_accuracy(model, tokenizer, key: AnswerKey, prompts: list[list[int]], here: bool, sharded: bool,
+                  max_new_tokens: int, max_tokens: int | None) -> float:
+    """The base model's own accuracy (no adapter: one adapter's worth of generations), generated
+    where `here` (rank 0) and shared with the other ranks by all-reduce."""
+    acc = torch.zeros(1, dtype=torch.float64, device=next(model.parameters()).device)
+    if here:
+        acc[0] = adapter_accuracy(model, None, tokenizer, key, prompts, 1, max_new_tokens, max_tokens, False)[0][0]
+    if sharded:
+        import torch.distributed as dist
+        dist.all_reduce(acc)
+    return float(acc[0])

@@ -3,14 +3,13 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import torch
 from rocket.adapters.bank import LoraBank
 from rocket.data.answers import DEFAULT_MAX_NEW_TOKENS
 from rocket.data.examples import load_examples
-from rocket.modeling import load_base, resolve_dtype
+from rocket.modeling import add_tokenizer_argument, check_model_dir, check_tokenizer_dir, load_base, resolve_dtype
 from rocket.scoring.accuracy import plan_accuracy
 from rocket.scoring.heatmap import save_heatmap
-from rocket.scoring.score import score_adapters
+from rocket.scoring.score import score_adapters, score_summary
 from rocket.errors import ScoringError
 from rocket.io import check_paths
 
@@ -32,6 +31,7 @@ def add_accuracy_arguments(group) -> None:
 
 def add_arguments(parser) -> None:
     parser.add_argument("--base-model", required=True, help="HF model directory of the base model")
+    add_tokenizer_argument(parser)
     parser.add_argument("--bank", required=True, help="directory of peft adapters, or a manifest .txt")
     parser.add_argument("--data", "--kshot", dest="data", required=True,
                         help="K-shot examples (JSONL or JSON array): their golds for accuracy, and their outputs "
@@ -66,19 +66,21 @@ def main(args) -> int:
     examples = load_examples(args.data)
     cot = load_examples(args.data_cot) if args.data_cot else None
     plan_accuracy(examples, args.accuracy, args.accuracy_file)  # every gold readable, before any long work
+    check_model_dir(args.base_model)
+    check_tokenizer_dir(args.base_model, args.tokenizer)
     bank = LoraBank.load(args.bank, progress=not args.no_progress)
     dtype = resolve_dtype(args.dtype, args.device)
-    model, tokenizer = load_base(args.base_model, args.device, dtype)
+    model, tokenizer = load_base(args.base_model, args.device, dtype, args.tokenizer)
     scores = score_adapters(model, tokenizer, bank, examples, args.template, accuracy=args.accuracy,
                             accuracy_file=args.accuracy_file, perplexity_examples=cot,
                             max_new_tokens=args.max_new_tokens, max_tokens=args.max_tokens,
                             progress=not args.no_progress, strategy=args.strategy, compile=args.compile)
-    scores.meta.update(base_model=str(args.base_model), bank=str(args.bank), data=str(args.data),
-                       data_cot=args.data_cot and str(args.data_cot), dtype=str(dtype))
+    scores.meta.update(base_model=str(args.base_model), tokenizer=args.tokenizer and str(args.tokenizer),
+                       bank=str(args.bank), data=str(args.data), data_cot=args.data_cot and str(args.data_cot),
+                       dtype=str(dtype))
     scores.save(args.out)
     if args.heatmap:
         save_heatmap(scores, args.heatmap)
-    best = int(torch.argmin(scores.ppl_sum))
     print(f"scored {len(bank)} adapters on {scores.loss.shape[1]} examples in {scores.meta['seconds']:.1f}s; "
-          f"lowest PPL_R: {scores.names[best]} ({float(scores.ppl_sum[best]):.3f}); wrote {args.out}")
+          f"{score_summary(scores)}; wrote {args.out}")
     return 0

@@ -1,15 +1,17 @@
 """Stage 1: score every adapter of a bank on K-shot data (reasoning perplexity, exact-match accuracy)."""
 from __future__ import annotations
 
+import warnings
 from pathlib import Path
 import torch
 from rocket.adapters.bank import LoraBank
+from rocket.adapters.similarity import has_delta
 from rocket.data.answers import DEFAULT_MAX_NEW_TOKENS
 from rocket.errors import ScoringError
-from rocket.data.scores import Scores, read_accuracy
+from rocket.data.scores import Scores, format_ppl, read_accuracy
 from rocket.runtime.adapters import compiled_layers, merged_adapters, multi_lora_model
 from rocket.runtime.losses import adapter_losses, context_length, prepare_examples, tokenize_for_scoring, validate_bank
-from rocket.scoring.accuracy import generated_accuracy, plan_accuracy
+from rocket.scoring.accuracy import base_accuracy, generated_accuracy, plan_accuracy
 
 
 def _shard(n: int, distributed: bool | None) -> tuple[list[int], bool]:
@@ -29,6 +31,33 @@ def choose_strategy(strategy: str, device: torch.device, tokens_per_adapter: int
     if strategy != "auto":
         return strategy
     return "merged" if device.type == "cuda" and tokens_per_adapter >= 4096 else "sgmv"
+
+
+def _named(names: list[str], shown: int = 8) -> str:
+    return ", ".join(names[:shown]) + (f" and {len(names) - shown} more" if len(names) > shown else "")
+
+
+def score_summary(scores: Scores) -> str:
+    """The lowest PPL_R against the base model's, as `rocket score` and `rocket run` print it."""
+    best = int(torch.argmin(scores.ppl_sum))
+    text = f"lowest PPL_R: {scores.names[best]} ({format_ppl(scores.ppl_sum[best])})"
+    if scores.base_ppl_sum is not None:
+        better = int((scores.ppl_sum < scores.base_ppl_sum).sum())
+        text += f", base model {format_ppl(scores.base_ppl_sum)} ({better} of {len(scores.names)} adapters below it)"
+    return text
+
+
+def warn_unhelpful(scores: Scores) -> None:
+    """One warning line per kind of adapter that cannot help (docs/design.md, 'The base model's
+    row'): ΔW = 0 on every module (meta 'zero_delta'), and worse than the base model alone."""
+    zero, worse = scores.unhelpful()
+    if zero:
+        warnings.warn(f"scoring: {len(zero)} adapter(s) with ΔW = 0 on every module (untrained: they score as the "
+                      f"base model, and selection sets them aside): {_named(zero)}", stacklevel=3)
+    if worse:
+        acc = " and no better accuracy" if scores.accuracy is not None and scores.base_accuracy is not None else ""
+        warnings.warn(f"scoring: {len(worse)} adapter(s) worse than the base model alone (a higher loss on every "
+                      f"example{acc}): {_named(worse)}", stacklevel=3)
 
 
 def score_adapters(model, tokenizer, bank: LoraBank, examples, template="alpaca", *,
@@ -53,6 +82,10 @@ def score_adapters(model, tokenizer, bank: LoraBank, examples, template="alpaca"
     layers (merged strategy only; for other architectures, on banks large enough to repay ~10 s).
     distributed: shard adapters over torch.distributed ranks (default: when a group of >1 is up).
     log: where the lines saying which perplexity and which extractor ran go (rank 0 only).
+
+    The base model alone is scored in the same run (one more adapter's worth of work, on rank 0):
+    Scores.base_loss, and base_accuracy when accuracy is generated. A warning names the adapters
+    whose ΔW is 0 on every module and those worse than the base model (Scores.worse_than_base).
     """
     import time
 
@@ -68,7 +101,8 @@ def score_adapters(model, tokenizer, bank: LoraBank, examples, template="alpaca"
         prompts = [t.input_ids[:t.prompt_len] for t in asked]
     prepared = prepare_examples(tokenized, model.get_output_embeddings().weight.shape[0])
     mine, sharded = _shard(len(bank), distributed)
-    if not sharded or torch.distributed.get_rank() == 0:
+    first = not sharded or torch.distributed.get_rank() == 0   # logs, warns and scores the base model
+    if first:
         log(f"perplexity: {'reasoning' if reasoning else 'vanilla'} on {len(tokenized)} examples"
             + ("" if reasoning else " (their own outputs; perplexity_examples / --kshot-cot give rationales)"))
         if key is not None:
@@ -77,17 +111,22 @@ def score_adapters(model, tokenizer, bank: LoraBank, examples, template="alpaca"
     device = next(model.parameters()).device
     strategy = choose_strategy(strategy, device, sum(len(ex.ids) for ex in prepared))
     start = time.perf_counter()
-    acc = None
+    acc = base_acc = None
     if key is not None:  # first: a refused accuracy costs no loss pass
         acc = generated_accuracy(model, tokenizer, bank, mine, key, prompts, sharded, max_new_tokens, max_tokens,
                                  progress)
-    loss = torch.zeros(N, K, dtype=torch.float32, device=device)
+        base_acc = base_accuracy(model, tokenizer, key, prompts, first, sharded, max_new_tokens, max_tokens)
+    loss = torch.zeros(N + 1, K, dtype=torch.float32, device=device)   # row N: the base model alone
+    fast = False if compile else None
     if mine:
         if strategy == "merged":
             with merged_adapters(model, bank, mine) as merger, compiled_layers(model, compile):
-                loss[mine] = adapter_losses(model, merger, prepared, len(mine), max_tokens, progress,
-                                            fast=False if compile else None)
+                if first:  # nothing merged yet: the base model
+                    loss[N] = adapter_losses(model, None, prepared, 1, max_tokens, False, fast=fast)[0]
+                loss[mine] = adapter_losses(model, merger, prepared, len(mine), max_tokens, progress, fast=fast)
         else:
+            if first:  # a plain forward, before any layer carries adapter rows
+                loss[N] = adapter_losses(model, None, prepared, 1, max_tokens, False)[0]
             with multi_lora_model(model, bank, mine) as rows:
                 loss[mine] = adapter_losses(model, rows, prepared, len(mine), max_tokens, progress)
     if sharded:
@@ -102,5 +141,10 @@ def score_adapters(model, tokenizer, bank: LoraBank, examples, template="alpaca"
             "seconds": seconds, "pairs_per_s": N * K / seconds if seconds > 0 else None,
             "perplexity": "reasoning" if reasoning else "vanilla",
             "accuracy": key.extractor if key else (str(accuracy_file) if accuracy_file else None),
-            "accuracy_auto": key.auto if key else None, "accuracy_examples": len(prompts) if prompts else None}
-    return Scores(bank.names, loss.double().cpu(), None if acc is None else acc.cpu(), meta)
+            "accuracy_auto": key.auto if key else None, "accuracy_examples": len(prompts) if prompts else None,
+            "zero_delta": [a.name for a in bank.adapters if not has_delta(a)] if first else []}
+    loss = loss.double().cpu()
+    scores = Scores(bank.names, loss[:N], None if acc is None else acc.cpu(), meta, loss[N], base_acc)
+    if first:
+        warn_unhelpful(scores)
+    return scores

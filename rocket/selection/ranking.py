@@ -23,7 +23,7 @@ from pathlib import Path
 import torch
 from rocket import __version__
 from rocket.adapters.bank import LoraAdapter, LoraBank, bank_entries, load_adapter
-from rocket.data.scores import Scores, read_accuracy
+from rocket.data.scores import BASE_LABEL, Scores, format_ppl, read_accuracy
 from rocket.adapters.similarity import _similarity, has_delta, unshared_pairs
 from rocket.errors import SelectionError
 from rocket.io import atomic_write
@@ -77,7 +77,8 @@ class Selection:
     `table` has one row per candidate adapter (bank order); `top` are the M prefiltered names in
     bank order, which is also the order of `similarity` [M, M] and of the columns of `tuples`
     (positions into `top`). tuple_sim / r_d / rank_sum / objective are per tuple [T]; `paths` are
-    the experts' adapter directories (absolute), the lines of the manifest `save` writes."""
+    the experts' adapter directories (absolute), the lines of the manifest `save` writes. `base`:
+    the base model's PPL_R and accuracy when the scores hold them, shown for reference, never ranked."""
     experts: list[str]
     paths: list[str]
     table: list[dict]
@@ -92,6 +93,7 @@ class Selection:
     uses_accuracy: bool
     unshared: list[tuple[str, str]] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
+    base: dict | None = None
 
     def manifest(self) -> str:
         """The experts manifest (see the module docstring): a header, then `paths`, one per line."""
@@ -119,17 +121,22 @@ class Selection:
                 "uses_accuracy": self.uses_accuracy, "notes": self.notes,
                 "ranking": self.table, "top_m": self.top, "similarity": sim,
                 "pairs_sharing_no_module": [list(p) for p in self.unshared],
-                "tuples_total": len(self.objective), "tuples": self.ranked_tuples(max_tuples)}
+                "tuples_total": len(self.objective), "tuples": self.ranked_tuples(max_tuples), "base": self.base}
 
     def format_table(self) -> str:
-        """The ranking table as aligned text (what `rocket select` prints)."""
+        """The ranking table as aligned text (what `rocket select` prints); the base model's row, when
+        known, first and unranked."""
         head = f"{'adapter':<28} {'PPL_R':>12} {'acc':>6} {'R_P':>4} {'R_A':>4} {'sum':>4}  top-M  chosen"
         lines = [head]
+        if self.base is not None:
+            acc = "-" if self.base["accuracy"] is None else f"{self.base['accuracy']:.3f}"
+            lines.append(f"{BASE_LABEL:<28} {format_ppl(self.base['ppl_sum']):>12} {acc:>6} {'-':>4} {'-':>4} "
+                         f"{'-':>4}")
         for row in sorted(self.table, key=lambda r: (r["top_m"] is None, r["top_m"] or 0)):
             acc = "-" if row["accuracy"] is None else f"{row['accuracy']:.3f}"
             ra = "-" if row["R_A"] is None else str(row["R_A"])
             top = "" if row["top_m"] is None else str(row["top_m"])
-            lines.append(f"{row['name'][:28]:<28} {row['ppl_sum']:>12.4g} {acc:>6} {row['R_P']:>4} {ra:>4} "
+            lines.append(f"{row['name'][:28]:<28} {format_ppl(row['ppl_sum']):>12} {acc:>6} {row['R_P']:>4} {ra:>4} "
                          f"{row['rank_sum']:>4}  {top:>5}  {'*' if row['chosen'] else ''}")
         return "\n".join(lines)
 
@@ -254,5 +261,8 @@ def select_experts(scores: Scores, bank: LoraBank | str | Path, acc=None, top_m:
               "R_P": int(r_p[k]), "R_A": None if accuracy is None else int(r_a[k]),
               "rank_sum": int(score[k]), "top_m": top_rank.get(k),
               "chosen": cand[k] in experts} for k in range(len(cand))]
+    # the base model is a reference row only: it was never a candidate above
+    base = None if scores.base_loss is None else {
+        "ppl_sum": scores.base_ppl_sum, "accuracy": scores.base_accuracy if acc is None else None}
     return Selection(experts, [_adapter_dir(sub[n]) for n in experts], table, top_names, sim, tuples,
-                     tuple_sim, r_d, rank_sum, objective, best, accuracy is not None, unshared, notes)
+                     tuple_sim, r_d, rank_sum, objective, best, accuracy is not None, unshared, notes, base)

@@ -5,6 +5,7 @@ import argparse
 import logging
 import os
 from pathlib import Path
+from rocket.modeling import add_tokenizer_argument
 from rocket.training.config import TrainConfig
 from rocket.training.loop import train
 
@@ -14,6 +15,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     d = TrainConfig()
     a = parser.add_argument
     a("--base-model", "--base_model", required=True, help="HF model directory of the base model")
+    add_tokenizer_argument(parser)
     a("--data", "--data_path", required=True, help="training examples (JSONL or JSON array), e.g. aug.jsonl")
     a("--experts", required=True,
       help="the selected adapters: a manifest .txt (rocket select's experts.txt: one adapter directory, or the "
@@ -70,8 +72,9 @@ def main(args) -> int:
                       max_grad_norm=args.max_grad_norm, lora_dropout=args.lora_dropout,
                       aux_loss_coef=args.aux_loss_coef, target_modules=targets, seed=args.seed,
                       max_steps=args.max_steps, save_steps=args.save_steps, save_total_limit=args.save_total_limit)
-    result = train(args.base_model, args.data, args.experts, args.out, config=cfg, deepspeed_config=args.deepspeed,
-                   backend=args.backend, device=args.device, resume=args.resume, progress=not args.no_progress)
+    result = train(args.base_model, args.data, args.experts, args.out, tokenizer=args.tokenizer, config=cfg,
+                   deepspeed_config=args.deepspeed, backend=args.backend, device=args.device, resume=args.resume,
+                   progress=not args.no_progress)
     if int(os.environ.get("RANK", "0")) == 0:
         first, last = (result.losses[0], result.losses[-1]) if result.losses else (float("nan"),) * 2
         print(f"trained {result.steps} steps ({result.backend}); loss {first:.4f} → {last:.4f}; "
