@@ -1,5 +1,6 @@
-"""Atomic writes, the one way rocket writes an output: a file appears whole or not at all; and
-the one way it reads a text or JSON input: UTF-8 (a leading BOM accepted), errors naming the line.
+"""Atomic writes, the one way rocket writes an output: a file (or a group of files, atomic_paths)
+appears whole or not at all; and the one way it reads a text or JSON input: UTF-8 (a leading BOM
+accepted), errors naming the line.
 
 The data goes to a unique temporary file beside the target (two writers never share one), which
 is flushed to disk and renamed over the target; the directory is then synced so the rename itself
@@ -9,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import secrets
 import tempfile
 from contextlib import contextmanager
 from pathlib import Path
@@ -50,6 +52,67 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     _fsync_dir(path.parent)
 
 
+_COMMIT = ".rocket-commit-"  # prefix of a commit record: the renames of one atomic_paths group
+
+
+@contextmanager
+def atomic_paths(paths) -> Iterator[list[Path]]:
+    """Several outputs that appear together or not at all: yields one temporary path per target, to
+    write as atomic_path's. On a clean exit every temporary file is synced, then a commit record
+    listing the renames is written (synced) beside each target, then the renames happen. A crash in
+    the middle of the renames is completed by whoever next reads or writes one of those directories
+    (`recover`; read_text calls it), so readers never see half of the group. On a failure before the
+    commit record the temporary files are removed and the old targets are untouched."""
+    targets = [Path(p).absolute() for p in paths]
+    temps: list[Path] = []
+    try:
+        for target in targets:
+            target.parent.mkdir(parents=True, exist_ok=True)
+            recover(target.parent)
+            fd, name = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.", suffix=".tmp")
+            os.close(fd)
+            temps.append(Path(name))
+        yield list(temps)
+        for tmp in temps:
+            with open(tmp, "rb+") as f:
+                os.fsync(f.fileno())
+    except BaseException:
+        for tmp in temps:
+            tmp.unlink(missing_ok=True)
+        raise
+    dirs = sorted({t.parent for t in targets})
+    tag = f"{_COMMIT}{secrets.token_hex(8)}.json"
+    record = {"renames": [[str(t), str(p)] for t, p in zip(temps, targets)], "records": [str(d / tag) for d in dirs]}
+    for d in dirs:
+        write_json(d / tag, record)
+    _complete(record)
+
+
+def _complete(record: dict) -> None:
+    """Finish one commit: every temporary file still present is renamed over its target, then the
+    directories are synced and the commit records removed (all steps repeatable after a crash)."""
+    for tmp, target in record["renames"]:
+        if os.path.exists(tmp):
+            os.replace(tmp, target)
+    for d in {Path(t).parent for _, t in record["renames"]}:
+        _fsync_dir(d)
+    for path in record["records"]:
+        Path(path).unlink(missing_ok=True)
+
+
+def recover(directory: str | os.PathLike) -> None:
+    """Complete the atomic_paths commits a crash interrupted whose record is in `directory`."""
+    try:
+        records = [e.path for e in os.scandir(directory) if e.name.startswith(_COMMIT) and e.name.endswith(".json")]
+    except OSError:
+        return
+    for path in records:
+        try:
+            _complete(json.loads(Path(path).read_text(encoding="utf-8")))
+        except (OSError, ValueError, KeyError, TypeError):
+            continue  # unreadable here (a read-only directory, a record being written): left for a writer
+
+
 def atomic_write(path: str | os.PathLike, data: bytes | str) -> Path:
     """Write bytes, or text as UTF-8, to `path` atomically."""
     with atomic_path(path) as tmp:
@@ -82,6 +145,7 @@ def read_text(path: str | os.PathLike, error: type[RocketError] = RocketError) -
     """A file's UTF-8 text, a leading byte-order mark (common on Windows) dropped. Bytes that are
     not UTF-8 raise `error` naming the file and line."""
     path = Path(path)
+    recover(path.parent)  # a group of outputs (atomic_paths) is read whole, never half-renamed
     try:
         data = path.read_bytes()
     except FileNotFoundError:

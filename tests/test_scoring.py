@@ -514,3 +514,16 @@ def test_adapters_sharded_over_processes(reference_path, tiny_model_dir, lora_ba
     # the base model's row: scored on rank 0 alone, then all-reduced (both ranks take part)
     assert torch.allclose(sharded.base_loss, single.base_loss, atol=1e-6)
     assert sharded.base_accuracy == single.base_accuracy is not None
+
+
+def test_auto_strategy_merges_from_the_measured_token_count():
+    from rocket.errors import ScoringError
+    from rocket.scoring.score import MERGE_FROM_TOKENS, choose_strategy
+    cuda, cpu = torch.device("cuda"), torch.device("cpu")
+    # 10 examples of a 7B-shape run (~3,300 tokens per adapter): merging measured 1.46x SGMV there
+    assert choose_strategy("auto", cuda, 3300) == "merged"
+    assert choose_strategy("auto", cuda, MERGE_FROM_TOKENS - 1) == "sgmv"
+    assert choose_strategy("auto", cpu, 10 ** 6) == "sgmv"  # no merge pays on the CPU's slow passes
+    assert choose_strategy("sgmv", cuda, 10 ** 6) == "sgmv" and choose_strategy("merged", cpu, 1) == "merged"
+    with pytest.raises(ScoringError, match="unknown strategy 'fast'"):
+        choose_strategy("fast", cuda, 1)

@@ -50,7 +50,7 @@ def add_arguments(parser) -> None:
     parser.add_argument("--strategy", choices=["auto", "merged", "sgmv"], default="auto",
                         help="sgmv: many adapters per pass (multi-adapter LoRA kernel); merged: one adapter "
                         "merged into the weights at a time; auto: merged on a GPU when each adapter has "
-                        ">= 4096 tokens to score (default)")
+                        ">= 2048 tokens to score (default)")
     parser.add_argument("--compile", action="store_true",
                         help="torch.compile transformers' decoder layers for the loss passes instead of rocket's "
                         "Llama fast path (for other architectures, on large banks)")

@@ -23,41 +23,22 @@ def _shard(n: int, distributed: bool | None) -> tuple[list[int], bool]:
     return list(range(dist.get_rank(), n, dist.get_world_size())), True
 
 
+# Tokens per adapter from which merging wins. A merge reads and writes the targeted weights once, so
+# it costs ≈ 2·peak FLOP/s ÷ (HBM bytes/s · tokens) of the adapter's pass (≈ 400/tokens on an
+# H200, independent of model size); SGMV adds 18% (1.1B Llama) to 67% (7B shape, 256 adapters)
+# to every pass. Measured at 7B, 10 examples (≈ 3,300 tokens) per adapter: merged 124, SGMV 85
+# adapter·examples/s (bench/results/scoring_scale-gpu-20261206-041606.json).
+MERGE_FROM_TOKENS = 2048
+
+
 def choose_strategy(strategy: str, device: torch.device, tokens_per_adapter: int) -> str:
-    """'auto': merge adapters one at a time on a GPU when each has ≥ 4096 tokens to score (one merge
-    then costs a few % of its pass), else run many adapters per pass with the SGMV kernel."""
+    """'auto': merge adapters one at a time on a GPU when each has ≥ MERGE_FROM_TOKENS tokens to score,
+    else run many adapters per pass with the SGMV kernel."""
     if strategy not in ("auto", "merged", "sgmv"):
         raise ScoringError(f"scoring: unknown strategy {strategy!r}: use auto, merged or sgmv")
     if strategy != "auto":
         return strategy
-    return "merged" if device.type == "cuda" and tokens_per_adapter >= 4096 else "sgmv"
-
-
-def _named(names: list[str], shown: int = 8) -> str:
-    return ", ".join(names[:shown]) + (f" and {len(names) - shown} more" if len(names) > shown else "")
-
-
-def score_summary(scores: Scores) -> str:
-    """The lowest PPL_R against the base model's, as `rocket score` and `rocket run` print it."""
-    best = int(torch.argmin(scores.ppl_sum))
-    text = f"lowest PPL_R: {scores.names[best]} ({format_ppl(scores.ppl_sum[best])})"
-    if scores.base_ppl_sum is not None:
-        better = int((scores.ppl_sum < scores.base_ppl_sum).sum())
-        text += f", base model {format_ppl(scores.base_ppl_sum)} ({better} of {len(scores.names)} adapters below it)"
-    return text
-
-
-def warn_unhelpful(scores: Scores) -> None:
-    """One warning line per kind of adapter that cannot help (docs/design.md, 'The base model's
-    row'): ΔW = 0 on every module (meta 'zero_delta'), and worse than the base model alone."""
-    zero, worse = scores.unhelpful()
-    if zero:
-        warnings.warn(f"scoring: {len(zero)} adapter(s) with ΔW = 0 on every module (untrained: they score as the "
-                      f"base model, and selection sets them aside): {_named(zero)}", stacklevel=3)
-    if worse:
-        acc = " and no better accuracy" if scores.accuracy is not None and scores.base_accuracy is not None else ""
-        warnings.warn(f"scoring: {len(worse)} adapter(s) worse than the base model alone (a higher loss on every "
-                      f"example{acc}): {_named(worse)}", stacklevel=3)
+    return "merged" if device.type == "cuda" and tokens_per_adapter >= MERGE_FROM_TOKENS else "sgmv"
 
 
 def score_adapters(model, tokenizer, bank: LoraBank, examples, template="alpaca", *,

@@ -3,11 +3,10 @@ from __future__ import annotations
 
 import json
 import math
-from contextlib import ExitStack
 from io import BytesIO
 from pathlib import Path
 
-from rocket.io import atomic_path
+from rocket.io import atomic_paths
 from rocket.selection.ranking import Selection
 
 
@@ -38,14 +37,13 @@ def plot_similarity(selection: Selection) -> bytes:
 
 
 def write_outputs(selection: Selection, manifest: Path, report: Path | None, plot: Path | None) -> None:
-    """Experts manifest (Selection.manifest: one adapter directory per line), JSON report and PNG;
-    each file is written to a temporary name first and all are renamed only when every one is
-    complete."""
+    """Experts manifest (Selection.manifest: one adapter directory per line), JSON report and PNG,
+    written as one group: all of them or none (rocket.io.atomic_paths)."""
     outputs = [(manifest, selection.manifest().encode())]
     if report is not None:
         outputs.append((report, (json.dumps(selection.to_json(), indent=1) + "\n").encode()))
     if plot is not None:
         outputs.append((plot, plot_similarity(selection)))
-    with ExitStack() as stack:  # the renames happen as the stack unwinds, after every write
-        for path, data in outputs:
-            stack.enter_context(atomic_path(path)).write_bytes(data)
+    with atomic_paths([path for path, _ in outputs]) as temps:
+        for tmp, (_, data) in zip(temps, outputs):
+            tmp.write_bytes(data)
