@@ -41,6 +41,33 @@ def choose_strategy(strategy: str, device: torch.device, tokens_per_adapter: int
     return "merged" if device.type == "cuda" and tokens_per_adapter >= MERGE_FROM_TOKENS else "sgmv"
 
 
+def _named(names: list[str], shown: int = 8) -> str:
+    return ", ".join(names[:shown]) + (f" and {len(names) - shown} more" if len(names) > shown else "")
+
+
+def score_summary(scores: Scores) -> str:
+    """The lowest PPL_R against the base model's, as `rocket score` and `rocket run` print it."""
+    best = int(torch.argmin(scores.ppl_sum))
+    text = f"lowest PPL_R: {scores.names[best]} ({format_ppl(scores.ppl_sum[best])})"
+    if scores.base_ppl_sum is not None:
+        better = int((scores.ppl_sum < scores.base_ppl_sum).sum())
+        text += f", base model {format_ppl(scores.base_ppl_sum)} ({better} of {len(scores.names)} adapters below it)"
+    return text
+
+
+def warn_unhelpful(scores: Scores) -> None:
+    """One warning line per kind of adapter that cannot help (docs/design.md, 'The base model's
+    row'): ΔW = 0 on every module (meta 'zero_delta'), and worse than the base model alone."""
+    zero, worse = scores.unhelpful()
+    if zero:
+        warnings.warn(f"scoring: {len(zero)} adapter(s) with ΔW = 0 on every module (untrained: they score as the "
+                      f"base model, and selection sets them aside): {_named(zero)}", stacklevel=3)
+    if worse:
+        acc = " and no better accuracy" if scores.accuracy is not None and scores.base_accuracy is not None else ""
+        warnings.warn(f"scoring: {len(worse)} adapter(s) worse than the base model alone (a higher loss on every "
+                      f"example{acc}): {_named(worse)}", stacklevel=3)
+
+
 def score_adapters(model, tokenizer, bank: LoraBank, examples, template="alpaca", *,
                    accuracy: str | None = "auto", accuracy_file: str | Path | None = None, perplexity_examples=None,
                    max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS, max_tokens: int | None = None, progress: bool = True,
