@@ -1,9 +1,9 @@
 """Peers that rocket's kernels are measured against. They reuse the test references
 (rocket/kernels/reference.py) wherever the reference is itself the peer's algorithm."""
-from rocket.kernels import reference as R
+from rocket.kernels import reference
 
 # Dedup: the blocked torch matmul join (the exact rule, one [block, n] similarity tile at a time).
-dedup_blocked_torch = R.dedup
+dedup_blocked_torch = reference.dedup
 
 
 def dedup_blocked_torch_lowp(emb, threshold, priority, block: int = 8192):
@@ -30,7 +30,7 @@ def _peft_rows(tokenized, idx, device):
     L = max(len(tokenized[k].input_ids) for k in idx)
     ids = torch.zeros(len(idx), L, dtype=torch.long)
     mask = torch.zeros(len(idx), L, dtype=torch.long)
-    labels = torch.full((len(idx), L), R.IGNORE_INDEX, dtype=torch.long)
+    labels = torch.full((len(idx), L), reference.IGNORE_INDEX, dtype=torch.long)
     for b, k in enumerate(idx):  # right padding, as HF training does
         t = tokenized[k]
         n = len(t.input_ids)
@@ -48,7 +48,7 @@ def peft_loop_losses(peft_model, names, tokenized):
             peft_model.set_adapter(name)
             for k in range(len(tokenized)):
                 ids, _, labels = _peft_rows(tokenized, [k], device)
-                out[a, k] = R.masked_cross_entropy_per_example(peft_model(input_ids=ids).logits, labels)[0]
+                out[a, k] = reference.masked_cross_entropy_per_example(peft_model(input_ids=ids).logits, labels)[0]
     return out
 
 
@@ -65,7 +65,7 @@ def peft_padded_losses(peft_model, names, tokenized, batch: int = 16):
                 idx = order[s:s + batch]
                 ids, mask, labels = _peft_rows(tokenized, idx, device)
                 logits = peft_model(input_ids=ids, attention_mask=mask).logits
-                out[a, idx] = R.masked_cross_entropy_per_example(logits, labels)
+                out[a, idx] = reference.masked_cross_entropy_per_example(logits, labels)
     return out
 
 
@@ -82,7 +82,7 @@ def peft_mixed_losses(peft_model, names, tokenized, batch: int = 16):
             chunk = pairs[s:s + batch]
             ids, mask, labels = _peft_rows(tokenized, [k for _, k in chunk], device)
             logits = peft_model(input_ids=ids, attention_mask=mask, adapter_names=[names[a] for a, _ in chunk]).logits
-            loss = R.masked_cross_entropy_per_example(logits, labels)
+            loss = reference.masked_cross_entropy_per_example(logits, labels)
             for (a, k), v in zip(chunk, loss):
                 out[a, k] = v
     return out
@@ -102,7 +102,7 @@ def delta_cos_pairwise_traces(modules, pair_chunk: int = 2048):
         inner = torch.empty(i.numel(), dtype=torch.float64, device=i.device)
         for s in range(0, i.numel(), pair_chunk):
             a, b = i[s:s + pair_chunk], j[s:s + pair_chunk]
-            inner[s:s + pair_chunk] = R.lora_delta_inner(A[a], B[a], A[b], B[b]).double()
+            inner[s:s + pair_chunk] = reference.lora_delta_inner(A[a], B[a], A[b], B[b]).double()
         full = torch.zeros(n, n, dtype=torch.float64, device=i.device)
         full[i, j] = inner
         full[j, i] = inner
@@ -129,7 +129,7 @@ def delta_cos_explicit(modules, chunk: int = 16):
 # One LoRA-MoE layer y = xWᵀ + b + Σ_topk w·s_e·B_e A_e x (2-D x), gradients by autograd.
 # The reference implementation's algorithm: softmax → top-k → renorm (k ≥ 2; p itself at k = 1, as
 # reference.route_topk), one masked pass per expert with index_add.
-lora_moe_loop = R.lora_moe_loop
+lora_moe_loop = reference.lora_moe_loop
 
 
 def lora_moe_dense_einsum(x, weight, bias, lora_A, lora_B, scaling, router_weight, top_k):
@@ -137,7 +137,7 @@ def lora_moe_dense_einsum(x, weight, bias, lora_A, lora_B, scaling, router_weigh
     second contracts experts and ranks together, so it is one [T, E·r] × [E·r, d_out] GEMM)."""
     import torch
     import torch.nn.functional as F
-    weights, experts, _ = R.route_topk(x, router_weight, top_k)
+    weights, experts, _ = reference.route_topk(x, router_weight, top_k)
     gate = torch.zeros(x.shape[0], lora_A.shape[0], device=x.device).scatter(1, experts, weights) * scaling
     h = torch.einsum("td,erd->ter", x, lora_A) * gate.to(x.dtype)[:, :, None]
     return F.linear(x, weight, bias) + torch.einsum("ter,eor->to", h, lora_B)
@@ -170,7 +170,7 @@ def lora_moe_grouped(x, weight, bias, lora_A, lora_B, scaling, router_weight, to
     GEMMs for ∂A, ∂B. Routing (and its gradient) by autograd of reference.route_topk."""
     import torch
     import torch.nn.functional as F
-    weights, experts, _ = R.route_topk(x, router_weight, top_k)
+    weights, experts, _ = reference.route_topk(x, router_weight, top_k)
     order = torch.argsort(experts.reshape(-1), stable=True)
     tiles, bounds = _expert_tiles(experts.reshape(-1)[order], lora_A.shape[0])
     delta = _GroupedLoraMoE.apply(x, lora_A, lora_B, scaling.float().contiguous(), weights, order, tiles, top_k,

@@ -27,7 +27,7 @@ import torch.nn.functional as F
 
 from bench.cases import fwd_bwd, lora_moe_inputs, lora_moe_methods, rel_err
 from bench.harness import cuda_graph, host_wall, interleaved_median_ms, median_ms
-from rocket.kernels import reference as R
+from rocket.kernels import reference
 from rocket.kernels.dual_mm import _IMPLS, CHOICES
 
 GPU = dict(shapes=[(T, 4096, d_out, E) for T in (16384, 4096) for d_out in (4096, 11008) for E in (8, 4)],
@@ -42,17 +42,17 @@ GRAPHABLE = ("base", "rocket", "rocket_triton", "rocket_tma", "rocket_cublas", "
 def reference_outputs(v, k, dense=True):
     """[y, *gradients] of the plain-torch references (rocket.kernels.reference) on v's tensors in
     float64 (CPU) or float32 (GPU), for the functions lora_moe_methods time: "moe" (the LoRA-MoE layer:
-    R.lora_moe, dense over experts, or where its [T, E, d_out] is large, R.lora_moe_loop), "base"
-    (the frozen linear) and "single_lora" (expert 0 alone on every row: R.multi_lora)."""
+    reference.lora_moe, dense over experts, or where its [T, E, d_out] is large, reference.lora_moe_loop), "base"
+    (the frozen linear) and "single_lora" (expert 0 alone on every row: reference.multi_lora)."""
     acc = torch.float64 if v["x"].device.type == "cpu" else torch.float32
     up = {n: v[n].to(acc) for n in ("x", "W", "b", "A", "B", "G", "gy")} | {"s": v["s"]}
     W, b, s = up["W"], up["b"], up["s"]
-    moe = R.lora_moe if dense else R.lora_moe_loop
+    moe = reference.lora_moe if dense else reference.lora_moe_loop
     first = torch.zeros(v["x"].shape[0], dtype=torch.long, device=v["x"].device)
     return {"moe": fwd_bwd(lambda x, A, B, G: moe(x, W, b, A, B, s, G, k), (0, 1, 2, 3), up)(),
             "base": fwd_bwd(lambda x, A, B, G: F.linear(x, W, b), (0,), up)(),
-            "single_lora": fwd_bwd(lambda x, A, B, G: F.linear(x, W, b) + R.multi_lora(x, A, B, s, first), (0, 1, 2),
-                                   up)()}
+            "single_lora": fwd_bwd(lambda x, A, B, G: F.linear(x, W, b) + reference.multi_lora(x, A, B, s, first),
+                                   (0, 1, 2), up)()}
 
 
 def _profile(step, n=16):

@@ -24,7 +24,7 @@ import torch
 
 from bench.cases import (TRAIN_7B, TRAIN_CPU, TRAIN_GPU, IntTokenizer, build_model, history, random_bank, random_examples, rate,
                          template_file)
-from rocket.kernels import reference as R
+from rocket.kernels import reference
 from rocket.tiny import LLAMA_TARGETS
 from rocket.data.tokenize import pad_batch
 from rocket.training.batches import length_grouped_batches, prepare_examples, token_loss_sum
@@ -120,7 +120,8 @@ def test_train_throughput(recorder, device, on_gpu, monkeypatch, tmp_path):
     done("peft_lora", peft_steps(_fresh(base), tok, examples, TrainConfig(**cfg), s["steps"], device))
     with monkeypatch.context() as m:
         import rocket.moe.layer as moe
-        m.setattr(moe, "lora_moe", lambda *a, return_routing=False, gemm_backend="auto", **k: R.lora_moe_loop(*a, **k))
+        m.setattr(moe, "lora_moe",
+                  lambda *a, return_routing=False, gemm_backend="auto", **k: reference.lora_moe_loop(*a, **k))
         r = run_row("seed_loop", "torch", steps=s["loop_steps"])
     done("seed_loop", history(r))
     # same batches, same init: the loop MoE must agree with rocket's layer on the steps both ran

@@ -8,7 +8,7 @@ from rocket import _C
 from rocket.augment.deduplicate import dedup
 from rocket.augment.exact import error_bound
 from rocket.kernels import dedup as K
-from rocket.kernels import reference as R
+from rocket.kernels import reference
 
 
 def brute_force(emb, threshold, prio):
@@ -77,7 +77,7 @@ def test_cpu_matches_brute_force(n, d, block):
     prio = torch.randint(0, 5, (n,), generator=gen).float()  # many ties
     want = brute_force(emb, 0.9, prio)
     assert torch.equal(dedup(emb, 0.9, prio, method="exact", block=block), want)
-    assert torch.equal(R.dedup(emb, 0.9, prio, block=block), want)
+    assert torch.equal(reference.dedup(emb, 0.9, prio, block=block), want)
     assert torch.equal(float64_rule(emb, 0.9, prio, block=block), want)
     assert 0 < len(want) <= n and (n == 1 or len(want) < n)
 

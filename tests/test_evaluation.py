@@ -15,7 +15,7 @@ from rocket.data.examples import load_examples
 from rocket.data.tokenize import tokenize_examples
 from rocket.errors import DataError, EvaluationError
 from rocket.evaluation import evaluate
-from rocket.kernels import reference as R
+from rocket.kernels import reference
 from rocket.modeling import load_base
 from rocket.moe.state import MOE_FILE, load_moe
 from rocket.scoring.score import score_adapters
@@ -71,7 +71,7 @@ def plain_losses(model, tokenizer, examples) -> torch.Tensor:
     out = []
     for t in tokenize_examples(examples, tokenizer):
         logits = model(input_ids=torch.tensor([t.input_ids])).logits
-        out.append(float(R.masked_cross_entropy_per_example(logits, torch.tensor([t.labels]))[0]))
+        out.append(float(reference.masked_cross_entropy_per_example(logits, torch.tensor([t.labels]))[0]))
     return torch.tensor(out, dtype=torch.float64)
 
 

@@ -2,7 +2,7 @@
 import pytest
 import torch
 
-from rocket.kernels import reference as R
+from rocket.kernels import reference
 from rocket.kernels.linear_ce import linear_cross_entropy_per_example, row_cross_entropy
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
@@ -16,11 +16,11 @@ def test_matches_reference(n, H, V, E, chunk):
     targets = torch.randint(0, V, (n,), generator=gen)
     ids = torch.arange(n) % E
     if n > E:
-        targets[torch.randperm(n, generator=gen)[: n // 3]] = R.IGNORE_INDEX
+        targets[torch.randperm(n, generator=gen)[: n // 3]] = reference.IGNORE_INDEX
         targets[:E] = torch.randint(0, V, (E,), generator=gen)  # every example keeps a label
     got = linear_cross_entropy_per_example(hidden.to(DEVICE), W.to(DEVICE), targets.to(DEVICE), ids.to(DEVICE),
                                            E, chunk_rows=chunk)
-    want = R.linear_cross_entropy_per_example(hidden.double(), W.double(), targets, ids, E)
+    want = reference.linear_cross_entropy_per_example(hidden.double(), W.double(), targets, ids, E)
     assert torch.allclose(got.double().cpu(), want.double(), rtol=1e-5, atol=1e-5)
 
 

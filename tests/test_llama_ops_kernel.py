@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from tests.helpers import rel_err
-from rocket.kernels import reference as R
+from rocket.kernels import reference
 from rocket.kernels.llama_ops import add_rms_norm, rotary_, silu_mul
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
@@ -22,7 +22,7 @@ def test_add_rms_norm(dtype, T, H):
     h = h0.clone().to(DEVICE)
     out = add_rms_norm(h, d.to(DEVICE), w.to(DEVICE), 1e-6)
     want_h = (h0.float() + d.float()).to(dtype)
-    want = R.rms_norm(want_h, w, 1e-6)
+    want = reference.rms_norm(want_h, w, 1e-6)
     tol = 1e-6 if dtype == torch.float32 else 1e-2
     assert rel_err(h, want_h) < tol and rel_err(out, want) < tol
     # no delta: a plain norm, h untouched
@@ -40,7 +40,7 @@ def test_rotary_in_place(dtype, T, heads, d):
     cos, sin = torch.cat([ang.cos()] * 2, -1).to(dtype), torch.cat([ang.sin()] * 2, -1).to(dtype)
     x = x0.clone().to(DEVICE)
     rotary_(x, cos.to(DEVICE), sin.to(DEVICE))
-    want = R.rotary(x0.double(), cos.double(), sin.double())
+    want = reference.rotary(x0.double(), cos.double(), sin.double())
     assert rel_err(x, want) < (1e-6 if dtype == torch.float32 else 1e-2)
 
 
@@ -56,7 +56,7 @@ def test_silu_mul(dtype, halves):
     else:
         out = silu_mul(g.to(DEVICE), u.to(DEVICE))
     assert out.is_contiguous() and out.shape == (33, 301)
-    assert rel_err(out, R.silu_mul(g.double(), u.double())) < (1e-6 if dtype == torch.float32 else 1e-2)
+    assert rel_err(out, reference.silu_mul(g.double(), u.double())) < (1e-6 if dtype == torch.float32 else 1e-2)
 
 
 def test_bad_shapes():

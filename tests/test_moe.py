@@ -7,7 +7,7 @@ from torch import nn
 
 from tests.helpers import rel_err
 from rocket.adapters.bank import LoraBank
-from rocket.kernels import reference as R
+from rocket.kernels import reference
 from rocket.errors import MoEError
 from rocket.moe.layer import LoraMoELinear
 from rocket.moe.inject import inject_lora_moe, moe_aux_loss, moe_layers, set_train_router_only
@@ -36,7 +36,7 @@ def test_layer_is_a_drop_in_linear_and_matches_the_reference():
     x = torch.randn(3, 7, 37, generator=gen).to(DEVICE)
     y = layer(x)
     assert y.shape == (3, 7, 29) and layer.in_features == 37 and layer.out_features == 29
-    want = R.lora_moe(x.double(), layer.base.weight.double(), layer.base.bias.double(), layer.lora_A.double(),
+    want = reference.lora_moe(x.double(), layer.base.weight.double(), layer.base.bias.double(), layer.lora_A.double(),
                       layer.lora_B.double(), layer.scaling.double(), layer.router.weight.double(), 2)
     assert rel_err(y, want) < 1e-5
     assert not any(p.requires_grad for p in layer.base.parameters())
@@ -49,7 +49,7 @@ def test_layer_passes_its_gemm_backend_to_the_fused_layer():
     gen = torch.Generator().manual_seed(10)
     layer = _layer(24, 20, 3, 4, 2, gen, gemm_backend="triton")
     x = torch.randn(11, 24, generator=gen).to(DEVICE)
-    want = R.lora_moe(x.double(), layer.base.weight.double(), layer.base.bias.double(), layer.lora_A.double(),
+    want = reference.lora_moe(x.double(), layer.base.weight.double(), layer.base.bias.double(), layer.lora_A.double(),
                       layer.lora_B.double(), layer.scaling.double(), layer.router.weight.double(), 2)
     assert rel_err(layer(x), want) < 1e-5
     layer.gemm_backend = "no_such"
@@ -71,7 +71,7 @@ def test_bf16_layer_with_float32_masters_as_the_trainer_keeps_them():
     y.backward(gy.to(torch.bfloat16))
     leaves = [t.detach().to(torch.bfloat16).double().requires_grad_()
               for t in (x, layer.lora_A, layer.lora_B, layer.router.weight)]
-    want = R.lora_moe(leaves[0], layer.base.weight.double(), layer.base.bias.double(), leaves[1], leaves[2],
+    want = reference.lora_moe(leaves[0], layer.base.weight.double(), layer.base.bias.double(), leaves[1], leaves[2],
                       layer.scaling.double(), leaves[3], 2)
     want.backward(gy.to(torch.bfloat16).double())
     assert rel_err(y, want) < 2e-2
@@ -166,8 +166,8 @@ def test_the_router_learns_from_the_output_for_every_top_k(top_k):
     layer(x).backward(gy)
     frozen = [t.detach() for t in (x, layer.base.weight, layer.base.bias, layer.lora_A, layer.lora_B, layer.scaling)]
     G64, G32 = (layer.router.weight.detach().to(dt).requires_grad_() for dt in (torch.float64, torch.float32))
-    R.lora_moe(*[t.double() for t in frozen], G64, top_k).backward(gy.double())
-    R.lora_moe(*frozen, G32, top_k).backward(gy)  # the CPU path of a float32 model
+    reference.lora_moe(*[t.double() for t in frozen], G64, top_k).backward(gy.double())
+    reference.lora_moe(*frozen, G32, top_k).backward(gy)  # the CPU path of a float32 model
     assert G64.grad.abs().max() > 1e-3
     for got in (layer.router.weight.grad, G32.grad):
         assert rel_err(got, G64.grad) < 1e-5
@@ -178,8 +178,8 @@ def test_load_balancing_loss_matches_reference_and_reaches_the_router():
     layer = _layer(20, 10, 6, 3, 2, gen, load_balancing=True)
     x = torch.randn(50, 20, generator=gen).to(DEVICE)
     layer(x)
-    _, experts, probs = R.route_topk(x.double(), layer.router.weight.double(), 2)
-    want = R.load_balancing_loss(probs, experts, 6)
+    _, experts, probs = reference.route_topk(x.double(), layer.router.weight.double(), 2)
+    want = reference.load_balancing_loss(probs, experts, 6)
     assert abs(layer.aux_loss.item() - want.item()) < 1e-5
     layer.aux_loss.backward()
     assert layer.router.weight.grad.abs().sum() > 0

@@ -3,7 +3,7 @@ import pytest
 import torch
 
 from tests.helpers import poison_like, rel_err
-from rocket.kernels import reference as R
+from rocket.kernels import reference
 from rocket.kernels.multi_lora import lora_merge, multi_lora, multi_lora_add_, segment_tiles
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
@@ -24,7 +24,7 @@ def test_multi_lora_matches_reference_unsorted_ids_with_gaps(N, d_in, d_out, M, 
     x, A, B, s = _inputs(N, d_in, d_out, M, r, torch.float32, gen)
     ids = torch.randint(-1, M, (N,), generator=gen)  # -1: no adapter; some adapters may be absent
     out = multi_lora(x.to(DEVICE), A.to(DEVICE), B.to(DEVICE), s.to(DEVICE), ids.to(DEVICE))
-    want = R.multi_lora(x.double(), A.double(), B.double(), s.double(), ids)
+    want = reference.multi_lora(x.double(), A.double(), B.double(), s.double(), ids)
     assert out.dtype == torch.float32
     assert rel_err(out, want) < 1e-5
     assert torch.all(out.cpu()[ids < 0] == 0)
@@ -35,7 +35,7 @@ def test_multi_lora_bf16():
     x, A, B, s = _inputs(130, 96, 80, 4, 8, torch.bfloat16, gen)
     ids = torch.randint(0, 4, (130,), generator=gen)
     out = multi_lora(x.to(DEVICE), A.to(DEVICE), B.to(DEVICE), s.to(DEVICE), ids.to(DEVICE))
-    assert rel_err(out, R.multi_lora(x.double(), A.double(), B.double(), s.double(), ids)) < 2e-2
+    assert rel_err(out, reference.multi_lora(x.double(), A.double(), B.double(), s.double(), ids)) < 2e-2
 
 
 def test_add_in_place_to_segments_of_multi_token_rows():
@@ -49,7 +49,7 @@ def test_add_in_place_to_segments_of_multi_token_rows():
     assert tiles.shape == (3, 3)  # segments of 18, 27, 9 tokens (the -1 row has none)
     multi_lora_add_(y, x.to(DEVICE), A.to(DEVICE), B.to(DEVICE), s.to(DEVICE), tiles)
     ids = torch.tensor(rows).repeat_interleave(per_row)
-    want = base.double() + R.multi_lora(x.double(), A.double(), B.double(), s.double(), ids)
+    want = base.double() + reference.multi_lora(x.double(), A.double(), B.double(), s.double(), ids)
     assert rel_err(y, want) < 1e-5
 
 

@@ -4,7 +4,7 @@ import torch
 import torch.nn.functional as F
 
 from tests.helpers import rel_err
-from rocket.kernels import reference as R
+from rocket.kernels import reference
 
 
 def _moe_inputs(T, d_in, d_out, E, r, gen, dtype=torch.float32):
@@ -31,8 +31,8 @@ def test_lora_moe_matches_loop_and_token_formula(T, d_in, d_out, E, r, k):
     gen = torch.Generator().manual_seed(T * 1000 + E)
     args = _moe_inputs(T, d_in, d_out, E, r, gen, torch.float64)
     x, W, b, A, B, s, G = args
-    y = R.lora_moe(*args, top_k=k)
-    assert rel_err(y, R.lora_moe_loop(*args, top_k=k)) < 1e-12
+    y = reference.lora_moe(*args, top_k=k)
+    assert rel_err(y, reference.lora_moe_loop(*args, top_k=k)) < 1e-12
     # token by token, straight from the formula
     for t in (0, T // 2, T - 1):
         experts, w = _token_weights(torch.softmax(x[t] @ G.t(), -1), k)
@@ -50,7 +50,7 @@ def test_lora_moe_gradients_match_a_per_token_loop(k):
     x, W, b, A, B, s, G = _moe_inputs(17, 11, 9, 5, 3, gen, torch.float64)
     gy = torch.randn(17, 9, generator=gen, dtype=torch.float64)
     leaves = [t.clone().requires_grad_() for t in (x, A, B, G)]
-    y = R.lora_moe(leaves[0], W, b, leaves[1], leaves[2], s, leaves[3], top_k=k)
+    y = reference.lora_moe(leaves[0], W, b, leaves[1], leaves[2], s, leaves[3], top_k=k)
     got = [y, *torch.autograd.grad((y * gy).sum(), leaves)]
     leaves = [t.clone().requires_grad_() for t in (x, A, B, G)]
     xs, As, Bs, Gs = leaves
@@ -72,7 +72,7 @@ def test_lora_moe_gradients_match_loop():
     gen = torch.Generator().manual_seed(7)
     x, W, b, A, B, s, G = _moe_inputs(29, 12, 10, 4, 3, gen, torch.float64)
     grads = []
-    for fn in (R.lora_moe, R.lora_moe_loop):
+    for fn in (reference.lora_moe, reference.lora_moe_loop):
         leaves = [t.clone().requires_grad_() for t in (x, A, B, G)]
         y = fn(leaves[0], W, b, leaves[1], leaves[2], s, leaves[3], top_k=2)
         (y * torch.linspace(-1, 1, y.numel(), dtype=y.dtype).view_as(y)).sum().backward()
@@ -84,7 +84,7 @@ def test_lora_moe_gradients_match_loop():
 def test_load_balancing_loss_is_one_when_balanced():
     probs = torch.full((8, 4), 0.25)
     experts = torch.arange(8).remainder(4).view(8, 1)
-    assert R.load_balancing_loss(probs, experts, 4).item() == pytest.approx(1.0)
+    assert reference.load_balancing_loss(probs, experts, 4).item() == pytest.approx(1.0)
 
 
 def test_multi_lora_matches_per_row():
@@ -94,7 +94,7 @@ def test_multi_lora_matches_per_row():
     A, B = torch.randn(M, r, d_in, generator=gen), torch.randn(M, d_out, r, generator=gen)
     s = torch.rand(M, generator=gen)
     ids = torch.randint(-1, M, (N,), generator=gen)
-    out = R.multi_lora(x, A, B, s, ids)
+    out = reference.multi_lora(x, A, B, s, ids)
     for i in range(N):
         want = torch.zeros(d_out) if ids[i] < 0 else s[ids[i]] * (B[ids[i]] @ (A[ids[i]] @ x[i]))
         assert torch.allclose(out[i], want, atol=1e-5)
@@ -106,21 +106,21 @@ def test_cross_entropies_agree():
     hidden = torch.randn(Bsz, T, H, generator=gen)
     Wlm = torch.randn(V, H, generator=gen)
     labels = torch.randint(0, V, (Bsz, T), generator=gen)
-    labels[:, :4] = R.IGNORE_INDEX
-    labels[1, 9:] = R.IGNORE_INDEX
+    labels[:, :4] = reference.IGNORE_INDEX
+    labels[1, 9:] = reference.IGNORE_INDEX
     logits = hidden @ Wlm.t()
-    per_ex = R.masked_cross_entropy_per_example(logits, labels)
+    per_ex = reference.masked_cross_entropy_per_example(logits, labels)
     for i in range(Bsz):
-        m = labels[i, 1:] != R.IGNORE_INDEX
+        m = labels[i, 1:] != reference.IGNORE_INDEX
         want = F.cross_entropy(logits[i, :-1][m], labels[i, 1:][m])
         assert per_ex[i].item() == pytest.approx(want.item(), rel=1e-5)
     flat_h = hidden[:, :-1].reshape(-1, H)
     flat_t = labels[:, 1:].reshape(-1)
     ids = torch.arange(Bsz).repeat_interleave(T - 1)
-    assert torch.allclose(R.linear_cross_entropy_per_example(flat_h, Wlm, flat_t, ids, Bsz), per_ex, atol=1e-5)
-    labels[2, 1:] = R.IGNORE_INDEX
+    assert torch.allclose(reference.linear_cross_entropy_per_example(flat_h, Wlm, flat_t, ids, Bsz), per_ex, atol=1e-5)
+    labels[2, 1:] = reference.IGNORE_INDEX
     with pytest.raises(ValueError, match="no label tokens"):
-        R.masked_cross_entropy_per_example(logits, labels)
+        reference.masked_cross_entropy_per_example(logits, labels)
 
 
 def test_lora_delta_inner_is_frobenius_of_explicit_delta():
@@ -128,4 +128,4 @@ def test_lora_delta_inner_is_frobenius_of_explicit_delta():
     A_i, B_i = torch.randn(3, 20, generator=gen, dtype=torch.float64), torch.randn(15, 3, generator=gen, dtype=torch.float64)
     A_j, B_j = torch.randn(5, 20, generator=gen, dtype=torch.float64), torch.randn(15, 5, generator=gen, dtype=torch.float64)
     want = ((B_i @ A_i) * (B_j @ A_j)).sum()
-    assert R.lora_delta_inner(A_i, B_i, A_j, B_j).item() == pytest.approx(want.item(), rel=1e-6)
+    assert reference.lora_delta_inner(A_i, B_i, A_j, B_j).item() == pytest.approx(want.item(), rel=1e-6)

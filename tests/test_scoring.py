@@ -15,7 +15,7 @@ from rocket.data.tokenize import tokenize_examples
 from rocket.errors import RocketError, ScoringError
 from rocket.data.examples import load_examples, write_jsonl
 from rocket.runtime.generation import greedy_generate
-from rocket.kernels import reference as R
+from rocket.kernels import reference
 from rocket.runtime.packing import pack_rows
 from rocket.data.scores import Scores
 from rocket.runtime.adapters import multi_lora_model
@@ -47,7 +47,7 @@ def peft_losses(model, bank_dir, names, tokenized):
         pm.set_adapter(n)
         for k, t in enumerate(tokenized):
             logits = pm(input_ids=torch.tensor([t.input_ids], device=device)).logits
-            out[a, k] = R.masked_cross_entropy_per_example(logits, torch.tensor([t.labels], device=device))[0]
+            out[a, k] = reference.masked_cross_entropy_per_example(logits, torch.tensor([t.labels], device=device))[0]
     return out
 
 
@@ -222,7 +222,7 @@ def test_golds_are_checked_before_any_pass(reference_path, monkeypatch, tiny_lla
 @torch.no_grad()
 def plain_losses(model, tokenized):
     """Losses [K] of the model alone, one example per forward (float64)."""
-    return torch.tensor([float(R.masked_cross_entropy_per_example(
+    return torch.tensor([float(reference.masked_cross_entropy_per_example(
         model(input_ids=torch.tensor([t.input_ids])).logits, torch.tensor([t.labels]))[0]) for t in tokenized],
         dtype=torch.float64)
 

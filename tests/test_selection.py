@@ -11,7 +11,7 @@ from scipy.stats import rankdata
 
 from rocket.adapters.bank import LoraAdapter, LoraBank
 from rocket.cli import main as cli_main
-from rocket.kernels import reference as R
+from rocket.kernels import reference
 from rocket.data.scores import Scores
 from rocket.errors import SelectionError
 from rocket.selection.ranking import combinations, rank_min, select_experts, tuple_similarity
@@ -83,7 +83,7 @@ def test_pair_inner_products_match_reference_trace():
     inner = _block_inner(XA, XB, r, block_rows=3 * r)
     for i, j in itertools.product(range(7), repeat=2):
         (Ai, Bi), (Aj, Bj) = bank[i].weights[m], bank[j].weights[m]
-        assert inner[i, j].item() == pytest.approx(R.lora_delta_inner(Ai, Bi, Aj, Bj).item(), rel=1e-12)
+        assert inner[i, j].item() == pytest.approx(reference.lora_delta_inner(Ai, Bi, Aj, Bj).item(), rel=1e-12)
 
 
 def test_pairs_sharing_no_module_are_nan_and_reported():

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import torch
 from torch import nn
-from rocket.kernels import reference as R
+from rocket.kernels import reference
 from rocket.kernels.lora_moe import lora_moe
 from rocket.errors import MoEError
 
@@ -116,7 +116,7 @@ class LoraMoELinear(nn.Module):
                 self.aux_loss = None
             return out
         y, probs, experts = out
-        self.aux_loss = R.load_balancing_loss(probs, experts, self.n_experts)
+        self.aux_loss = reference.load_balancing_loss(probs, experts, self.n_experts)
         return y
 
     def extra_repr(self) -> str:

@@ -9,7 +9,7 @@ from torch import nn
 from rocket.adapters.bank import LoraBank
 from rocket.adapters.stacking import StackedModule
 from rocket.errors import RocketError
-from rocket.kernels import reference as R
+from rocket.kernels import reference
 from rocket.kernels import use_triton
 from rocket.kernels.multi_lora import lora_merge, multi_lora_add_, segment_tiles
 from rocket.runtime.fastpath import FusedProjections, supports_fast_path
@@ -80,7 +80,7 @@ class MultiLoraLinear(nn.Module):
             multi_lora_add_(y2, x2, self.lora_A, self.lora_B, self.scaling, self.rows.tiles(x2.shape[0]))
         else:
             ids = self.rows.token_ids(x2.shape[0])
-            y2 += R.multi_lora(x2, self.lora_A, self.lora_B, self.scaling, ids).to(y.dtype)
+            y2 += reference.multi_lora(x2, self.lora_A, self.lora_B, self.scaling, ids).to(y.dtype)
         return y
 
 
