@@ -6,7 +6,7 @@ Rows (tokens/s = non-padding tokens through forward + backward + AdamW per secon
 - rocket MoE under DeepSpeed ZeRO-3 (when installed) and under the plain torch loop;
 - peer `peft_lora`: one peft LoRA (r=16, same seven projections) in a plain torch loop, bf16
   autocast and fp32 adapters as HF Trainer runs it (goal: rocket ≥ 0.85× its tokens/s);
-- peer `seed_loop`: the same MoE with the reference implementation's per-expert loop (reference.lora_moe_loop) in
+- peer `reference_loop`: the same MoE with the reference implementation's per-expert loop (reference.lora_moe_loop) in
   place of the fused layer (goal: rocket ≥ 3×).
 GPU: hidden 2048, 16 layers, MLP 5504, vocab 32000 (~1.1B), E=4 experts r=16, top-2, micro-batch 8,
 examples of 150–500 tokens, lengths padded to a multiple of 64; 40 steps (16 for the reference implementation loop), so
@@ -98,7 +98,7 @@ def test_train_throughput(recorder, device, on_gpu, monkeypatch, tmp_path):
     def done(name, steps, loss=None):
         if on_gpu:  # each row starts from a reset (run_row), so this is its own peak
             peak_gib[name] = torch.cuda.max_memory_allocated() / 2 ** 30
-        results[name] = rate(steps, s["warm"] if name != "seed_loop" else min(s["warm"], s["loop_steps"] // 2))
+        results[name] = rate(steps, s["warm"] if name != "reference_loop" else min(s["warm"], s["loop_steps"] // 2))
         if loss is not None:
             losses[name] = loss
         say(f"{name}: {results[name][0]:.0f} tokens/s, median step {results[name][1]:.1f} ms")
@@ -122,8 +122,8 @@ def test_train_throughput(recorder, device, on_gpu, monkeypatch, tmp_path):
         import rocket.moe.layer as moe
         m.setattr(moe, "lora_moe",
                   lambda *a, return_routing=False, gemm_backend="auto", **k: reference.lora_moe_loop(*a, **k))
-        r = run_row("seed_loop", "torch", steps=s["loop_steps"])
-    done("seed_loop", history(r))
+        r = run_row("reference_loop", "torch", steps=s["loop_steps"])
+    done("reference_loop", history(r))
     # same batches, same init: the loop MoE must agree with rocket's layer on the steps both ran
     assert r.losses == pytest.approx(losses["rocket_torch"][: s["loop_steps"]], rel=2e-2 if on_gpu else 1e-4)
     r = None
@@ -136,7 +136,7 @@ def test_train_throughput(recorder, device, on_gpu, monkeypatch, tmp_path):
                                                      "pad")} | {"top_k": 2, "gpus": 1, "cutoff": 1024},
                           {k: v[1] for k, v in results.items()}, baseline="peft_lora", tokens_per_s=tps,
                           rocket_vs_peft={k: tps[k] / tps["peft_lora"] for k in tps if k.startswith("rocket")},
-                          rocket_vs_seed_loop={k: tps[k] / tps["seed_loop"] for k in tps if k.startswith("rocket")},
+                          rocket_vs_reference_loop={k: tps[k] / tps["reference_loop"] for k in tps if k.startswith("rocket")},
                           first_last_loss={k: (v[0], v[-1]) for k, v in losses.items()},
                           peak_memory_gib=peak_gib or None, resident_memory_gib=resident_gib or None)
     print(json.dumps(row, indent=1), flush=True)

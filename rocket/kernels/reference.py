@@ -58,7 +58,7 @@ def lora_moe(x, weight, bias, lora_A, lora_B, scaling, router_weight, top_k, x_l
 
 
 def lora_moe_loop(x, weight, bias, lora_A, lora_B, scaling, router_weight, top_k, x_lora=None):
-    """The seed's algorithm, deliberately naive: one masked pass per expert with `index_add_`."""
+    """The reference implementation's algorithm, deliberately naive: one masked pass per expert with `index_add_`."""
     shape = x.shape
     acc = _acc_dtype(x)
     x2 = x.reshape(-1, shape[-1])
