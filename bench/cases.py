@@ -10,6 +10,7 @@ import json
 import statistics
 from pathlib import Path
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
@@ -186,3 +187,82 @@ def planted_unit_vectors(n, d, device, dtype, dup_frac=0.1, noise=0.02, seed=0):
     dst = torch.randint(0, n, (k,), generator=gen, device=device)
     emb[dst] = emb[src] + noise * torch.randn(k, d, generator=gen, device=device)
     return F.normalize(emb, dim=1).to(dtype), torch.rand(n, generator=gen, device=device)
+
+
+# --------------------------------------------------------------------------- augment (stage 3)
+def word_corpus(vocab, topics, topic_words, seed=0):
+    """A synthetic vocabulary of `vocab` distinct 5-letter words (uint8 rows "abcde ", `table`; as
+    strings, `words`) and `topics` topics of `topic_words` word ids each."""
+    rng = np.random.default_rng(seed)
+    codes = rng.choice(26 ** 5, vocab, replace=False)
+    letters = (codes[:, None] // 26 ** np.arange(5)) % 26 + ord("a")
+    table = np.concatenate([letters, np.full((vocab, 1), ord(" "))], axis=1).astype(np.uint8)
+    return {"table": table, "words": [bytes(row[:5]).decode() for row in table],
+            "topics": rng.integers(0, vocab, (topics, topic_words))}
+
+
+def synthetic_texts(topic, corpus, pairs=((), (), ()), lengths=(48, 398), topic_p=0.5, substitute=0.03, seed=0,
+                    chunk=100_000):
+    """One text per entry of `topic` (numpy, chunk by chunk: 1e6 texts in seconds): lengths[0]..lengths[1]
+    words, each from the text's topic with probability topic_p, else uniform over the vocabulary.
+    pairs (src, dst, exact): text dst becomes a copy of text src, exact or with `substitute` of its
+    words replaced. Returns (texts, words per text); synthetic_encoder's tokenizer makes one token a word."""
+    table, topic_table = corpus["table"], corpus["topics"]
+    rng = np.random.default_rng(seed)
+    topic = np.asarray(topic)
+    texts, n_words = [], rng.integers(lengths[0], lengths[1] + 1, len(topic))
+    for s in range(0, len(topic), chunk):
+        n = n_words[s:s + chunk]
+        ids = rng.integers(0, len(table), int(n.sum()), dtype=np.int32)
+        own = np.flatnonzero(rng.random(len(ids)) < topic_p)
+        ids[own] = topic_table[np.repeat(topic[s:s + chunk], n)[own], rng.integers(0, topic_table.shape[1], len(own))]
+        flat = table[ids].tobytes().decode("ascii")
+        ends = 6 * np.cumsum(n)
+        texts += [flat[a:b - 1] for a, b in zip((ends - 6 * n).tolist(), ends.tolist())]
+    for src, dst, exact in zip(*pairs):
+        words = texts[src].split(" ")
+        if not exact:
+            for i in rng.choice(len(words), max(1, round(substitute * len(words))), replace=False):
+                words[i] = corpus["words"][rng.integers(len(table))]
+        texts[dst], n_words[dst] = " ".join(words), n_words[src]
+    return texts, n_words
+
+
+def synthetic_encoder(directory, words, hidden=384, layers=6, heads=12, intermediate=1536, max_positions=512, seed=0):
+    """A random-init BERT (all-MiniLM-L6-v2's shape by default) saved as a sentence-transformers
+    directory: Transformer (max_seq_length 512) + mean Pooling + Normalize, which both
+    SentenceTransformer(directory) and rocket's Embedder (its plain-HF path) load. The tokenizer is
+    word-level over `words` ([CLS] w… [SEP]: words + 2 tokens). Word embeddings have unit variance and
+    position / token-type embeddings are zero, so a text's embedding is near the mean of its words'
+    vectors: similarity follows shared words, and a copy with a few words replaced stays above τ."""
+    from tokenizers import Tokenizer, models, pre_tokenizers, processors
+    from transformers import BertConfig, BertModel, PreTrainedTokenizerFast
+    directory = Path(directory)
+    special = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
+    tok = Tokenizer(models.WordLevel({w: i for i, w in enumerate(special + list(words))}, unk_token="[UNK]"))
+    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    tok.post_processor = processors.TemplateProcessing(single="[CLS] $A [SEP]", special_tokens=[("[CLS]", 2), ("[SEP]", 3)])
+    PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="[PAD]", unk_token="[UNK]", cls_token="[CLS]",
+                            sep_token="[SEP]", mask_token="[MASK]", model_max_length=max_positions
+                            ).save_pretrained(directory)
+    cfg = BertConfig(vocab_size=len(special) + len(words), hidden_size=hidden, num_hidden_layers=layers,
+                     num_attention_heads=heads, intermediate_size=intermediate, max_position_embeddings=max_positions,
+                     pad_token_id=0, initializer_range=0.002)
+    with torch.random.fork_rng():
+        torch.manual_seed(seed)
+        model = BertModel(cfg)
+    with torch.no_grad():
+        model.embeddings.word_embeddings.weight.normal_(0.0, 1.0, generator=torch.Generator().manual_seed(seed))
+        model.embeddings.position_embeddings.weight.zero_()
+        model.embeddings.token_type_embeddings.weight.zero_()
+    model.save_pretrained(directory)
+    (directory / "sentence_bert_config.json").write_text(json.dumps({"max_seq_length": max_positions,
+                                                                     "do_lower_case": False}))
+    (directory / "1_Pooling").mkdir(exist_ok=True)
+    (directory / "1_Pooling" / "config.json").write_text(json.dumps({"word_embedding_dimension": hidden,
+                                                                    "pooling_mode_mean_tokens": True}))
+    (directory / "2_Normalize").mkdir(exist_ok=True)
+    (directory / "modules.json").write_text(json.dumps([
+        {"idx": i, "name": str(i), "path": path, "type": f"sentence_transformers.models.{kind}"}
+        for i, (path, kind) in enumerate([("", "Transformer"), ("1_Pooling", "Pooling"), ("2_Normalize", "Normalize")])]))
+    return directory
