@@ -52,6 +52,22 @@ def interleaved_median_ms(fns: dict, device: torch.device | str, rounds: int = 3
     return {name: statistics.median(times) for name, times in per_round.items()}
 
 
+def timed(fn, device):
+    """(seconds, peak GPU memory in GiB or None on the CPU, result) of one call of fn(): for work of
+    seconds to minutes, where do_bench's many repetitions do not fit."""
+    device = torch.device(device)
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats()
+    t = time.perf_counter()
+    out = fn()
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    peak = torch.cuda.max_memory_allocated() / 2 ** 30 if device.type == "cuda" else None
+    return time.perf_counter() - t, peak, out
+
+
 def host_wall(step, n: int = 15) -> tuple[float, float]:
     """(median host issue ms, median wall ms) of step() on the GPU: issue = until step() returns,
     wall = until the device is done. Issue near wall means the host bounds the step."""

@@ -36,6 +36,7 @@ import numpy as np
 import torch
 
 from bench.cases import synthetic_encoder, synthetic_texts, word_corpus
+from bench.harness import timed
 from rocket.augment.build import select_data
 from rocket.augment.embed import Embedder
 from rocket.kernels.reference import priority_order_less
@@ -124,20 +125,6 @@ def reference_selection(embedder, kshot, pool, c, threshold):
     dropped = ((e @ e.T > threshold) & outranks).any(dim=1) | (pc > threshold)
     kept = cand[~dropped]
     return kept[np.argsort(-prio[kept].numpy(), kind="stable")].tolist()
-
-
-def timed(fn, device):
-    """(seconds, peak GPU memory in GiB, result) of one call of fn()."""
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-        torch.cuda.empty_cache()
-        torch.cuda.reset_peak_memory_stats()
-    t = time.perf_counter()
-    out = fn()
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-    peak = torch.cuda.max_memory_allocated() / 2 ** 30 if device.type == "cuda" else None
-    return time.perf_counter() - t, peak, out
 
 
 def test_augment_scale(recorder, device, on_gpu):

@@ -16,6 +16,7 @@ import time
 import torch
 
 from bench.cases import random_bank, random_llama
+from bench.harness import timed
 from bench.peers import peft_padded_losses
 from bench.test_scoring import PEAK_BF16, peft_from_bank, random_examples, scoring_flops
 from rocket.runtime.adapters import AdapterRows
@@ -26,19 +27,6 @@ GPU = dict(hidden=4096, layers=32, heads=32, mlp=11008, vocab=32000, N=256, r=16
            prompt=(100, 300), answer=(50, 200), peft=(2, 50), base_reps=8)
 CPU = dict(hidden=64, layers=2, heads=4, mlp=128, vocab=512, N=6, r=4, K=4, K_small=2, prompt=(6, 14),
            answer=(3, 8), peft=(2, 4), base_reps=2)
-
-
-def timed(fn, device):
-    """(seconds, peak GPU memory in GiB, result) of one call of fn()."""
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-        torch.cuda.reset_peak_memory_stats()
-    t = time.perf_counter()
-    out = fn()
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-    peak = torch.cuda.max_memory_allocated() / 2 ** 30 if device.type == "cuda" else None
-    return time.perf_counter() - t, peak, out
 
 
 def test_scoring_scale(recorder, device, on_gpu):
