@@ -5,8 +5,10 @@ Skipped where no Chromium (chromium, chromium-browser or google-chrome) is on PA
 it where it can."""
 import html
 import json
+import os
 import re
 import shutil
+import signal
 import subprocess
 from pathlib import Path
 
@@ -47,12 +49,30 @@ def find_browser() -> str | None:
     return next((path for b in BROWSERS if (path := shutil.which(b))), None)
 
 
-def chromium(browser: str, page: Path, *args: str) -> subprocess.CompletedProcess:
+def chromium(browser: str, page: Path, *args: str, attempts: int = 3,
+             limit_s: float = 45) -> subprocess.CompletedProcess:
+    """One headless Chromium run on `page`. Headless Chromium now and then hangs on a page it has
+    finished (seen once in a CI run, never when run alone): such a run is killed with all its child
+    processes and tried again, up to `attempts` times."""
     cmd = [browser, "--headless", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage", "--no-first-run",
            f"--user-data-dir={page.parent / 'profile'}", f"--window-size={WINDOW[0]},{WINDOW[1]}",
            "--virtual-time-budget=5000", "--run-all-compositor-stages-before-draw",   # no half-painted tiles
+           "--timeout=20000",   # Chromium's own stop, should the page never settle
            *args, page.as_uri()]
-    return subprocess.run(cmd, capture_output=True, text=True, timeout=120, check=True)
+    for attempt in range(1, attempts + 1):
+        proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                                start_new_session=True)   # its own process group: a hang is killed whole
+        try:
+            out, err = proc.communicate(timeout=limit_s)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.communicate()
+            if attempt == attempts:
+                raise
+            continue
+        if proc.returncode != 0:
+            raise subprocess.CalledProcessError(proc.returncode, cmd, out, err)
+        return subprocess.CompletedProcess(cmd, 0, out, err)
 
 
 def browser_check(browser: str, report_html: str, tmp: Path) -> dict:
