@@ -149,3 +149,16 @@ def test_the_check_sees_overflow_and_broken_images(browser, tmp_path):
     found = problems(browser_check(browser, page, tmp_path))
     assert any("scrolls sideways" in p for p in found) and any("table reaches" in p for p in found), found
     assert "img 'broken' did not load" in found, found
+
+
+def test_a_hung_browser_run_is_killed_and_tried_again(tmp_path):
+    """The retry of chromium(), on a stand-in browser that hangs on its first run only."""
+    fake = tmp_path / "browser"
+    fake.write_text(f"#!/bin/sh\nif [ ! -e {tmp_path}/ran ]; then touch {tmp_path}/ran; sleep 600; fi\necho painted\n")
+    fake.chmod(0o755)
+    page = tmp_path / "p.html"
+    page.write_text("<html></html>")
+    assert chromium(str(fake), page, limit_s=2).stdout == "painted\n"
+    (tmp_path / "ran").unlink()
+    with pytest.raises(subprocess.TimeoutExpired):
+        chromium(str(fake), page, attempts=1, limit_s=1)
