@@ -39,6 +39,7 @@ from bench.cases import synthetic_encoder, synthetic_texts, word_corpus
 from bench.harness import timed
 from rocket.augment.build import select_data
 from rocket.augment.embed import Embedder
+from rocket.data.examples import example_text
 from rocket.kernels.reference import priority_order_less
 
 GPU = dict(n=1_000_000, K=50, C=20_000, vocab=30_000, topics=200, topic_words=50, kshot_topics=5, dup_frac=0.05,
@@ -66,10 +67,6 @@ def make_data(s, n):
     return items[:K], items[K:], corpus, n_words + 2
 
 
-def text_of(e):
-    return "\n".join(p for p in (e.get("instruction", ""), e.get("input", ""), e.get("output", "")) if p)
-
-
 def peer_st_faiss(model, kshot, pool, c, threshold):
     """sentence-transformers + FAISS, the rule of docs/design.md: (output items, selected pool
     indices in output order, part timings in s, which FAISS ran)."""
@@ -77,7 +74,7 @@ def peer_st_faiss(model, kshot, pool, c, threshold):
     t, start = {}, time.perf_counter()
 
     def encode(items):
-        emb = model.encode([text_of(e) for e in items], batch_size=256, normalize_embeddings=True,
+        emb = model.encode([example_text(e) for e in items], batch_size=256, normalize_embeddings=True,
                            convert_to_numpy=True, show_progress_bar=False)
         return np.ascontiguousarray(emb, dtype=np.float32)
     kshot_emb, pool_emb = encode(kshot), encode(pool)
@@ -116,8 +113,8 @@ def peer_st_faiss(model, kshot, pool, c, threshold):
 
 def reference_selection(embedder, kshot, pool, c, threshold):
     """The rule in float64 on the embedder's own rows, read literally: selected pool indices in output order."""
-    k = embedder.encode([text_of(e) for e in kshot], progress=False).double()
-    p = embedder.encode([text_of(e) for e in pool], progress=False).double()
+    k = embedder.encode([example_text(e) for e in kshot], progress=False).double()
+    p = embedder.encode([example_text(e) for e in pool], progress=False).double()
     prio = (p @ k.T).amax(dim=1)
     cand = torch.from_numpy(np.argsort(-prio.numpy(), kind="stable")[:c].copy())
     pc, e = prio[cand], p[cand]

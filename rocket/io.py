@@ -32,19 +32,28 @@ def _fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
+def _temp_beside(path: Path) -> Path:
+    """A new, unique, empty temporary file in `path`'s directory (created if missing)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.close(fd)
+    return Path(name)
+
+
+def _fsync_file(path: Path) -> None:
+    with open(path, "rb+") as f:
+        os.fsync(f.fileno())
+
+
 @contextmanager
 def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     """Yields a temporary path to write `path`'s content to (by any writer, e.g. a library's
     save function); on a clean exit the file is synced and renamed to `path`."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    tmp = Path(name)
+    tmp = _temp_beside(path)
     try:
         yield tmp
-        with open(tmp, "rb+") as f:
-            os.fsync(f.fileno())
+        _fsync_file(tmp)
         os.replace(tmp, path)
     except BaseException:
         tmp.unlink(missing_ok=True)
@@ -67,15 +76,11 @@ def atomic_paths(paths) -> Iterator[list[Path]]:
     temps: list[Path] = []
     try:
         for target in targets:
-            target.parent.mkdir(parents=True, exist_ok=True)
             recover(target.parent)
-            fd, name = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.", suffix=".tmp")
-            os.close(fd)
-            temps.append(Path(name))
+            temps.append(_temp_beside(target))
         yield list(temps)
         for tmp in temps:
-            with open(tmp, "rb+") as f:
-                os.fsync(f.fileno())
+            _fsync_file(tmp)
     except BaseException:
         for tmp in temps:
             tmp.unlink(missing_ok=True)

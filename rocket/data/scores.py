@@ -22,6 +22,10 @@ def format_ppl(value: float) -> str:
     return f"{value:.2f}" if math.isfinite(value) and abs(value) < 1e7 else f"{value:.3e}"
 
 
+def _finite_numbers(row) -> bool:
+    return all(isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) for v in row)
+
+
 @dataclass
 class Scores:
     """Per-adapter scores on K examples: loss/ppl [N, K] (nats, exp), ppl_sum [N] = PPL_R,
@@ -113,13 +117,12 @@ class Scores:
             if not isinstance(row, list) or len(row) != len(loss[0]) or not row:
                 raise DataError(f"{path}: 'loss' row {i} ('{names[i]}') has {len(row) if isinstance(row, list) else 'no'} "
                                 f"values, row 0 has {len(loss[0]) if isinstance(loss[0], list) else 'none'}")
-            if not all(isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) for v in row):
+            if not _finite_numbers(row):
                 raise DataError(f"{path}: 'loss' row {i} ('{names[i]}') has a non-finite or non-numeric value")
         base, base_loss, base_acc = obj.get("base"), None, None  # no 'base': written before rocket scored it
         if base is not None and loss:
             row = base.get("loss") if isinstance(base, dict) else None
-            if not isinstance(row, list) or len(row) != len(loss[0]) or not all(
-                    isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) for v in row):
+            if not isinstance(row, list) or len(row) != len(loss[0]) or not _finite_numbers(row):
                 raise DataError(f"{path}: field 'base' must hold 'loss', {len(loss[0])} finite values (the base "
                                 "model's loss per example)")
             base_loss, base_acc = torch.tensor(row, dtype=torch.float64), base.get("accuracy")

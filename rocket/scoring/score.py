@@ -125,18 +125,16 @@ def score_adapters(model, tokenizer, bank: LoraBank, examples, template="alpaca"
                                  progress)
         base_acc = base_accuracy(model, tokenizer, key, prompts, first, sharded, max_new_tokens, max_tokens)
     loss = torch.zeros(N + 1, K, dtype=torch.float32, device=device)   # row N: the base model alone
-    fast = False if compile else None
+    fast = False if compile and strategy == "merged" else None   # compile: transformers' layers, merged only
+    if first:  # the base model alone, before any adapter is merged or any layer carries adapter rows
+        loss[N] = adapter_losses(model, None, prepared, 1, max_tokens, False, fast=fast)[0]
     if mine:
         if strategy == "merged":
             with merged_adapters(model, bank, mine) as merger, compiled_layers(model, compile):
-                if first:  # nothing merged yet: the base model
-                    loss[N] = adapter_losses(model, None, prepared, 1, max_tokens, False, fast=fast)[0]
                 loss[mine] = adapter_losses(model, merger, prepared, len(mine), max_tokens, progress, fast=fast)
         else:
-            if first:  # a plain forward, before any layer carries adapter rows
-                loss[N] = adapter_losses(model, None, prepared, 1, max_tokens, False)[0]
             with multi_lora_model(model, bank, mine) as rows:
-                loss[mine] = adapter_losses(model, rows, prepared, len(mine), max_tokens, progress)
+                loss[mine] = adapter_losses(model, rows, prepared, len(mine), max_tokens, progress, fast=fast)
     if sharded:
         import torch.distributed as dist
         dist.all_reduce(loss)
