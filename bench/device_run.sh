@@ -2,7 +2,7 @@
 # One device call, many steps: build rocket, then run the named steps, each under its own time limit
 # and stopped with SIGINT (pytest still prints its summary), writing logs and JSON to $OUT.
 #   bash bench/device_run.sh [--no-build] STEP...   steps: gputests kernels lora_moe headline scoring
-#                                                   scale train train7b augment
+#                                                   scale train train7b augment profile7b
 # Carried wheels (faiss-cpu, ...) in .whl/ are installed to /tmp/site first. ROCKET_COMMIT names the
 # commit in the JSON (the device copy has no .git).
 set -u
@@ -34,6 +34,8 @@ for step in "$@"; do
         train)    bench bench_train 300 bench/test_train.py ;;
         train7b)  ROCKET_BENCH_SHAPES=7b bench bench_train7b 240 bench/test_train.py ;;
         augment)  bench bench_augment_scale 500 bench/test_augment_scale.py ;;
+        profile7b) timeout -s INT 240 python3 -m bench.profile_moe train7b > "$OUT/profile_train7b.txt" 2>&1
+                   tail -4 "$OUT/profile_train7b.txt"; echo "== profile7b done at $(( $(date +%s) - t0 )) s" ;;
         *) echo "unknown step $step"; exit 2 ;;
     esac
 done

@@ -1,6 +1,6 @@
 """Where the LoRA-MoE time goes (GPU): host issue time vs device kernel time, kernel lists and host
 syncs, for one layer (bench shapes) and for steady training steps of the bench_train model, with
-the peft single-LoRA peer beside it. Not a pytest suite: `python3 -m bench.profile_moe [layer|train|quick]`;
+the peft single-LoRA peer beside it. Not a pytest suite: `python3 -m bench.profile_moe [layer|train|train7b|host|quick]`;
 tables go to stdout, a JSON summary to $ROCKET_BENCH_RESULTS (default bench/results).
 """
 from __future__ import annotations
@@ -201,16 +201,18 @@ def host():
     SUMMARY["host_us"] = out
 
 
-def train():
-    from bench.cases import TRAIN_GPU as S
+def train(seven_b=False):
+    """Steady training steps of the bench_train model (seven_b: its 7B shape, micro-batch 2 × 1024)."""
+    from bench.cases import TRAIN_7B, TRAIN_GPU
     from bench.cases import build_model, random_bank
+    S = TRAIN_7B if seven_b else TRAIN_GPU
     from rocket.moe.inject import inject_lora_moe, moe_layers
     from rocket.training.engines import TorchEngine
     from rocket.training.config import TrainConfig
     from rocket.training.batches import token_loss_sum
     base = build_model(S, DEV)
     gen = torch.Generator().manual_seed(0)
-    B, L = 8, 384
+    B, L = (2, 1024) if seven_b else (8, 384)
     ids = torch.randint(3, S["vocab"], (B, L), generator=gen).to(DEV)
     labels = ids.clone()
     labels[:, : L // 2] = -100
@@ -274,14 +276,14 @@ def train():
         issue, wall = host_wall(rocket_step, n=8)
         out[f"rocket_{backend}"] = dict(issue=issue, wall=wall, tokens_per_s=B * L / wall * 1e3)
         print(backend, json.dumps(out[f"rocket_{backend}"]), flush=True)
-    SUMMARY["train"] = out
+    SUMMARY["train7b" if seven_b else "train"] = out
 
 
 if __name__ == "__main__":
     parts = sys.argv[1:] or ["layer", "train"]
     print(torch.cuda.get_device_name(), torch.__version__, flush=True)
     for p in parts:
-        {"layer": layer, "train": train, "host": host,  # quick: the T=4096 layer, rocket against base and single LoRA
+        {"layer": layer, "train": train, "train7b": lambda: train(seven_b=True), "host": host,  # quick: the T=4096 layer, rocket against base and single LoRA
          "quick": lambda: layer(shapes=((4096, 4096, 4096, 8),), names=("base", "single_lora", "rocket"))}[p]()
     RESULTS.mkdir(parents=True, exist_ok=True)
     path = RESULTS / f"profile_moe-gpu-{time.strftime('%Y%m%d-%H%M%S')}.json"
