@@ -57,6 +57,53 @@ def test_max_length_truncates():
     assert F.cosine_similarity(got[0].double(), want, dim=0) > 1 - 1e-5
 
 
+def _one_at_a_time(emb, text, pooling="mean"):
+    enc = emb.tokenizer(text, truncation=True, max_length=emb.max_length, return_tensors="pt")
+    with torch.no_grad():
+        hidden = emb.model(**enc).last_hidden_state[0].double()
+    return {"mean": hidden.mean(0), "lasttoken": hidden[-1]}[pooling]
+
+
+def _varied_texts(n, seed=0):
+    """n texts of 1 to ~60 words in shuffled length order, some past a 24-token limit."""
+    words = " ".join(TEXTS).split()
+    g = torch.Generator().manual_seed(seed)
+    lengths = torch.randint(1, 60, (n,), generator=g).tolist()
+    return [" ".join(words[(i + j) % len(words)] for j in range(k)) for i, k in enumerate(lengths)]
+
+
+@pytest.mark.parametrize("padding_side", ["right", "left"])
+def test_chunks_batches_and_truncation_keep_every_row(padding_side):
+    """Many texts over several tokenizer chunks and batches, some truncated, come back in input
+    order, each equal to the text embedded alone; rows are padded on the right even where the
+    tokenizer pads on the left (BERT numbers positions from the first column)."""
+    emb = Embedder(None, "cpu", pooling="lasttoken" if padding_side == "left" else "mean", max_length=24)
+    emb.tokenizer.padding_side = padding_side
+    emb.chunk = 7
+    texts = _varied_texts(23)
+    got = emb.encode(texts, batch_size=3, progress=False)
+    for i, text in enumerate(texts):
+        want = _one_at_a_time(emb, text, emb.pooling)
+        assert F.cosine_similarity(got[i].double(), want, dim=0) > 1 - 1e-5, i
+
+
+def test_python_tokenizer_gives_the_same_ids():
+    """A tokenizer without a Rust backend (transformers' Python BERT tokenizer on the same vocabulary)
+    takes the plain call and gives the ids, so the embeddings, of the Rust one."""
+    legacy = pytest.importorskip("transformers").__dict__.get("BertTokenizerLegacy")
+    if legacy is None:
+        pytest.skip("this transformers has no Python BERT tokenizer")
+    fast, slow = Embedder(None, "cpu", max_length=24), Embedder(None, "cpu", max_length=24)
+    slow.tokenizer = legacy.from_pretrained(str(default_model_dir()))
+    assert getattr(slow.tokenizer, "backend_tokenizer", None) is None
+    texts = _varied_texts(9, seed=1)
+    lengths, flat = fast._token_ids(texts)
+    assert lengths.max() == 24 and lengths.min() < 24
+    slow_lengths, slow_flat = slow._token_ids(texts)
+    assert lengths.tolist() == slow_lengths.tolist() and flat.tolist() == slow_flat.tolist()
+    assert torch.allclose(fast.encode(texts, progress=False), slow.encode(texts, progress=False), atol=1e-6)
+
+
 def test_agrees_with_sentence_transformers(minilm):
     st = load_embedder(str(default_model_dir()), "cpu", None, None, "sentence-transformers")
     assert st.backend == "sentence-transformers"

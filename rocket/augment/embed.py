@@ -8,9 +8,13 @@ sentence-transformers pipeline (Dense layers, ...) runs through sentence-transfo
 """
 from __future__ import annotations
 
+import copy
+import itertools
 import json
+from concurrent.futures import ThreadPoolExecutor
 from functools import lru_cache
 from pathlib import Path
+import numpy as np
 import torch
 import torch.nn.functional as F
 from rocket.errors import AugmentError
@@ -130,6 +134,7 @@ class Embedder:
                               self.tokenizer.model_max_length) if isinstance(n, int) and 0 < n < 1_000_000]
         self.max_length = max_length or min(limits, default=512)
         self.dim = int(model.config.hidden_size)
+        self._fast = None  # the tokenizer's Rust backend, set up for unpadded, truncated ids
 
     def _load_sentence_transformers(self, root: Path, max_length: int | None) -> None:
         try:
@@ -173,26 +178,80 @@ class Embedder:
             return F.normalize(out.float().cpu(), dim=1)
         if self.lower_case:
             texts = [t.lower() for t in texts]
-        # Longest first: batches of similar length waste little padding, and an OOM shows up at once.
+        # Longest first (by characters, then by tokens within a chunk): batches of similar length
+        # waste little padding, and an OOM shows up at once. A worker thread tokenises the next chunk
+        # while the GPU runs this one (the Rust tokenizer releases the GIL and uses every core).
         order = sorted(range(len(texts)), key=lambda i: -len(texts[i]))
+        chunks = [order[s:s + self.chunk] for s in range(0, len(order), self.chunk)]
         out = torch.empty(len(texts), self.dim)
-        pending = None  # the previous batch: still running on the GPU while this one is tokenised
-        with progress_bar(total=len(texts), desc="embed", unit="text", disable=not progress) as bar:
-            for start in range(0, len(texts) + batch_size, batch_size):
-                idx = order[start:start + batch_size]
-                enc = self._tokenize([texts[i] for i in idx]) if idx else None
-                if pending is not None:
-                    out[pending[0]] = pending[1].cpu()
-                    bar.update(len(pending[0]))
-                pending = (idx, self._pool(enc)) if idx else None
+        copied = None  # (rows, pinned host copy, event) of the previous chunk, read once the copy is done
+        with ThreadPoolExecutor(1) as pool, progress_bar(total=len(texts), desc="embed", unit="text",
+                                                         disable=not progress) as bar:
+            ahead = pool.submit(self._token_ids, [texts[i] for i in chunks[0]])
+            for c, rows in enumerate(chunks):
+                lengths, flat = ahead.result()
+                if c + 1 < len(chunks):
+                    ahead = pool.submit(self._token_ids, [texts[i] for i in chunks[c + 1]])
+                by_length = np.argsort(-lengths, kind="stable")
+                starts = np.concatenate(([0], np.cumsum(lengths)[:-1]))
+                pooled = torch.empty(len(rows), self.dim, device=self.device)
+                for b in range(0, len(rows), batch_size):
+                    sel = by_length[b:b + batch_size]
+                    pooled[torch.from_numpy(sel).to(self.device)] = self._pool(self._batch(lengths[sel], starts[sel], flat))
+                copied = self._collect(copied, out, bar)
+                host = torch.empty(pooled.shape, pin_memory=self.device.type == "cuda")
+                host.copy_(pooled, non_blocking=True)
+                event = torch.cuda.Event() if self.device.type == "cuda" else None
+                if event is not None:
+                    event.record()
+                copied = (torch.tensor(rows), host, event)
+            self._collect(copied, out, bar)
         return out
 
-    def _tokenize(self, texts: list[str]):
-        # Lengths padded to a multiple of 16: few distinct shapes (the first batch of each shape is slow
-        # on the GPU) and tensor-core friendly ones; never past max_length, the model's position limit.
-        multiple = 16 if self.max_length % 16 == 0 else None
-        return self.tokenizer(texts, padding=True, truncation=True, max_length=self.max_length,
-                              pad_to_multiple_of=multiple, return_tensors="pt").to(self.device)
+    chunk = 16384  # texts tokenised per call of the worker thread
+
+    @staticmethod
+    def _collect(copied, out, bar):
+        if copied is not None:
+            rows, host, event = copied
+            if event is not None:
+                event.synchronize()
+            out[rows] = host
+            bar.update(len(rows))
+        return None
+
+    def _token_ids(self, texts: list[str]) -> tuple[np.ndarray, np.ndarray]:
+        """(tokens per text, all ids concatenated): the tokenizer's own ids with its special tokens,
+        truncated to max_length, unpadded."""
+        fast = getattr(self.tokenizer, "backend_tokenizer", None)
+        if fast is not None:
+            if self._fast is None:  # a copy: the caller's tokenizer keeps its padding settings
+                self._fast = copy.deepcopy(fast)
+                self._fast.no_padding()
+                self._fast.enable_truncation(self.max_length)
+            encode = getattr(self._fast, "encode_batch_fast", self._fast.encode_batch)  # no offsets: faster
+            ids = [e.ids for e in encode(texts, add_special_tokens=True)]
+        else:
+            ids = self.tokenizer(texts, truncation=True, max_length=self.max_length)["input_ids"]
+        lengths = np.fromiter(map(len, ids), dtype=np.int64, count=len(ids))
+        return lengths, np.fromiter(itertools.chain.from_iterable(ids), dtype=np.int64, count=int(lengths.sum()))
+
+    def _batch(self, lengths: np.ndarray, starts: np.ndarray, flat: np.ndarray) -> dict:
+        """The model inputs of the texts with these (length, start in flat): padded to the longest,
+        rounded up to a multiple of 16 (few distinct shapes, tensor-core friendly ones) but never past
+        max_length, the model's position limit. Always on the right, whatever the tokenizer's
+        padding side: every token then keeps the position it has alone (left padding shifts them in
+        models that number positions from the first column, such as BERT)."""
+        longest = max(int(lengths.max()), 1)
+        width = min(-(-longest // 16) * 16, self.max_length) if self.max_length % 16 == 0 else longest
+        cols = np.arange(width)
+        mask = cols < lengths[:, None]
+        ids = np.full((len(lengths), width), self.tokenizer.pad_token_id, dtype=np.int64)
+        ids[mask] = flat[(starts[:, None] + cols)[mask]]
+        enc = {"input_ids": torch.from_numpy(ids), "attention_mask": torch.from_numpy(mask.astype(np.int64))}
+        if "token_type_ids" in self.tokenizer.model_input_names:
+            enc["token_type_ids"] = torch.zeros_like(enc["input_ids"])
+        return {k: v.to(self.device, non_blocking=True) for k, v in enc.items()}
 
     def _pool(self, enc) -> torch.Tensor:
         """Unit embeddings [batch, dim] (float32, on the model's device) of a tokenised batch."""
@@ -202,7 +261,7 @@ class Embedder:
             pooled = (hidden * mask).sum(1) / mask.sum(1).clamp_min(1.0)
         elif self.pooling == "cls":
             pooled = hidden[:, 0]
-        else:  # lasttoken: the last attended position, whichever side the tokenizer pads
+        else:  # lasttoken: the last attended position
             positions = torch.arange(hidden.shape[1], device=hidden.device)
             last = (enc["attention_mask"] * positions).argmax(1)
             pooled = hidden[torch.arange(hidden.shape[0], device=hidden.device), last]
