@@ -19,7 +19,9 @@ runs on the GPU when faiss.get_num_gpus() > 0 (range search through
 faiss.contrib.exhaustive_search.range_search_gpu: GPU kNN, CPU range search for rows with more
 neighbours), else on the CPU; the row records which. Both pipelines' models are loaded before
 timing, and each pipeline first runs once on a small slice (warm-up). Each then runs once end to end
-(ROCKET_BENCH_AUG_REPS: more runs, interleaved, medians). Peak GPU memory is the torch allocator's
+(ROCKET_BENCH_AUG_REPS: more runs, interleaved, medians). The row is recorded after every finished
+run, so a run stopped by a time limit (SIGINT) still writes what finished, with the unfinished
+pipeline's seconds so far as a lower bound (`unfinished_after_s`). Peak GPU memory is the torch allocator's
 (faiss-gpu's own allocations are not in it); embedding throughput counts non-padding tokens ([CLS]
 and [SEP] included). Generation of the texts is timed apart and not counted.
 
@@ -171,10 +173,47 @@ def test_augment_scale(recorder, device, on_gpu):
 
     seconds = {name: [] for name in runs}
     parts = {name: {"embed": [], "retrieve": [], "dedup": []} for name in runs}
-    peak_gib, results = {}, {}
+    peak_gib, results, row = {}, {}, {}
+    n_tokens = int(tokens.sum())
+
+    def summary():
+        """The suite's row from the runs finished so far (rocket's first)."""
+        done = [name for name in runs if seconds[name]]
+        med = lambda xs: statistics.median(xs) * 1e3  # noqa: E731
+        medians = {name: med(seconds[name]) for name in done}
+        for name in done:
+            prefix = "rocket" if name == "rocket_select_data" else "peer"
+            medians |= {f"{prefix}_{part}": med(parts[name][part]) for part in parts[name]}
+        report = results["rocket_select_data"][1]
+        tokens_per_s = {"rocket": n_tokens / (medians["rocket_embed"] / 1e3)}
+        extra = {}
+        if "peer_st_faiss" in done:
+            selected, peer_selected = report["selected"], results["peer_st_faiss"][1].tolist()
+            tokens_per_s["peer"] = n_tokens / (medians["peer_embed"] / 1e3)
+            extra = dict(rocket_over_peer={part: medians[f"rocket_{part}"] / medians[f"peer_{part}"]
+                                           for part in ("embed", "retrieve", "dedup")}
+                         | {"end_to_end": medians["rocket_select_data"] / medians["peer_st_faiss"]},
+                         overlap=len(set(selected) & set(peer_selected)) / max(len(selected), len(peer_selected), 1),
+                         peer_selected=len(peer_selected), peer_faiss=results["peer_st_faiss"][3],
+                         peer_dtype=str(next(st.parameters()).dtype))
+        return dict(
+            shape={k: s[k] for k in ("K", "vocab", "topics", "hidden", "layers", "heads", "intermediate")}
+            | {"n": n, "C": c, "target": target, "threshold": THRESHOLD, "tokens": n_tokens,
+               "mean_tokens_per_text": n_tokens / (K + n), "rocket_dtype": str(embedder.dtype)},
+            medians_ms=medians, baseline="peer_st_faiss" if "peer_st_faiss" in done else None, reps=REPS,
+            peak_memory_gib=peak_gib, embed_tokens_per_s=tokens_per_s, generation_s=generation_s,
+            rocket_selected=len(report["selected"]), counts=report["counts"], retrieval=report["retrieval"],
+            dedup=report["dedup"], peer_skipped=peer_skipped, **extra)
+
     for rep in range(REPS):
         for name, fn in runs.items():
-            sec, peak, res = timed(lambda: fn(kshot, pool, target), device)
+            start = time.perf_counter()
+            try:
+                sec, peak, res = timed(lambda: fn(kshot, pool, target), device)
+            except KeyboardInterrupt:  # stopped by a time limit: the row keeps what finished, and a lower bound
+                if row:
+                    row.setdefault("unfinished_after_s", {})[name] = time.perf_counter() - start
+                raise
             seconds[name].append(sec)
             peak_gib[name] = max(peak_gib.get(name) or 0.0, peak) if peak is not None else None
             results[name] = res
@@ -187,43 +226,23 @@ def test_augment_scale(recorder, device, on_gpu):
                 parts[name][part].append(t[part])
             say(f"{name} run {rep + 1}: {sec:.2f} s (embed {t['embed']:.2f}, retrieve {t['retrieve']:.2f}, "
                 f"dedup {t['dedup']:.2f}), peak {peak} GiB")
+            latest = summary()  # recorded at once (replacing the last), so a run stopped later still writes it
+            if row:
+                recorder.rows.remove(row)
+            row = recorder.record(device, latest.pop("shape"), latest.pop("medians_ms"), **latest)
 
-    med = lambda xs: statistics.median(xs) * 1e3  # noqa: E731
-    medians = {name: med(seconds[name]) for name in runs}
-    for name in runs:
-        prefix = "rocket" if name == "rocket_select_data" else "peer"
-        medians |= {f"{prefix}_{part}": med(parts[name][part]) for part in parts[name]}
-    report = results["rocket_select_data"][1]
-    selected = report["selected"]
-    n_tokens = int(tokens.sum())
-    tokens_per_s = {"rocket": n_tokens / (medians["rocket_embed"] / 1e3)}
-    extra = {}
+    selected = results["rocket_select_data"][1]["selected"]
+    tokens_per_s = row["embed_tokens_per_s"]
     if st is not None:
-        peer_selected = results["peer_st_faiss"][1].tolist()
-        overlap = len(set(selected) & set(peer_selected)) / max(len(selected), len(peer_selected), 1)
-        tokens_per_s["peer"] = n_tokens / (medians["peer_embed"] / 1e3)
-        extra = dict(rocket_over_peer={part: medians[f"rocket_{part}"] / medians[f"peer_{part}"]
-                                       for part in ("embed", "retrieve", "dedup")}
-                     | {"end_to_end": medians["rocket_select_data"] / medians["peer_st_faiss"]},
-                     overlap=overlap, peer_selected=len(peer_selected), peer_faiss=results["peer_st_faiss"][3],
-                     peer_dtype=str(next(st.parameters()).dtype))
-        say(f"rocket / peer end to end {extra['rocket_over_peer']['end_to_end']:.3f}, overlap {overlap:.4f} "
-            f"({len(selected)} vs {len(peer_selected)} selected), FAISS {extra['peer_faiss']['search']}")
-    recorder.record(
-        device, {k: s[k] for k in ("K", "vocab", "topics", "hidden", "layers", "heads", "intermediate")}
-        | {"n": n, "C": c, "target": target, "threshold": THRESHOLD, "tokens": n_tokens,
-           "mean_tokens_per_text": n_tokens / (K + n), "rocket_dtype": str(embedder.dtype)},
-        medians, baseline=None if st is None else "peer_st_faiss", reps=REPS, peak_memory_gib=peak_gib,
-        embed_tokens_per_s=tokens_per_s, generation_s=generation_s, rocket_selected=len(selected),
-        counts=report["counts"], retrieval=report["retrieval"], dedup=report["dedup"], peer_skipped=peer_skipped,
-        **extra)
+        say(f"rocket / peer end to end {row['rocket_over_peer']['end_to_end']:.3f}, overlap {row['overlap']:.4f} "
+            f"({len(selected)} vs {row['peer_selected']} selected), FAISS {row['peer_faiss']['search']}")
     say(f"rocket embeds {tokens_per_s['rocket']:,.0f} tokens/s"
         + (f", peer {tokens_per_s['peer']:,.0f}" if "peer" in tokens_per_s else ""))
 
     # correctness, not speed
-    counts = report["counts"]
+    counts = row["counts"]
     assert counts["duplicates_removed"] > 0 and counts["kshot_copies_removed"] > 0, counts
     if st is not None:
-        assert extra["overlap"] >= (0.9 if on_gpu else 0.95), extra["overlap"]
+        assert row["overlap"] >= (0.9 if on_gpu else 0.95), row["overlap"]
     if not on_gpu:
         assert selected == reference_selection(embedder, kshot, pool, c, THRESHOLD)

@@ -1,10 +1,12 @@
 import json
 
 import pytest
+import torch
 
 from rocket.data.examples import DataError, load_examples, write_jsonl
 from rocket.data.templates import PromptTemplate
-from rocket.data.tokenize import IGNORE_INDEX, Tokenized, pad_batch, prompt_ids, tokenize_example, tokenize_examples
+from rocket.data.tokenize import (IGNORE_INDEX, Tokenized, pad_batch, pad_rows, prompt_ids, tokenize_example,
+                                  tokenize_examples)
 
 
 def test_loads_the_real_kshot_file(kshot_examples):
@@ -148,6 +150,26 @@ def test_scores_files_that_do_not_fit_give_one_line(tmp_path, obj, message):
     p.write_text(json.dumps(obj))
     with pytest.raises(DataError, match=message):
         Scores.load(p)
+
+
+@pytest.mark.parametrize("side", ["right", "left"])
+def test_pad_rows_gathers_any_rows_of_a_flat_buffer(side):
+    """Rows picked out of a flat id buffer in any order (odd lengths, an empty one) equal a padded copy
+    made row by row."""
+    g = torch.Generator().manual_seed(0)
+    lengths = torch.tensor([5, 0, 13, 1, 7])
+    flat = torch.randint(10, 1000, (int(lengths.sum()),), generator=g)
+    starts = torch.cumsum(lengths, 0) - lengths
+    pick = torch.tensor([2, 0, 4, 1, 3, 2])
+    ids, mask = pad_rows(flat, lengths[pick], starts[pick], 17, -7, side)
+    assert ids.shape == mask.shape == (6, 17) and mask.dtype == torch.long
+    for row, i in enumerate(pick.tolist()):
+        n, want = int(lengths[i]), flat[int(starts[i]):int(starts[i] + lengths[i])].tolist()
+        pad = [-7] * (17 - n)
+        assert ids[row].tolist() == (want + pad if side == "right" else pad + want)
+        assert mask[row].tolist() == ([1] * n + [0] * (17 - n) if side == "right" else [0] * (17 - n) + [1] * n)
+    with pytest.raises(ValueError, match="side must be"):
+        pad_rows(flat, lengths, starts, 17, 0, "middle")
 
 
 def test_pad_batch_pads_right_for_training_and_left_for_generation(tiny_tokenizer, kshot_examples):

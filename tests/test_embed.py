@@ -72,19 +72,22 @@ def _varied_texts(n, seed=0):
     return [" ".join(words[(i + j) % len(words)] for j in range(k)) for i, k in enumerate(lengths)]
 
 
-@pytest.mark.parametrize("padding_side", ["right", "left"])
-def test_chunks_batches_and_truncation_keep_every_row(padding_side):
-    """Many texts over several tokenizer chunks and batches, some truncated, come back in input
-    order, each equal to the text embedded alone; rows are padded on the right even where the
-    tokenizer pads on the left (BERT numbers positions from the first column)."""
+@pytest.mark.parametrize("padding_side,workers", [("right", 0), ("left", 0), ("right", 2)])
+def test_chunks_batches_and_truncation_keep_every_row(padding_side, workers, capfd):
+    """Many texts over several tokenizer chunks and batches, some truncated, tokenised in a thread or
+    in worker processes, come back in input order, each equal to the text embedded alone; rows are
+    padded on the right even where the tokenizer pads on the left (BERT numbers positions from the
+    first column). Worker processes fork silently, also after the tokenizer has used its threads."""
     emb = Embedder(None, "cpu", pooling="lasttoken" if padding_side == "left" else "mean", max_length=24)
     emb.tokenizer.padding_side = padding_side
-    emb.chunk = 7
+    emb.chunk, emb.tokenizer_workers = 7, workers
+    emb._backend().encode_batch(TEXTS * 50)  # the tokenizer's thread pool has run before any fork
     texts = _varied_texts(23)
     got = emb.encode(texts, batch_size=3, progress=False)
     for i, text in enumerate(texts):
         want = _one_at_a_time(emb, text, emb.pooling)
         assert F.cosine_similarity(got[i].double(), want, dim=0) > 1 - 1e-5, i
+    assert "tokenizers" not in capfd.readouterr().err
 
 
 def test_python_tokenizer_gives_the_same_ids():

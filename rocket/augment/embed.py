@@ -11,12 +11,16 @@ from __future__ import annotations
 import copy
 import itertools
 import json
+import multiprocessing
+import os
 from concurrent.futures import ThreadPoolExecutor
 from functools import lru_cache
 from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
+from torch.utils.data import DataLoader, Dataset
+from rocket.data.tokenize import pad_rows
 from rocket.errors import AugmentError
 from rocket.progress import progress_bar
 
@@ -179,64 +183,88 @@ class Embedder:
         if self.lower_case:
             texts = [t.lower() for t in texts]
         # Longest first (by characters, then by tokens within a chunk): batches of similar length
-        # waste little padding, and an OOM shows up at once. A worker thread tokenises the next chunk
-        # while the GPU runs this one (the Rust tokenizer releases the GIL and uses every core).
+        # waste little padding, and an OOM shows up at once. Chunks are tokenised ahead of the GPU.
         order = sorted(range(len(texts)), key=lambda i: -len(texts[i]))
         chunks = [order[s:s + self.chunk] for s in range(0, len(order), self.chunk)]
         out = torch.empty(len(texts), self.dim)
         copied = None  # (rows, pinned host copy, event) of the previous chunk, read once the copy is done
-        with ThreadPoolExecutor(1) as pool, progress_bar(total=len(texts), desc="embed", unit="text",
-                                                         disable=not progress) as bar:
-            ahead = pool.submit(self._token_ids, [texts[i] for i in chunks[0]])
-            for c, rows in enumerate(chunks):
-                lengths, flat = ahead.result()
-                if c + 1 < len(chunks):
-                    ahead = pool.submit(self._token_ids, [texts[i] for i in chunks[c + 1]])
-                by_length = np.argsort(-lengths, kind="stable")
-                starts = np.concatenate(([0], np.cumsum(lengths)[:-1]))
+        with progress_bar(total=len(texts), desc="embed", unit="text", disable=not progress) as bar:
+            for rows, (lengths, flat) in zip(chunks, self._id_chunks(texts, chunks)):
+                by_length = torch.argsort(-lengths, stable=True)
+                starts = torch.cumsum(lengths, 0) - lengths
                 pooled = torch.empty(len(rows), self.dim, device=self.device)
                 for b in range(0, len(rows), batch_size):
                     sel = by_length[b:b + batch_size]
-                    pooled[torch.from_numpy(sel).to(self.device)] = self._pool(self._batch(lengths[sel], starts[sel], flat))
-                copied = self._collect(copied, out, bar)
+                    pooled[sel.to(self.device)] = self._pool(self._batch(lengths[sel], starts[sel], flat))
+                _collect(copied, out, bar)
                 host = torch.empty(pooled.shape, pin_memory=self.device.type == "cuda")
                 host.copy_(pooled, non_blocking=True)
                 event = torch.cuda.Event() if self.device.type == "cuda" else None
                 if event is not None:
                     event.record()
                 copied = (torch.tensor(rows), host, event)
-            self._collect(copied, out, bar)
+            _collect(copied, out, bar)
         return out
 
-    chunk = 16384  # texts tokenised per call of the worker thread
+    chunk = 4096  # texts tokenised at a time
+    # Processes that tokenise (up to 8, leaving two cores to the thread feeding the GPU); 0 or 1: a
+    # thread. Reading ids out of the tokenizer costs ~0.1 µs of Python per token: in a thread of this
+    # process that time holds the GIL, and the GPU would wait for it.
+    tokenizer_workers = min(8, (os.cpu_count() or 1) - 2)
 
-    @staticmethod
-    def _collect(copied, out, bar):
-        if copied is not None:
-            rows, host, event = copied
-            if event is not None:
-                event.synchronize()
-            out[rows] = host
-            bar.update(len(rows))
-        return None
+    def _id_chunks(self, texts: list[str], chunks: list[list[int]]):
+        """(tokens per text, all ids concatenated) of each chunk, in order, made ahead of the consumer:
+        in `tokenizer_workers` forked processes (a DataLoader) when there are enough texts, else
+        in one thread, a chunk ahead."""
+        self._backend()  # set up before any fork
+        workers = min(self.tokenizer_workers, len(chunks) // 2)
+        if workers >= 2 and "fork" in multiprocessing.get_all_start_methods():
+            before = os.environ.get("TOKENIZERS_PARALLELISM")
+            # set while the workers fork: the tokenizer then runs serially in each worker, and says
+            # nothing about it (it warns at a fork after it has used threads, unless this is set)
+            os.environ["TOKENIZERS_PARALLELISM"] = "false"
+            try:
+                it = iter(DataLoader(_TextChunks(self, texts, chunks), batch_size=None, num_workers=workers,
+                                     multiprocessing_context="fork", prefetch_factor=4))
+            finally:
+                if before is None:
+                    del os.environ["TOKENIZERS_PARALLELISM"]
+                else:
+                    os.environ["TOKENIZERS_PARALLELISM"] = before
+            yield from it
+            return
+        with ThreadPoolExecutor(1) as pool:
+            ahead = pool.submit(self._token_ids, [texts[i] for i in chunks[0]])
+            for c in range(len(chunks)):
+                done = ahead.result()
+                if c + 1 < len(chunks):
+                    ahead = pool.submit(self._token_ids, [texts[i] for i in chunks[c + 1]])
+                yield done
 
-    def _token_ids(self, texts: list[str]) -> tuple[np.ndarray, np.ndarray]:
-        """(tokens per text, all ids concatenated): the tokenizer's own ids with its special tokens,
-        truncated to max_length, unpadded."""
+    def _backend(self):
+        """The tokenizer's Rust backend set up for unpadded, truncated ids (a copy: the tokenizer keeps
+        its own padding settings), or None for a Python tokenizer."""
         fast = getattr(self.tokenizer, "backend_tokenizer", None)
+        if fast is not None and self._fast is None:
+            self._fast = copy.deepcopy(fast)
+            self._fast.no_padding()
+            self._fast.enable_truncation(self.max_length)
+        return None if fast is None else self._fast
+
+    def _token_ids(self, texts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
+        """(tokens per text, all ids concatenated), int64: the tokenizer's own ids with its special
+        tokens, truncated to max_length, unpadded."""
+        fast = self._backend()
         if fast is not None:
-            if self._fast is None:  # a copy: the caller's tokenizer keeps its padding settings
-                self._fast = copy.deepcopy(fast)
-                self._fast.no_padding()
-                self._fast.enable_truncation(self.max_length)
-            encode = getattr(self._fast, "encode_batch_fast", self._fast.encode_batch)  # no offsets: faster
+            encode = getattr(fast, "encode_batch_fast", fast.encode_batch)  # no character offsets: faster
             ids = [e.ids for e in encode(texts, add_special_tokens=True)]
         else:
             ids = self.tokenizer(texts, truncation=True, max_length=self.max_length)["input_ids"]
         lengths = np.fromiter(map(len, ids), dtype=np.int64, count=len(ids))
-        return lengths, np.fromiter(itertools.chain.from_iterable(ids), dtype=np.int64, count=int(lengths.sum()))
+        flat = np.fromiter(itertools.chain.from_iterable(ids), dtype=np.int64, count=int(lengths.sum()))
+        return torch.from_numpy(lengths), torch.from_numpy(flat)
 
-    def _batch(self, lengths: np.ndarray, starts: np.ndarray, flat: np.ndarray) -> dict:
+    def _batch(self, lengths: torch.Tensor, starts: torch.Tensor, flat: torch.Tensor) -> dict:
         """The model inputs of the texts with these (length, start in flat): padded to the longest,
         rounded up to a multiple of 16 (few distinct shapes, tensor-core friendly ones) but never past
         max_length, the model's position limit. Always on the right, whatever the tokenizer's
@@ -244,13 +272,10 @@ class Embedder:
         models that number positions from the first column, such as BERT)."""
         longest = max(int(lengths.max()), 1)
         width = min(-(-longest // 16) * 16, self.max_length) if self.max_length % 16 == 0 else longest
-        cols = np.arange(width)
-        mask = cols < lengths[:, None]
-        ids = np.full((len(lengths), width), self.tokenizer.pad_token_id, dtype=np.int64)
-        ids[mask] = flat[(starts[:, None] + cols)[mask]]
-        enc = {"input_ids": torch.from_numpy(ids), "attention_mask": torch.from_numpy(mask.astype(np.int64))}
+        ids, mask = pad_rows(flat, lengths, starts, width, self.tokenizer.pad_token_id)
+        enc = {"input_ids": ids, "attention_mask": mask}
         if "token_type_ids" in self.tokenizer.model_input_names:
-            enc["token_type_ids"] = torch.zeros_like(enc["input_ids"])
+            enc["token_type_ids"] = torch.zeros_like(ids)
         return {k: v.to(self.device, non_blocking=True) for k, v in enc.items()}
 
     def _pool(self, enc) -> torch.Tensor:
@@ -266,6 +291,29 @@ class Embedder:
             last = (enc["attention_mask"] * positions).argmax(1)
             pooled = hidden[torch.arange(hidden.shape[0], device=hidden.device), last]
         return F.normalize(pooled, dim=1)
+
+
+def _collect(copied, out: torch.Tensor, bar) -> None:
+    """Write a chunk's pooled rows, once their copy to the host is done, into `out`."""
+    if copied is not None:
+        rows, host, event = copied
+        if event is not None:
+            event.synchronize()
+        out[rows] = host
+        bar.update(len(rows))
+
+
+class _TextChunks(Dataset):
+    """Chunk c of the texts → its token ids, in a DataLoader worker (forked: nothing is pickled)."""
+
+    def __init__(self, embedder: Embedder, texts: list[str], chunks: list[list[int]]):
+        self.embedder, self.texts, self.chunks = embedder, texts, chunks
+
+    def __len__(self) -> int:
+        return len(self.chunks)
+
+    def __getitem__(self, c: int) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.embedder._token_ids([self.texts[i] for i in self.chunks[c]])
 
 
 @lru_cache(maxsize=2)

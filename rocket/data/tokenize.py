@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from itertools import chain
 
 import torch
 
@@ -60,24 +61,38 @@ def tokenize_examples(examples, tokenizer, template="alpaca", max_length=None, o
             for i, ex in enumerate(examples)]
 
 
+def pad_rows(flat: torch.Tensor, lengths: torch.Tensor, starts: torch.Tensor, width: int, fill: int,
+             side: str = "right") -> tuple[torch.Tensor, torch.Tensor]:
+    """Rows flat[starts[i] : starts[i] + lengths[i]] as one [len(lengths), width] tensor padded with
+    `fill` on `side`, and its attention mask (1 on tokens, int64); width ≥ the longest row. One
+    vectorised gather: no per-row work on the host."""
+    if side not in ("right", "left"):
+        raise ValueError(f"pad_rows: side must be 'right' or 'left', got {side!r}")
+    lengths, starts = lengths.reshape(-1, 1), starts.reshape(-1, 1)
+    cols = torch.arange(width).reshape(1, -1)
+    if side == "left":
+        cols = cols - (width - lengths)
+    mask = (cols >= 0) & (cols < lengths)
+    out = torch.full((lengths.shape[0], width), fill, dtype=flat.dtype)
+    out[mask] = flat[(starts + cols)[mask]]
+    return out, mask.long()
+
+
 def pad_batch(rows: list[Tokenized], pad_id: int, device=None, multiple: int = 1, side: str = "right") -> dict:
     """input_ids / attention_mask / labels of `rows`, padded to the longest rounded up to
     `multiple`, with their token counts (`n_input`, `n_target`) counted on the host, so a training
-    loop never waits for the device to learn them. The one padded-batch builder of rocket.
+    loop never waits for the device to learn them. Built by `pad_rows`, rocket's one padder.
 
     side: "right" (training, loss evaluation) or "left" (generation: every row's next token is at the
     same column, the end)."""
     if side not in ("right", "left"):
         raise ValueError(f"pad_batch: side must be 'right' or 'left', got {side!r}")
-    L = -(-max(len(t.input_ids) for t in rows) // multiple) * multiple
-    ids = torch.full((len(rows), L), pad_id, dtype=torch.long)
-    mask = torch.zeros(len(rows), L, dtype=torch.long)
-    labels = torch.full((len(rows), L), IGNORE_INDEX, dtype=torch.long)
-    for b, t in enumerate(rows):
-        n = len(t.input_ids)
-        cols = slice(0, n) if side == "right" else slice(L - n, L)
-        ids[b, cols] = torch.tensor(t.input_ids)
-        mask[b, cols] = 1
-        labels[b, cols] = torch.tensor(t.labels)
+    lengths = torch.tensor([len(t.input_ids) for t in rows])
+    starts = torch.cumsum(lengths, 0) - lengths
+    L = -(-int(lengths.max()) // multiple) * multiple
+    ids, mask = pad_rows(torch.tensor(list(chain.from_iterable(t.input_ids for t in rows))), lengths, starts, L,
+                         pad_id, side)
+    labels, _ = pad_rows(torch.tensor(list(chain.from_iterable(t.labels for t in rows))), lengths, starts, L,
+                         IGNORE_INDEX, side)
     return {"input_ids": ids.to(device), "attention_mask": mask.to(device), "labels": labels.to(device),
             "n_input": int(mask.sum()), "n_target": int((labels[:, 1:] != IGNORE_INDEX).sum())}
