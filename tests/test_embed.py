@@ -93,7 +93,7 @@ def test_chunks_batches_and_truncation_keep_every_row(padding_side, workers, cap
 def test_python_tokenizer_gives_the_same_ids():
     """A tokenizer without a Rust backend (transformers' Python BERT tokenizer on the same vocabulary)
     takes the plain call and gives the ids, so the embeddings, of the Rust one."""
-    legacy = pytest.importorskip("transformers").__dict__.get("BertTokenizerLegacy")
+    legacy = getattr(pytest.importorskip("transformers"), "BertTokenizerLegacy", None)
     if legacy is None:
         pytest.skip("this transformers has no Python BERT tokenizer")
     fast, slow = Embedder(None, "cpu", max_length=24), Embedder(None, "cpu", max_length=24)
