@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import copy
 import json
+import statistics
 import sys
 import time
 import warnings
@@ -216,8 +217,8 @@ def train(seven_b=False):
     ids = torch.randint(3, S["vocab"], (B, L), generator=gen).to(DEV)
     labels = ids.clone()
     labels[:, : L // 2] = -100
-    batch = {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
-    n = (labels[:, 1:] != -100).sum()
+    cur = dict(batch={"input_ids": ids, "attention_mask": torch.ones_like(ids)}, labels=labels,
+               n=(labels[:, 1:] != -100).sum())  # the batch the steps run: fixed, or set per step (varied)
     cfg = TrainConfig(batch_size=B, lr=1e-5)
     out = {}
 
@@ -231,8 +232,8 @@ def train(seven_b=False):
 
     def peft_step():
         with torch.autocast("cuda", dtype=torch.bfloat16):
-            logits = pm(**batch).logits
-        (token_loss_sum(logits, labels) / n).backward()
+            logits = pm(**cur["batch"]).logits
+        (token_loss_sum(logits, cur["labels"]) / cur["n"]).backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
         opt.step()
         opt.zero_grad(set_to_none=True)
@@ -241,8 +242,8 @@ def train(seven_b=False):
     eng = TorchEngine(model, cfg, DEV)
 
     def rocket_step():
-        logits = eng.forward(batch, True)
-        eng.backward(token_loss_sum(logits, labels) / n)
+        logits = eng.forward(cur["batch"], True)
+        eng.backward(token_loss_sum(logits, cur["labels"]) / cur["n"])
         eng.step(1e-5)
 
     import rocket.moe.layer as moe_mod
@@ -276,7 +277,46 @@ def train(seven_b=False):
         issue, wall = host_wall(rocket_step, n=8)
         out[f"rocket_{backend}"] = dict(issue=issue, wall=wall, tokens_per_s=B * L / wall * 1e3)
         print(backend, json.dumps(out[f"rocket_{backend}"]), flush=True)
+    for moe_layer in moe_layers(model).values():
+        moe_layer.gemm_backend = "auto"
+    fixed = cur.copy()
+    for name, step in (("peft", peft_step), ("rocket", rocket_step)):
+        out[f"{name}_varied"] = varied_steps(S, B, cur, step)
+        print(f"{name} varied", json.dumps(out[f"{name}_varied"]), flush=True)
+    cur.update(fixed)  # the first fixed-shape rows again: does the process slow down as it goes?
+    for name, step in (("peft", peft_step), ("rocket", rocket_step)):
+        issue, wall = host_wall(step, n=8)
+        out[f"{name}_again"] = dict(issue=issue, wall=wall, tokens_per_s=B * L / wall * 1e3)
+        print(f"{name} again", json.dumps(out[f"{name}_again"]), flush=True)
     SUMMARY["train7b" if seven_b else "train"] = out
+
+
+def varied_steps(S, B, cur, step, count=12):
+    """Steps over batches of the bench's varied lengths (S's prompt and answer ranges, padded to
+    S["pad"], the attention mask marking the padding), as bench/test_train.py runs them: every shape
+    is run once first, then each step is timed to the end of its GPU work (the loop syncs per step)."""
+    from bench.cases import random_token_rows
+    from rocket.data.tokenize import IGNORE_INDEX, Tokenized, pad_batch
+    rows = [Tokenized(ids, [IGNORE_INDEX] * p + ids[p:], p) for p, ids in random_token_rows(count * B, S, seed=1)]
+    batches = []
+    for i in range(count):
+        b = pad_batch(rows[i * B:(i + 1) * B], 0, DEV, S["pad"])
+        batches.append(dict(batch={"input_ids": b["input_ids"], "attention_mask": b["attention_mask"]},
+                            labels=b["labels"], n=(b["labels"][:, 1:] != IGNORE_INDEX).sum(), tokens=b["n_input"]))
+    for b in batches:
+        cur.update(b)
+        step()
+    ms, tokens = [], 0
+    for b in batches:
+        cur.update(b)
+        torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        step()
+        torch.cuda.synchronize()
+        ms.append(1e3 * (time.perf_counter() - t0))
+        tokens += b["tokens"]
+    return dict(median_ms=statistics.median(ms), tokens_per_s=tokens / sum(ms) * 1e3, steps=count,
+                padded_tokens=[int(b["batch"]["input_ids"].numel()) for b in batches])
 
 
 if __name__ == "__main__":
