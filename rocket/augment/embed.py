@@ -189,7 +189,8 @@ class Embedder:
         out = torch.empty(len(texts), self.dim)
         copied = None  # (rows, pinned host copy, event) of the previous chunk, read once the copy is done
         with progress_bar(total=len(texts), desc="embed", unit="text", disable=not progress) as bar:
-            for rows, (lengths, flat) in zip(chunks, self._id_chunks(texts, chunks)):
+            for rows, ids in zip(chunks, self._id_chunks(texts, chunks)):
+                lengths, flat = (torch.from_numpy(a) for a in ids)
                 by_length = torch.argsort(-lengths, stable=True)
                 starts = torch.cumsum(lengths, 0) - lengths
                 pooled = torch.empty(len(rows), self.dim, device=self.device)
@@ -224,8 +225,10 @@ class Embedder:
             # nothing about it (it warns at a fork after it has used threads, unless this is set)
             os.environ["TOKENIZERS_PARALLELISM"] = "false"
             try:
+                # numpy arrays come back through the workers' pipes as they are (collate_fn): torch
+                # tensors would go through /dev/shm, which containers often keep small
                 it = iter(DataLoader(_TextChunks(self, texts, chunks), batch_size=None, num_workers=workers,
-                                     multiprocessing_context="fork", prefetch_factor=4))
+                                     collate_fn=_unchanged, multiprocessing_context="fork", prefetch_factor=4))
             finally:
                 if before is None:
                     del os.environ["TOKENIZERS_PARALLELISM"]
@@ -251,7 +254,7 @@ class Embedder:
             self._fast.enable_truncation(self.max_length)
         return None if fast is None else self._fast
 
-    def _token_ids(self, texts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
+    def _token_ids(self, texts: list[str]) -> tuple[np.ndarray, np.ndarray]:
         """(tokens per text, all ids concatenated), int64: the tokenizer's own ids with its special
         tokens, truncated to max_length, unpadded."""
         fast = self._backend()
@@ -261,8 +264,7 @@ class Embedder:
         else:
             ids = self.tokenizer(texts, truncation=True, max_length=self.max_length)["input_ids"]
         lengths = np.fromiter(map(len, ids), dtype=np.int64, count=len(ids))
-        flat = np.fromiter(itertools.chain.from_iterable(ids), dtype=np.int64, count=int(lengths.sum()))
-        return torch.from_numpy(lengths), torch.from_numpy(flat)
+        return lengths, np.fromiter(itertools.chain.from_iterable(ids), dtype=np.int64, count=int(lengths.sum()))
 
     def _batch(self, lengths: torch.Tensor, starts: torch.Tensor, flat: torch.Tensor) -> dict:
         """The model inputs of the texts with these (length, start in flat): padded to the longest,
@@ -312,8 +314,12 @@ class _TextChunks(Dataset):
     def __len__(self) -> int:
         return len(self.chunks)
 
-    def __getitem__(self, c: int) -> tuple[torch.Tensor, torch.Tensor]:
+    def __getitem__(self, c: int) -> tuple[np.ndarray, np.ndarray]:
         return self.embedder._token_ids([self.texts[i] for i in self.chunks[c]])
+
+
+def _unchanged(item):
+    return item
 
 
 @lru_cache(maxsize=2)
