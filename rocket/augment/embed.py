@@ -11,8 +11,8 @@ from __future__ import annotations
 import copy
 import itertools
 import json
-import multiprocessing
 import os
+import sys
 from concurrent.futures import ThreadPoolExecutor
 from functools import lru_cache
 from pathlib import Path
@@ -211,7 +211,8 @@ class Embedder:
     # Processes that tokenise (up to 8, leaving two cores to the thread feeding the GPU); 0 or 1: a
     # thread. Reading ids out of the tokenizer costs ~0.1 µs of Python per token: in a thread of this
     # process that time holds the GIL, and the GPU would wait for it.
-    tokenizer_workers = min(8, (os.cpu_count() or 1) - 2)
+    tokenizer_workers = min(8, (len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else
+                                os.cpu_count() or 1) - 2)
 
     def _id_chunks(self, texts: list[str], chunks: list[list[int]]):
         """(tokens per text, all ids concatenated) of each chunk, in order, made ahead of the consumer:
@@ -219,7 +220,7 @@ class Embedder:
         in one thread, a chunk ahead."""
         self._backend()  # set up before any fork
         workers = min(self.tokenizer_workers, len(chunks) // 2)
-        if workers >= 2 and "fork" in multiprocessing.get_all_start_methods():
+        if workers >= 2 and sys.platform.startswith("linux"):  # fork: no pickling, no re-import of __main__
             before = os.environ.get("TOKENIZERS_PARALLELISM")
             # set while the workers fork: the tokenizer then runs serially in each worker, and says
             # nothing about it (it warns at a fork after it has used threads, unless this is set)
