@@ -52,6 +52,22 @@ def interleaved_median_ms(fns: dict, device: torch.device | str, rounds: int = 3
     return {name: statistics.median(times) for name, times in per_round.items()}
 
 
+def peak_memory(fns: dict, device) -> dict | None:
+    """Per fn of `fns` (name → fn): the peak GPU memory of one call, in GiB, and what was allocated
+    before it (`resident_gib`, the same for every fn: inputs and models the row shares), or None on
+    the CPU. The torch allocator's count: memory other libraries allocate themselves is not in it."""
+    if torch.device(device).type != "cuda":
+        return None
+    torch.cuda.synchronize()
+    out = {"resident_gib": torch.cuda.memory_allocated() / 2 ** 30}
+    for name, fn in fns.items():
+        torch.cuda.reset_peak_memory_stats()
+        fn()
+        torch.cuda.synchronize()
+        out[name] = torch.cuda.max_memory_allocated() / 2 ** 30
+    return out
+
+
 def timed(fn, device):
     """(seconds, peak GPU memory in GiB or None on the CPU, result) of one call of fn(): for work of
     seconds to minutes, where do_bench's many repetitions do not fit."""

@@ -25,12 +25,19 @@ from rocket.augment.deduplicate import dedup
 CPU_FULL = os.environ.get("ROCKET_BENCH_DEDUP_CPU_FULL", "0") == "1"
 
 
-def timed(fn, device, outs, name):
+def timed(fn, device, outs, name, peaks):
     """Median ms of fn (do_bench on the GPU); its first result goes to outs[name] (on the CPU), to be
-    checked against the reference. CPU runs of over a second are timed once, from that first call."""
+    checked against the reference, and the first call's peak GPU memory in GiB to peaks[name]. CPU
+    runs of over a second are timed once, from that first call."""
+    gpu = torch.device(device).type == "cuda"
+    if gpu:
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
     t = time.perf_counter()
     outs[name] = fn().cpu()
     first = (time.perf_counter() - t) * 1e3
+    if gpu:
+        peaks[name] = torch.cuda.max_memory_allocated() / 2 ** 30
     if torch.device(device).type == "cpu" and first > 1000:
         return first
     return median_ms(fn, device, reps=3)
@@ -51,18 +58,19 @@ def test_dedup(benchmark, recorder, device, on_gpu, size):
     emb, prio = planted_unit_vectors(n, d, device, dtype)
     kept, info = benchmark.pedantic(dedup, args=(emb, 0.9, prio), kwargs=dict(method="exact", return_info=True),
                                     rounds=1, iterations=1)
-    outs = {"rocket_benchmark_call": kept.cpu()}
-    times = {"rocket": timed(lambda: dedup(emb, 0.9, prio, method="exact"), device, outs, "rocket")}
+    outs, peaks = {"rocket_benchmark_call": kept.cpu()}, {}
+    times = {"rocket": timed(lambda: dedup(emb, 0.9, prio, method="exact"), device, outs, "rocket", peaks)}
     if on_gpu:
         if n <= 100_000:  # rocket's unfused path (cuBLAS tiles + reduction kernel); 1e6 in dedup_tune.py
             times["rocket_unfused_cublas"] = timed(
-                lambda: dedup(emb, 0.9, prio, method="exact", backend="cublas"), device, outs, "rocket_unfused_cublas")
+                lambda: dedup(emb, 0.9, prio, method="exact", backend="cublas"), device, outs, "rocket_unfused_cublas",
+                peaks)
         times["blocked_torch_bf16"] = timed(lambda: dedup_blocked_torch_lowp(emb, 0.9, prio), device, outs,
-                                            "blocked_torch_bf16")
+                                            "blocked_torch_bf16", peaks)
         baseline = "blocked_torch_bf16"
     if not on_gpu or n <= 100_000:  # the float32 reference join (full rows): ~40 s at 1e6, so 1e5 only
         times["blocked_torch_fp32"] = timed(lambda: dedup_blocked_torch(emb, 0.9, prio, block=2048), device, outs,
-                                            "blocked_torch_fp32")
+                                            "blocked_torch_fp32", peaks)
         baseline = baseline if on_gpu else "blocked_torch_fp32"
     # the independent reference: the float32 reference join (rocket.kernels.reference.dedup) where it ran, else
     # the torch bf16 join; every other result, rocket's first, keeps exactly its rows
@@ -71,19 +79,23 @@ def test_dedup(benchmark, recorder, device, on_gpu, size):
     assert not wrong, (wrong, ref_name)
     recorder.record(device, {"n": n, "d": d, "dtype": str(dtype)}, times, baseline=baseline,
                     kept=int(kept.numel()), uncertain_rows=info["uncertain"], band=info["band"],
-                    rocket_tflops=n * n * d / times["rocket"] / 1e9)
+                    rocket_tflops=n * n * d / times["rocket"] / 1e9, peak_memory_gib=peaks or None,
+                    resident_memory_gib=torch.cuda.memory_allocated() / 2 ** 30 if on_gpu else None)
     assert 0.85 * n < kept.numel() < 0.95 * n  # ~10% planted duplicates are gone
 
 
 def once(fn, device):
-    """(ms, result) of one call (the approximate paths are timed once: FAISS runs on the CPU)."""
-    if torch.device(device).type == "cuda":
+    """(ms, result, peak GPU memory in GiB or None on the CPU) of one call (the approximate paths are
+    timed once: FAISS runs on the CPU)."""
+    gpu = torch.device(device).type == "cuda"
+    if gpu:
         torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
     t = time.perf_counter()
     out = fn()
-    if torch.device(device).type == "cuda":
+    if gpu:
         torch.cuda.synchronize()
-    return (time.perf_counter() - t) * 1e3, out
+    return (time.perf_counter() - t) * 1e3, out, torch.cuda.max_memory_allocated() / 2 ** 30 if gpu else None
 
 
 def approx_shapes(method, on_gpu):
@@ -102,11 +114,11 @@ def test_dedup_approx(recorder, device, on_gpu, method, noise):
     opts = dict(k=16, index="ivf", nprobe=16) if method == "knn" else {}
     for n, d in approx_shapes(method, on_gpu):
         emb, prio = planted_unit_vectors(n, d, device, torch.bfloat16 if on_gpu else torch.float32, noise=noise, seed=3)
-        t_exact, exact = once(lambda: dedup(emb, 0.9, prio, method="exact"), device)
+        t_exact, exact, peak_exact = once(lambda: dedup(emb, 0.9, prio, method="exact"), device)
         run = lambda: dedup(emb, 0.9, prio, method=method, return_info=True, **opts)  # noqa: E731
         # The IVF join's first call compiles its Triton kernels (one per list-size class): cold and warm.
         cold = {"ivf_cold": once(run, device)[0]} if method == "ivf" else {}
-        t_approx, (approx, info) = once(run, device)
+        t_approx, (approx, info), peak_approx = once(run, device)
         exact_set, approx_set = set(exact.tolist()), set(approx.tolist())
         assert exact_set <= approx_set  # the approximate paths never drop what exact keeps
         dropped = n - len(exact_set)
@@ -114,7 +126,8 @@ def test_dedup_approx(recorder, device, on_gpu, method, noise):
         recorder.record(device, {"n": n, "d": d, "noise": noise, "method": method,
                                  **{k: v for k, v in info.items() if k in ("index", "k", "nprobe", "nlist")}},
                         {method: t_approx, **cold, "exact": t_exact}, baseline="exact", recall=recall,
-                        exact_dropped=dropped)
+                        exact_dropped=dropped, peak_memory_gib={method: peak_approx, "exact": peak_exact} if on_gpu
+                        else None)
         assert recall >= 0.9
 
 
@@ -142,8 +155,9 @@ def test_dedup_ivf_1e7(recorder, device, on_gpu):
         pytest.skip("GPU-only shape")
     n, d = 10_000_000, 1024
     emb, prio, involved = planted_big(n, d, device)
-    t_approx, (approx, info) = once(lambda: dedup(emb, 0.9, prio, method="ivf", return_info=True), device)
-    t_sub, sub_kept = once(lambda: dedup(emb[involved], 0.9, prio[involved], method="exact"), device)
+    t_approx, (approx, info), peak_approx = once(lambda: dedup(emb, 0.9, prio, method="ivf", return_info=True),
+                                                 device)
+    t_sub, sub_kept, peak_sub = once(lambda: dedup(emb[involved], 0.9, prio[involved], method="exact"), device)
     involved = involved.cpu()
     exact_dropped = torch.zeros(n, dtype=torch.bool)
     exact_dropped[involved] = True
@@ -154,5 +168,7 @@ def test_dedup_ivf_1e7(recorder, device, on_gpu):
     recall = int(approx_dropped.sum()) / max(int(exact_dropped.sum()), 1)
     recorder.record(device, {"n": n, "d": d, "noise": 0.02, "method": "ivf", "nlist": info["nlist"],
                              "nprobe": info["nprobe"]}, {"ivf": t_approx, "exact_on_planted_rows": t_sub},
-                    recall=recall, exact_dropped=int(exact_dropped.sum()), planted_rows=int(involved.numel()))
+                    recall=recall, exact_dropped=int(exact_dropped.sum()), planted_rows=int(involved.numel()),
+                    peak_memory_gib={"ivf": peak_approx, "exact_on_planted_rows": peak_sub},
+                    resident_memory_gib=emb.numel() * emb.element_size() / 2 ** 30)
     assert recall >= 0.99

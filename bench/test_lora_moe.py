@@ -26,7 +26,7 @@ import torch
 import torch.nn.functional as F
 
 from bench.cases import fwd_bwd, lora_moe_inputs, lora_moe_methods, rel_err
-from bench.harness import cuda_graph, host_wall, interleaved_median_ms, median_ms
+from bench.harness import cuda_graph, host_wall, interleaved_median_ms, median_ms, peak_memory
 from rocket.kernels import reference
 from rocket.kernels.dual_mm import _IMPLS, CHOICES
 
@@ -99,6 +99,12 @@ def test_lora_moe_layer(recorder, device, on_gpu):
         ratio_fwd = {n: t / fwd["base"] for n, t in fwd.items()}
         ratio_fwdbwd = {n: t / fwdbwd["base"] for n, t in fwdbwd.items()}
         extra = {}
+        if on_gpu:  # one call of each method: its peak GPU memory, the shared inputs (resident_gib) included
+            with torch.no_grad():
+                fwd_peak = peak_memory({name: partial(fn, v["x"], v["A"], v["B"], v["G"])
+                                        for name, (fn, _) in timed.items()}, device)
+            extra["peak_memory_gib"] = {"fwd": fwd_peak, "fwdbwd": peak_memory(
+                {name: fwd_bwd(fn, wrt, v) for name, (fn, wrt) in timed.items()}, device)}
         if on_gpu:  # host (CPU) time to issue one fwd+bwd: where it exceeds the GPU time, launches bound the step
             extra["host_issue_ms"] = {n: host_wall(fwd_bwd(*methods[n], v), 20)[0]
                                       for n in ("base", "rocket", "single_lora")}

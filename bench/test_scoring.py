@@ -65,10 +65,13 @@ def scoring_flops(s, tokenized, n_adapters):
 
 
 def wall(fn, device, reps, warmup=True):
-    """(median seconds of fn(), its last result); one warm-up call first on the GPU (work of seconds:
-    do_bench's many reps don't fit)."""
+    """(median seconds of fn(), its last result, peak GPU memory of the timed calls in GiB or None on
+    the CPU); one warm-up call first on the GPU (work of seconds: do_bench's many reps don't fit)."""
     if warmup and device.type == "cuda":
         fn()
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
     times = []
     for _ in range(reps):
         if device.type == "cuda":
@@ -78,7 +81,7 @@ def wall(fn, device, reps, warmup=True):
         if device.type == "cuda":
             torch.cuda.synchronize()
         times.append(time.perf_counter() - t)
-    return statistics.median(times), out
+    return statistics.median(times), out, torch.cuda.max_memory_allocated() / 2 ** 30 if device.type == "cuda" else None
 
 
 def profile_top(fn, n=25):
@@ -104,36 +107,38 @@ def test_scoring(recorder, device, on_gpu):
     N, K = s["N"], s["K"]
     flops = scoring_flops(s, tokenized, N)
     peak = next((v for k, v in PEAK_BF16.items() if on_gpu and k in torch.cuda.get_device_name()), None)
+    resident_gib = torch.cuda.memory_allocated() / 2 ** 30 if on_gpu else None  # the model; the bank is on the host
 
-    times, extra, losses, budget_of = {}, {"errors": {}}, {}, {}
+    times, peaks, extra, losses, budget_of = {}, {}, {"errors": {}}, {}, {}
     for budget in s["budgets"]:
         budget_of.update({_key("sgmv", budget): budget, _key("merged", budget): budget})
         with multi_lora_model(model, bank) as rows:
-            times[_key("sgmv", budget)], losses["sgmv"] = wall(
+            times[_key("sgmv", budget)], losses["sgmv"], peaks[_key("sgmv", budget)] = wall(
                 lambda: adapter_losses(model, rows, examples, N, budget, False).cpu(), device, reps)
         with merged_adapters(model, bank) as merger:
-            times[_key("merged", budget)], losses["merged"] = wall(
+            times[_key("merged", budget)], losses["merged"], peaks[_key("merged", budget)] = wall(
                 lambda: adapter_losses(model, merger, examples, N, budget, False).cpu(), device, reps)
     best = min(times, key=times.get)
     best_budget = budget_of[best]
     # transformers' own layers (packed varlen attention) instead of rocket.fastpath: what the fused glue buys
     with merged_adapters(model, bank) as merger:
-        times["rocket_merged_hf_layers"], losses["merged_hf_layers"] = wall(
+        times["rocket_merged_hf_layers"], losses["merged_hf_layers"], peaks["rocket_merged_hf_layers"] = wall(
             lambda: adapter_losses(model, merger, examples, N, best_budget, False, fast=False).cpu(), device, reps)
     # q/k/v and gate/up as separate GEMMs (rocket.fastpath.FusedProjections off): what fusing them buys
     with merged_adapters(model, bank, fuse=False) as merger:
-        times["rocket_merged_unfused"], losses["merged_unfused"] = wall(
+        times["rocket_merged_unfused"], losses["merged_unfused"], peaks["rocket_merged_unfused"] = wall(
             lambda: adapter_losses(model, merger, examples, N, best_budget, False).cpu(), device, reps)
     # the base model alone over the same packed passes: what the adapters cost on top
-    times["base_only"], _ = wall(lambda: adapter_losses(model, AdapterRows(device), examples, N, best_budget, False),
-                                 device, reps)
+    times["base_only"], _, peaks["base_only"] = wall(
+        lambda: adapter_losses(model, AdapterRows(device), examples, N, best_budget, False), device, reps)
     if on_gpu:
         try:  # regional torch.compile of the decoder layers (compile time excluded: warm-up call)
             t = time.perf_counter()
             with merged_adapters(model, bank) as merger, compiled_layers(model):
                 adapter_losses(model, merger, examples[:8], 2, best_budget, False, fast=False)
                 extra["compile_s"] = time.perf_counter() - t
-                times["rocket_merged_hf_compiled"], losses["merged_hf_compiled"] = wall(
+                key = "rocket_merged_hf_compiled"
+                times[key], losses["merged_hf_compiled"], peaks[key] = wall(
                     lambda: adapter_losses(model, merger, examples, N, best_budget, False, fast=False).cpu(),
                     device, reps)
         except Exception as e:  # recorded, not fatal: the eager paths are the product's default
@@ -146,12 +151,12 @@ def test_scoring(recorder, device, on_gpu):
             (out / f"scoring-profile-{strategy}.txt").write_text(table)
             print(f"--- profile {strategy} (N=4)\n" + "\n".join(table.splitlines()[:16]))
     # the public call (strategy auto), set-up included: staging the adapters, copies of the base weights, packing
-    times["rocket_end_to_end"], e2e = wall(
+    times["rocket_end_to_end"], e2e, peaks["rocket_end_to_end"] = wall(
         lambda: score_adapters(model, None, bank, tokenized, accuracy=None, max_tokens=best_budget, progress=False,
                                log=lambda *a: None), device, reps, warmup=False)
     extra["end_to_end_strategy"] = e2e.meta["strategy"]
     sgmv_budget = min(s["budgets"], key=lambda b: times[_key("sgmv", b)])
-    times["rocket_end_to_end_sgmv"], e2e_sgmv = wall(
+    times["rocket_end_to_end_sgmv"], e2e_sgmv, peaks["rocket_end_to_end_sgmv"] = wall(
         lambda: score_adapters(model, None, bank, tokenized, accuracy=None, max_tokens=sgmv_budget,
                                progress=False, strategy="sgmv", log=lambda *a: None), device, reps, warmup=False)
     ours_name = "merged" if "merged" in best else "sgmv"
@@ -169,7 +174,7 @@ def test_scoring(recorder, device, on_gpu):
     peer_loss = {}
     for key, (fn, (na, ne)) in subsets.items():
         sub_names, sub_ex = names[:na], tokenized[:ne]
-        times[key], peer_loss[key] = wall(lambda: fn(pm, sub_names, sub_ex).cpu(), device, 1)
+        times[key], peer_loss[key], peaks[key] = wall(lambda: fn(pm, sub_names, sub_ex).cpu(), device, 1)
         extra[key + "_pairs"] = na * ne
 
     pairs = {k: extra.get(k + "_pairs", N * K) for k in times}
@@ -189,6 +194,7 @@ def test_scoring(recorder, device, on_gpu):
         speedup_vs_best_peer=rate[fastest] / max(rate[k] for k in subsets),
         tflops={k: flops / times[k] / 1e12 for k in times if k.startswith("rocket_")},
         mfu=None if peak is None else {k: flops / times[k] / peak for k in times if k.startswith("rocket_")},
+        peak_memory_gib=peaks if on_gpu else None, resident_memory_gib=resident_gib,
         best_budget=best_budget, max_abs_loss_diff_vs_peft=diffs, max_abs_loss_diff_vs_peft_per_path=vs_peft,
         max_abs_loss_diff_between_rocket_paths=agree, **extra)
     print({k: round(v, 1) for k, v in rate.items()}, f"fastest {fastest}", f"MFU {row['mfu']}",

@@ -11,7 +11,7 @@ import time
 import pytest
 import torch
 
-from bench.harness import median_ms
+from bench.harness import median_ms, peak_memory
 from bench.peers import delta_cos_explicit, delta_cos_pairwise_traces
 from rocket.adapters.bank import LoraAdapter, LoraBank
 from rocket.adapters.similarity import group_similarity
@@ -91,8 +91,10 @@ def test_group_similarity(benchmark, recorder, device, on_gpu, case):
         times.update({p: median_ms(lambda p=p: PEERS[p](stacks), device, reps=3) for p in peers})
         timer = "do_bench median" if on_gpu else "wall-clock median of 3"
     flops = gram_flops(n, r, width, len(stacks))
+    peaks = peak_memory({"rocket": run} | {p: lambda p=p: PEERS[p](stacks) for p in times if p != "rocket"}, device)
     recorder.record(device, {"adapters": n, "r": r, "modules": len(stacks), "width": width, "dtype": str(dtype)},
                     times, baseline="rocket", timer=timer, gram_tflops_per_s=flops / times["rocket"] / 1e9,
+                    peak_memory_gib=peaks,
                     bank_gib=sum(A.numel() + B.numel() for A, B in stacks) * stacks[0][0].element_size() / 2**30,
                     mean_offdiag_cos=float((cos.sum() - n) / (n * n - n)), **errors)
     del bank, stacks
