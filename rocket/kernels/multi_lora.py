@@ -7,6 +7,10 @@ computes its tile's shrink `h = x A_mᵀ` ([BLOCK_M, r], float32) once, scales i
 the expand `y += h B_mᵀ` over its share of the output columns: x is read once, y once read and
 written in place, and the r-wide intermediate never leaves registers.
 
+For prefill passes of few adapters, `multi_lora_blocks` runs the shrink alone into one
+[T, adapters · r] operand, so that the expand is one cuBLAS GEMM and the base GEMM adds onto its
+result (rocket.runtime.adapters.MultiLoraLinear picks per pass).
+
 Forward only (scoring and generation run without gradients). The reference is
 `rocket.kernels.reference.multi_lora`.
 """
@@ -28,20 +32,10 @@ _INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
 @triton.jit
-def _sgmv_shrink_expand(x_ptr, y_ptr, a_ptr, b_ptr, s_ptr, tiles_ptr, n_tiles, d_in, d_out, rank, cols_per_prog,
-                        sxm, sxk, sym, syn, sam, sar, sak, sbm, sbn, sbr,
-                        BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_N: tl.constexpr,
-                        BLOCK_R: tl.constexpr, IEEE: tl.constexpr, DOT_F32: tl.constexpr):
-    t = tl.program_id(0)
-    adapter = tl.load(tiles_ptr + t).to(tl.int64)
-    start = tl.load(tiles_ptr + n_tiles + t)
-    end = tl.load(tiles_ptr + 2 * n_tiles + t)
-    rows = (start + tl.arange(0, BLOCK_M)).to(tl.int64)
-    row_ok = rows < end
-    rr = tl.arange(0, BLOCK_R)
-    r_ok = rr < rank
-
-    # shrink: h = x_tile @ A_mᵀ, float32 accumulation
+def _shrink(x_ptr, a_ptr, s_ptr, adapter, rows, row_ok, rr, r_ok, d_in, sxm, sxk, sam, sar, sak,
+            BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr, IEEE: tl.constexpr,
+            DOT_F32: tl.constexpr):
+    """s_m · x_tile A_mᵀ ([BLOCK_M, BLOCK_R], float32 accumulation), rounded to x's dtype as peft does."""
     h = tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.float32)
     for k0 in range(0, d_in, BLOCK_K):
         kk = k0 + tl.arange(0, BLOCK_K)
@@ -56,7 +50,24 @@ def _sgmv_shrink_expand(x_ptr, y_ptr, a_ptr, b_ptr, s_ptr, tiles_ptr, n_tiles, d
         else:
             h = tl.dot(xt, at, h)
     scale = tl.load(s_ptr + adapter).to(tl.float32)
-    h = (h * scale).to(x_ptr.dtype.element_ty)  # peft rounds the scaled shrink to the input dtype too
+    return (h * scale).to(x_ptr.dtype.element_ty)
+
+
+@triton.jit
+def _sgmv_shrink_expand(x_ptr, y_ptr, a_ptr, b_ptr, s_ptr, tiles_ptr, n_tiles, d_in, d_out, rank, cols_per_prog,
+                        sxm, sxk, sym, syn, sam, sar, sak, sbm, sbn, sbr,
+                        BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_N: tl.constexpr,
+                        BLOCK_R: tl.constexpr, IEEE: tl.constexpr, DOT_F32: tl.constexpr):
+    t = tl.program_id(0)
+    adapter = tl.load(tiles_ptr + t).to(tl.int64)
+    start = tl.load(tiles_ptr + n_tiles + t)
+    end = tl.load(tiles_ptr + 2 * n_tiles + t)
+    rows = (start + tl.arange(0, BLOCK_M)).to(tl.int64)
+    row_ok = rows < end
+    rr = tl.arange(0, BLOCK_R)
+    r_ok = rr < rank
+    h = _shrink(x_ptr, a_ptr, s_ptr, adapter, rows, row_ok, rr, r_ok, d_in, sxm, sxk, sam, sar, sak,
+                BLOCK_M, BLOCK_K, BLOCK_R, IEEE, DOT_F32)
 
     # expand into y, in place, over this program's column range
     col0 = tl.program_id(1) * cols_per_prog
@@ -75,6 +86,25 @@ def _sgmv_shrink_expand(x_ptr, y_ptr, a_ptr, b_ptr, s_ptr, tiles_ptr, n_tiles, d
         y_mask = row_ok[:, None] & n_ok[None, :]
         y = tl.load(y_ptrs, mask=y_mask, other=0.0).to(tl.float32)
         tl.store(y_ptrs, (y + d).to(y_ptr.dtype.element_ty), mask=y_mask)
+
+
+@triton.jit
+def _sgmv_shrink_blocks(x_ptr, h_ptr, a_ptr, s_ptr, tiles_ptr, block_ptr, n_tiles, d_in, rank,
+                        sxm, sxk, shm, shn, sam, sar, sak,
+                        BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr, IEEE: tl.constexpr,
+                        DOT_F32: tl.constexpr):
+    t = tl.program_id(0)
+    adapter = tl.load(tiles_ptr + t).to(tl.int64)
+    start = tl.load(tiles_ptr + n_tiles + t)
+    end = tl.load(tiles_ptr + 2 * n_tiles + t)
+    rows = (start + tl.arange(0, BLOCK_M)).to(tl.int64)
+    row_ok = rows < end
+    rr = tl.arange(0, BLOCK_R)
+    r_ok = rr < rank
+    h = _shrink(x_ptr, a_ptr, s_ptr, adapter, rows, row_ok, rr, r_ok, d_in, sxm, sxk, sam, sar, sak,
+                BLOCK_M, BLOCK_K, BLOCK_R, IEEE, DOT_F32)
+    cols = tl.load(block_ptr + adapter).to(tl.int64) * rank + rr
+    tl.store(h_ptr + rows[:, None] * shm + cols[None, :] * shn, h, mask=row_ok[:, None] & r_ok[None, :])
 
 
 def segment_tiles(row_adapters, tokens_per_row=1, device=None, block_m: int = BLOCK_M) -> torch.Tensor:
@@ -136,6 +166,34 @@ def multi_lora_add_(y: torch.Tensor, x: torch.Tensor, lora_A: torch.Tensor, lora
         BLOCK_M=BLOCK_M, BLOCK_K=block_k, BLOCK_N=block_n, BLOCK_R=block_r,
         IEEE=x.dtype == torch.float32, DOT_F32=_INTERPRET and x.dtype == torch.bfloat16, num_warps=4)
     return y
+
+
+def multi_lora_blocks(x: torch.Tensor, lora_A: torch.Tensor, scaling: torch.Tensor, tiles: torch.Tensor,
+                      block_of: torch.Tensor, n_blocks: int) -> torch.Tensor:
+    """The shrink alone, laid out for one GEMM: h [T, n_blocks · r] in x's dtype, where row i holds
+    s_m · A_m x_i (rounded) in columns block_of[m] · r … + r of its adapter m and zeros elsewhere
+    (rows without a tile: zeros). Then `h @ B_blocksᵀ`, B_blocks [d_out, n_blocks · r] the adapters'
+    B side by side, is the multi-adapter delta, and a base GEMM can add x Wᵀ onto it in place:
+    x is read once here and y is never read back and rewritten (multi_lora_add_ does both).
+
+    tiles: segment_tiles' table; block_of: int32 by adapter id, each tiled adapter's block (the
+    entries of other adapters are not read)."""
+    T, d_in = x.shape
+    rank = lora_A.shape[1]
+    if lora_A.shape[2] != d_in or block_of.dim() != 1:
+        raise ValueError(f"multi_lora_blocks: x {tuple(x.shape)}, A {tuple(lora_A.shape)}, block_of "
+                         f"{tuple(block_of.shape)} do not compose")
+    h = torch.zeros(T, n_blocks * rank, device=x.device, dtype=x.dtype)
+    n_tiles = tiles.shape[1]
+    if n_tiles == 0 or T == 0:
+        return h
+    block_k = 64 if d_in >= 64 else max(16, triton.next_power_of_2(d_in))
+    _sgmv_shrink_blocks[(n_tiles,)](
+        x, h, lora_A, scaling, tiles.contiguous(), block_of.contiguous(), n_tiles, d_in, rank,
+        x.stride(0), x.stride(1), h.stride(0), h.stride(1), lora_A.stride(0), lora_A.stride(1), lora_A.stride(2),
+        BLOCK_M=BLOCK_M, BLOCK_K=block_k, BLOCK_R=max(16, triton.next_power_of_2(rank)),
+        IEEE=x.dtype == torch.float32, DOT_F32=_INTERPRET and x.dtype == torch.bfloat16, num_warps=4)
+    return h
 
 
 def multi_lora(x, lora_A, lora_B, scaling, adapter_ids) -> torch.Tensor:

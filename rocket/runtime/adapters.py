@@ -11,7 +11,7 @@ from rocket.adapters.stacking import StackedModule
 from rocket.errors import RocketError
 from rocket.kernels import reference
 from rocket.kernels import use_triton
-from rocket.kernels.multi_lora import lora_merge, multi_lora_add_, segment_tiles
+from rocket.kernels.multi_lora import lora_merge, multi_lora_add_, multi_lora_blocks, segment_tiles
 from rocket.runtime.fastpath import FusedProjections, supports_fast_path
 from rocket.adapters.stacking import AdapterStager, stack_modules
 
@@ -30,12 +30,14 @@ class AdapterRows:
         self.lengths: list[int] | None = None
         self._tiles: dict[int, torch.Tensor] = {}
         self._ids: dict[int, torch.Tensor] = {}
+        self._blocks: dict[int, tuple[torch.Tensor, torch.Tensor, int]] = {}
 
     def set(self, rows: list[int], lengths: list[int] | None = None) -> None:
         self.rows = list(rows)
         self.lengths = None if lengths is None else list(lengths)
         self._tiles.clear()
         self._ids.clear()
+        self._blocks.clear()
 
     def _per_row(self, n_tokens: int):
         if self.lengths is not None:
@@ -52,12 +54,31 @@ class AdapterRows:
             self._tiles[n_tokens] = segment_tiles(self.rows, self._per_row(n_tokens), self.device)
         return self._tiles[n_tokens]
 
+    def blocks(self, n_tokens: int) -> tuple[torch.Tensor, torch.Tensor, int]:
+        """(block_of [max id + 1] int32: each present adapter's block, the present adapters [P] int64
+        in block order, P) for multi_lora_blocks; P = 0 when no row has an adapter."""
+        if n_tokens not in self._blocks:
+            present = sorted({a for a in self.rows if a >= 0})
+            block_of = torch.full((max(present, default=-1) + 1,), -1, dtype=torch.int32)
+            block_of[present] = torch.arange(len(present), dtype=torch.int32)
+            self._blocks[n_tokens] = (block_of.to(self.device), torch.tensor(present, dtype=torch.long).to(self.device),
+                                      len(present))
+        return self._blocks[n_tokens]
+
     def token_ids(self, n_tokens: int) -> torch.Tensor:
         if n_tokens not in self._ids:
             per_row = self._per_row(n_tokens)
             reps = torch.tensor(per_row) if isinstance(per_row, list) else per_row
             self._ids[n_tokens] = torch.tensor(self.rows).repeat_interleave(reps).to(self.device)
         return self._ids[n_tokens]
+
+
+# A pass runs the shrink alone and the expand as one cuBLAS GEMM onto which the base GEMM adds (see
+# rocket.kernels.multi_lora.multi_lora_blocks) when its adapters' segments are long (prefill: at
+# least this many tokens per adapter) and the block operand is thin (adapters · r at most d_in / 16:
+# its GEMM costs at most 1/16 of the base's); otherwise one fused kernel adds every delta onto y.
+BLOCKS_MIN_TOKENS = 128
+BLOCKS_MAX_SHARE = 1 / 16
 
 
 class MultiLoraLinear(nn.Module):
@@ -73,15 +94,28 @@ class MultiLoraLinear(nn.Module):
         self.register_buffer("scaling", stacked.scaling.float(), persistent=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = self.base(x)
         x2 = x.reshape(-1, x.shape[-1])
+        T, triton_path = x2.shape[0], use_triton(x2)
+        if triton_path and type(self.base) is nn.Linear and x2.dtype == self.base.weight.dtype:
+            block_of, present, P = self.rows.blocks(T)
+            if 0 < P and T >= BLOCKS_MIN_TOKENS * P and P * self.lora_A.shape[1] <= BLOCKS_MAX_SHARE * x2.shape[1]:
+                return self._by_blocks(x2, block_of, present, P).view(*x.shape[:-1], -1)
+        y = self.base(x)
         y2 = y.view(-1, y.shape[-1])
-        if use_triton(x2):
-            multi_lora_add_(y2, x2, self.lora_A, self.lora_B, self.scaling, self.rows.tiles(x2.shape[0]))
+        if triton_path:
+            multi_lora_add_(y2, x2, self.lora_A, self.lora_B, self.scaling, self.rows.tiles(T))
         else:
-            ids = self.rows.token_ids(x2.shape[0])
+            ids = self.rows.token_ids(T)
             y2 += reference.multi_lora(x2, self.lora_A, self.lora_B, self.scaling, ids).to(y.dtype)
         return y
+
+    def _by_blocks(self, x2, block_of, present, P):
+        """The delta as h @ B_blocksᵀ (cuBLAS), then the base GEMM adding x Wᵀ onto it in place."""
+        h = multi_lora_blocks(x2, self.lora_A, self.scaling, self.rows.tiles(x2.shape[0]), block_of, P)
+        blocks = self.lora_B.index_select(0, present).permute(1, 0, 2).reshape(self.lora_B.shape[1], -1)
+        bias = self.base.bias
+        y2 = torch.mm(h, blocks.t()) if bias is None else torch.addmm(bias, h, blocks.t())
+        return y2.addmm_(x2, self.base.weight.t())
 
 
 @contextmanager
