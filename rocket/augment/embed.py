@@ -184,7 +184,7 @@ class Embedder:
             texts = [t.lower() for t in texts]
         # Longest first (by characters, then by tokens within a chunk): batches of similar length
         # waste little padding, and an OOM shows up at once. Chunks are tokenised ahead of the GPU.
-        order = sorted(range(len(texts)), key=lambda i: -len(texts[i]))
+        order = np.argsort(-np.fromiter(map(len, texts), dtype=np.int64, count=len(texts)), kind="stable")
         chunks = [order[s:s + self.chunk] for s in range(0, len(order), self.chunk)]
         out = torch.empty(len(texts), self.dim)
         copied = None  # (rows, pinned host copy, event) of the previous chunk, read once the copy is done
@@ -203,7 +203,7 @@ class Embedder:
                 event = torch.cuda.Event() if self.device.type == "cuda" else None
                 if event is not None:
                     event.record()
-                copied = (torch.tensor(rows), host, event)
+                copied = (torch.from_numpy(rows), host, event)
             _collect(copied, out, bar)
         return out
 
@@ -214,7 +214,7 @@ class Embedder:
     tokenizer_workers = min(8, (len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else
                                 os.cpu_count() or 1) - 2)
 
-    def _id_chunks(self, texts: list[str], chunks: list[list[int]]):
+    def _id_chunks(self, texts: list[str], chunks: list[np.ndarray]):
         """(tokens per text, all ids concatenated) of each chunk, in order, made ahead of the consumer:
         in `tokenizer_workers` forked processes (a DataLoader) when there are enough texts, else
         in one thread, a chunk ahead."""
@@ -238,11 +238,11 @@ class Embedder:
             yield from it
             return
         with ThreadPoolExecutor(1) as pool:
-            ahead = pool.submit(self._token_ids, [texts[i] for i in chunks[0]])
+            ahead = pool.submit(self._token_ids, [texts[i] for i in chunks[0].tolist()])
             for c in range(len(chunks)):
                 done = ahead.result()
                 if c + 1 < len(chunks):
-                    ahead = pool.submit(self._token_ids, [texts[i] for i in chunks[c + 1]])
+                    ahead = pool.submit(self._token_ids, [texts[i] for i in chunks[c + 1].tolist()])
                 yield done
 
     def _backend(self):
@@ -309,14 +309,14 @@ def _collect(copied, out: torch.Tensor, bar) -> None:
 class _TextChunks(Dataset):
     """Chunk c of the texts → its token ids, in a DataLoader worker (forked: nothing is pickled)."""
 
-    def __init__(self, embedder: Embedder, texts: list[str], chunks: list[list[int]]):
+    def __init__(self, embedder: Embedder, texts: list[str], chunks: list[np.ndarray]):
         self.embedder, self.texts, self.chunks = embedder, texts, chunks
 
     def __len__(self) -> int:
         return len(self.chunks)
 
     def __getitem__(self, c: int) -> tuple[np.ndarray, np.ndarray]:
-        return self.embedder._token_ids([self.texts[i] for i in self.chunks[c]])
+        return self.embedder._token_ids([self.texts[i] for i in self.chunks[c].tolist()])
 
 
 def _unchanged(item):
