@@ -1,4 +1,5 @@
 """rocket.embed: the bundled all-MiniLM-L6-v2 offline, pooling against direct model outputs, errors."""
+import multiprocessing
 import os
 import subprocess
 import sys
@@ -88,6 +89,20 @@ def test_chunks_batches_and_truncation_keep_every_row(padding_side, workers, cap
         want = _one_at_a_time(emb, text, emb.pooling)
         assert F.cosine_similarity(got[i].double(), want, dim=0) > 1 - 1e-5, i
     assert "tokenizers" not in capfd.readouterr().err
+
+
+def _encode_in_a_pool_worker(_):
+    emb = Embedder(None, "cpu")
+    emb.chunk, emb.tokenizer_workers = 3, 2
+    return emb.encode(TEXTS * 3, progress=False)
+
+
+def test_a_daemonic_process_tokenises_in_a_thread():
+    """Inside a multiprocessing Pool worker (daemonic: it may not start processes) encoding still works."""
+    with multiprocessing.get_context("fork").Pool(1) as pool:
+        got = pool.map(_encode_in_a_pool_worker, [0])[0]
+    want = Embedder(None, "cpu").encode(TEXTS * 3, progress=False)
+    assert torch.allclose(got, want, atol=1e-6)
 
 
 def test_python_tokenizer_gives_the_same_ids():

@@ -11,6 +11,7 @@ from __future__ import annotations
 import copy
 import itertools
 import json
+import multiprocessing
 import os
 import sys
 from concurrent.futures import ThreadPoolExecutor
@@ -220,7 +221,8 @@ class Embedder:
         in one thread, a chunk ahead."""
         self._backend()  # set up before any fork
         workers = min(self.tokenizer_workers, len(chunks) // 2)
-        if workers >= 2 and sys.platform.startswith("linux"):  # fork: no pickling, no re-import of __main__
+        # fork: no pickling, no re-import of __main__; a daemonic process (a Pool worker) may have no children
+        if workers >= 2 and sys.platform.startswith("linux") and not multiprocessing.current_process().daemon:
             before = os.environ.get("TOKENIZERS_PARALLELISM")
             # set while the workers fork: the tokenizer then runs serially in each worker, and says
             # nothing about it (it warns at a fork after it has used threads, unless this is set)
