@@ -99,7 +99,7 @@ def _encode_in_a_pool_worker(_):
 
 def test_a_daemonic_process_tokenises_in_a_thread():
     """Inside a multiprocessing Pool worker (daemonic: it may not start processes) encoding still works."""
-    with multiprocessing.get_context("fork").Pool(1) as pool:
+    with multiprocessing.get_context("spawn").Pool(1) as pool:  # spawn: a fresh interpreter, like a user's Pool
         got = pool.map(_encode_in_a_pool_worker, [0])[0]
     want = Embedder(None, "cpu").encode(TEXTS * 3, progress=False)
     assert torch.allclose(got, want, atol=1e-6)
