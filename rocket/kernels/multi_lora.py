@@ -54,10 +54,10 @@ def _shrink(x_ptr, a_ptr, s_ptr, adapter, rows, row_ok, rr, r_ok, d_in, sxm, sxk
 
 
 @triton.jit
-def _sgmv_shrink_expand(x_ptr, y_ptr, a_ptr, b_ptr, s_ptr, tiles_ptr, n_tiles, d_in, d_out, rank, cols_per_prog,
-                        sxm, sxk, sym, syn, sam, sar, sak, sbm, sbn, sbr,
-                        BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_N: tl.constexpr,
-                        BLOCK_R: tl.constexpr, IEEE: tl.constexpr, DOT_F32: tl.constexpr):
+def _tile_shrink(x_ptr, a_ptr, s_ptr, tiles_ptr, n_tiles, d_in, rank, sxm, sxk, sam, sar, sak,
+                 BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr, IEEE: tl.constexpr,
+                 DOT_F32: tl.constexpr):
+    """This program's tile (adapter, rows, row mask, rank columns, their mask) and its shrink."""
     t = tl.program_id(0)
     adapter = tl.load(tiles_ptr + t).to(tl.int64)
     start = tl.load(tiles_ptr + n_tiles + t)
@@ -68,6 +68,16 @@ def _sgmv_shrink_expand(x_ptr, y_ptr, a_ptr, b_ptr, s_ptr, tiles_ptr, n_tiles, d
     r_ok = rr < rank
     h = _shrink(x_ptr, a_ptr, s_ptr, adapter, rows, row_ok, rr, r_ok, d_in, sxm, sxk, sam, sar, sak,
                 BLOCK_M, BLOCK_K, BLOCK_R, IEEE, DOT_F32)
+    return adapter, rows, row_ok, rr, r_ok, h
+
+
+@triton.jit
+def _sgmv_shrink_expand(x_ptr, y_ptr, a_ptr, b_ptr, s_ptr, tiles_ptr, n_tiles, d_in, d_out, rank, cols_per_prog,
+                        sxm, sxk, sym, syn, sam, sar, sak, sbm, sbn, sbr,
+                        BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_N: tl.constexpr,
+                        BLOCK_R: tl.constexpr, IEEE: tl.constexpr, DOT_F32: tl.constexpr):
+    adapter, rows, row_ok, rr, r_ok, h = _tile_shrink(x_ptr, a_ptr, s_ptr, tiles_ptr, n_tiles, d_in, rank, sxm, sxk,
+                                                      sam, sar, sak, BLOCK_M, BLOCK_K, BLOCK_R, IEEE, DOT_F32)
 
     # expand into y, in place, over this program's column range
     col0 = tl.program_id(1) * cols_per_prog
@@ -93,16 +103,8 @@ def _sgmv_shrink_blocks(x_ptr, h_ptr, a_ptr, s_ptr, tiles_ptr, block_ptr, n_tile
                         sxm, sxk, shm, shn, sam, sar, sak,
                         BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr, IEEE: tl.constexpr,
                         DOT_F32: tl.constexpr):
-    t = tl.program_id(0)
-    adapter = tl.load(tiles_ptr + t).to(tl.int64)
-    start = tl.load(tiles_ptr + n_tiles + t)
-    end = tl.load(tiles_ptr + 2 * n_tiles + t)
-    rows = (start + tl.arange(0, BLOCK_M)).to(tl.int64)
-    row_ok = rows < end
-    rr = tl.arange(0, BLOCK_R)
-    r_ok = rr < rank
-    h = _shrink(x_ptr, a_ptr, s_ptr, adapter, rows, row_ok, rr, r_ok, d_in, sxm, sxk, sam, sar, sak,
-                BLOCK_M, BLOCK_K, BLOCK_R, IEEE, DOT_F32)
+    adapter, rows, row_ok, rr, r_ok, h = _tile_shrink(x_ptr, a_ptr, s_ptr, tiles_ptr, n_tiles, d_in, rank, sxm, sxk,
+                                                      sam, sar, sak, BLOCK_M, BLOCK_K, BLOCK_R, IEEE, DOT_F32)
     cols = tl.load(block_ptr + adapter).to(tl.int64) * rank + rr
     tl.store(h_ptr + rows[:, None] * shm + cols[None, :] * shn, h, mask=row_ok[:, None] & r_ok[None, :])
 
