@@ -485,7 +485,7 @@ def _run_demo(out, size, seed, progress, embed_model, log, start) -> dict:
 def add_arguments(parser) -> None:
     parser.add_argument("--out", default="rocket-demo", help="directory for the world and the run (default: rocket-demo)")
     parser.add_argument("--size", choices=sorted(SIZES), default="full",
-                        help="full (default, ≈40 s on 2 idle CPU cores) or small (the test size)")
+                        help="full (default, ≈30 s on 2 idle CPU cores) or small (the test size)")
     parser.add_argument("--embed-model", help="encoder for data selection (default: the bundled all-MiniLM-L6-v2)")
     parser.add_argument("--no-progress", action="store_true", help="no progress bars")
 

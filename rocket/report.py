@@ -191,9 +191,9 @@ def ranking_rows(selection: dict, base: dict | None = None) -> list[list]:
                     "★" if r["chosen"] else ""] for r in rows]
 
 
-def scoring_notes(run: Path) -> list[str]:
+def scoring_notes(scores: Scores) -> list[str]:
     """The adapters that cannot help, as scoring warned about them: ΔW = 0 and worse than the base model."""
-    zero, worse = Scores.load(run / "scores.json").unhelpful()
+    zero, worse = scores.unhelpful()
     notes = []
     if zero:
         notes.append(f"ΔW = 0 on every module (untrained): {', '.join(zero)}.")
@@ -244,7 +244,7 @@ def render_report(run_dir: str | Path, extra_sections: list[tuple[str, str]] | N
             parts.append(f"<p>The base model alone: PPL_R {format_ppl(scores['base']['ppl_sum'])}; "
                          f"{sum(v < scores['base']['ppl_sum'] for v in scores['ppl_sum'])} of "
                          f"{len(scores['adapters'])} adapters are below it.</p>")
-        notes = scoring_notes(run)
+        notes = scoring_notes(Scores.from_json(scores, run / "scores.json"))  # the file is read once
         if notes:
             parts.append("<p>" + " ".join(html.escape(n) for n in notes) + "</p>")
         if (run / "heatmap.png").is_file():

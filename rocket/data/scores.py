@@ -101,8 +101,11 @@ class Scores:
 
     @classmethod
     def load(cls, path: str | Path) -> "Scores":
-        path = Path(path)
-        obj = read_json(path, DataError)
+        return cls.from_json(read_json(Path(path), DataError), Path(path))
+
+    @classmethod
+    def from_json(cls, obj, path: str | Path) -> "Scores":
+        """Scores from a scores file's parsed JSON; errors name `path`, the file it came from."""
         if not isinstance(obj, dict):
             raise DataError(f"{path}: expected a JSON object (a rocket scores file)")
         for key in ("adapters", "loss"):

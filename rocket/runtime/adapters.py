@@ -30,14 +30,14 @@ class AdapterRows:
         self.lengths: list[int] | None = None
         self._tiles: dict[int, torch.Tensor] = {}
         self._ids: dict[int, torch.Tensor] = {}
-        self._blocks: dict[int, tuple[torch.Tensor, torch.Tensor, int]] = {}
+        self._blocks: tuple[torch.Tensor, torch.Tensor, int] | None = None
 
     def set(self, rows: list[int], lengths: list[int] | None = None) -> None:
         self.rows = list(rows)
         self.lengths = None if lengths is None else list(lengths)
         self._tiles.clear()
         self._ids.clear()
-        self._blocks.clear()
+        self._blocks = None
 
     def _per_row(self, n_tokens: int):
         if self.lengths is not None:
@@ -54,16 +54,16 @@ class AdapterRows:
             self._tiles[n_tokens] = segment_tiles(self.rows, self._per_row(n_tokens), self.device)
         return self._tiles[n_tokens]
 
-    def blocks(self, n_tokens: int) -> tuple[torch.Tensor, torch.Tensor, int]:
+    def blocks(self) -> tuple[torch.Tensor, torch.Tensor, int]:
         """(block_of [max id + 1] int32: each present adapter's block, the present adapters [P] int64
-        in block order, P) for multi_lora_blocks; P = 0 when no row has an adapter."""
-        if n_tokens not in self._blocks:
+        in block order, P) for multi_lora_blocks; P = 0 when no row has an adapter. Once per batch."""
+        if self._blocks is None:
             present = sorted({a for a in self.rows if a >= 0})
             block_of = torch.full((max(present, default=-1) + 1,), -1, dtype=torch.int32)
             block_of[present] = torch.arange(len(present), dtype=torch.int32)
-            self._blocks[n_tokens] = (block_of.to(self.device), torch.tensor(present, dtype=torch.long).to(self.device),
-                                      len(present))
-        return self._blocks[n_tokens]
+            self._blocks = (block_of.to(self.device), torch.tensor(present, dtype=torch.long).to(self.device),
+                            len(present))
+        return self._blocks
 
     def token_ids(self, n_tokens: int) -> torch.Tensor:
         if n_tokens not in self._ids:
@@ -97,7 +97,7 @@ class MultiLoraLinear(nn.Module):
         x2 = x.reshape(-1, x.shape[-1])
         T, triton_path = x2.shape[0], use_triton(x2)
         if triton_path and type(self.base) is nn.Linear and x2.dtype == self.base.weight.dtype:
-            block_of, present, P = self.rows.blocks(T)
+            block_of, present, P = self.rows.blocks()
             if 0 < P and T >= BLOCKS_MIN_TOKENS * P and P * self.lora_A.shape[1] <= BLOCKS_MAX_SHARE * x2.shape[1]:
                 return self._by_blocks(x2, block_of, present, P).view(*x.shape[:-1], -1)
         y = self.base(x)
