@@ -2,7 +2,7 @@
 # One device call, many steps: build rocket, then run the named steps, each under its own time limit
 # and stopped with SIGINT (pytest still prints its summary), writing logs and JSON to $OUT.
 #   bash bench/device_run.sh [--no-build] STEP...   steps: gputests kernels lora_moe headline scoring
-#                                                   scale train train7b augment profile7b
+#                                                   scale train train7b augment profile7b bordered
 # Carried wheels (faiss-cpu, ...) in .whl/ are installed to /tmp/site first. ROCKET_COMMIT names the
 # commit in the JSON (the device copy has no .git).
 set -u
@@ -23,6 +23,10 @@ run() {  # name, limit in seconds, pytest arguments...
     tail -4 "$OUT/$name.txt"; echo "== $name done at $(( $(date +%s) - t0 )) s"
 }
 bench() { run "$@" --benchmark-enable -s; }
+profile() {  # bench.profile_moe part, limit in seconds
+    timeout -s INT "$2" python3 -m bench.profile_moe "$1" > "$OUT/profile_$1.txt" 2>&1
+    tail -4 "$OUT/profile_$1.txt"; echo "== profile $1 done at $(( $(date +%s) - t0 )) s"
+}
 for step in "$@"; do
     case $step in
         gputests) run gpu_tests 300 -m gpu tests -ra ;;
@@ -34,8 +38,8 @@ for step in "$@"; do
         train)    bench bench_train 300 bench/test_train.py ;;
         train7b)  ROCKET_BENCH_SHAPES=7b bench bench_train7b 240 bench/test_train.py ;;
         augment)  bench bench_augment_scale 500 bench/test_augment_scale.py ;;
-        profile7b) timeout -s INT 240 python3 -m bench.profile_moe train7b > "$OUT/profile_train7b.txt" 2>&1
-                   tail -4 "$OUT/profile_train7b.txt"; echo "== profile7b done at $(( $(date +%s) - t0 )) s" ;;
+        profile7b) profile train7b 240 ;;
+        bordered)  profile bordered 120 ;;
         *) echo "unknown step $step"; exit 2 ;;
     esac
 done

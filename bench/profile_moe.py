@@ -1,6 +1,6 @@
 """Where the LoRA-MoE time goes (GPU): host issue time vs device kernel time, kernel lists and host
 syncs, for one layer (bench shapes) and for steady training steps of the bench_train model, with
-the peft single-LoRA peer beside it. Not a pytest suite: `python3 -m bench.profile_moe [layer|train|train7b|host|quick]`;
+the peft single-LoRA peer beside it. Not a pytest suite: `python3 -m bench.profile_moe [layer|train|train7b|host|bordered|quick]`;
 tables go to stdout, a JSON summary to $ROCKET_BENCH_RESULTS (default bench/results).
 """
 from __future__ import annotations
@@ -264,8 +264,12 @@ def train(seven_b=False):
     for name, step in steps:
         for _ in range(3):
             step()
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        resident = torch.cuda.memory_allocated() / 2 ** 30  # both models and their optimizer states
         issue, wall = host_wall(step, n=8)
-        out[name] = dict(issue=issue, wall=wall, tokens_per_s=B * L / wall * 1e3)
+        out[name] = dict(issue=issue, wall=wall, tokens_per_s=B * L / wall * 1e3, resident_memory_gib=resident,
+                         peak_memory_gib=torch.cuda.max_memory_allocated() / 2 ** 30)
         out[name]["kernel_ms"], out[name]["launches"] = kernels(step, n=2, title=f"train step {name}", rows=40)
         out[name]["syncs"] = syncs(step, name)
         print(name, json.dumps(out[name]), flush=True)
@@ -290,6 +294,44 @@ def train(seven_b=False):
         print(f"{name} again", json.dumps(out[f"{name}_again"]), flush=True)
     SUMMARY["train7b" if seven_b else "train"] = out
 
+
+def bordered(shapes=((16384, 4096, 4096, 8), (4096, 4096, 4096, 8), (16384, 4096, 11008, 8))):
+    """The bordered product's GEMMs against the layer's, same run (docs/design.md, the LoRA-MoE layer's
+    GEMMs): forward [x | hm]·[W | B_cat]ᵀ as one cuBLAS product, with x copied into the wide operand
+    (as a route kernel would) and without (its floor), against the base product then hm·B_catᵀ added
+    over y; backward g·[W | B_cat] (∂x_base and ∂hm at once) then gcat·[A_cat; G] added over the ∂x
+    view, against g·W plus gcat·[A_cat; G] plus the g·B_cat that route_bwd computes now. The route
+    kernels' elementwise work is the same in both and left out."""
+    out = {}
+    for T, d_in, d_out, E in shapes:
+        row = _bordered_row(T, d_in, d_out, E)
+        print(f"bordered T={T} {d_in}->{d_out} E={E}:", json.dumps(row), flush=True)
+        out[f"{T}x{d_in}x{d_out}xE{E}"] = row
+    SUMMARY["bordered"] = out
+
+
+def _bordered_row(T, d_in, d_out, E, r=16):
+    from bench.harness import interleaved_median_ms
+    ER, gen = E * r, torch.Generator(device=DEV).manual_seed(0)
+
+    def t(*shape, scale=1.0):
+        return (torch.randn(*shape, device=DEV, generator=gen) * scale).to(torch.bfloat16)
+    x, hm, g, gcat = t(T, d_in), t(T, ER), t(T, d_out), t(T, ER + E)
+    wide_w = t(d_out, d_in + ER, scale=d_in ** -0.5)  # [W | B_cat]: W a strided view of one buffer
+    B_cat, b, AG = wide_w[:, d_in:], t(d_out), t(ER + E, d_in, scale=d_in ** -0.5)
+    W = wide_w[:, :d_in].contiguous()  # the layer's now: W on its own
+    wide_x = torch.cat([x, hm], 1)
+    ms = interleaved_median_ms({
+        "base_fwd": lambda: torch.addmm(b, x, W.t()),
+        "now_fwd": lambda: torch.addmm(b, x, W.t()).addmm_(hm, B_cat.t()),
+        "bordered_fwd": lambda: (wide_x[:, :d_in].copy_(x), torch.addmm(b, wide_x, wide_w.t())),
+        "bordered_fwd_no_copy": lambda: torch.addmm(b, wide_x, wide_w.t()),
+        "base_bwd": lambda: torch.mm(g, W),
+        "now_bwd": lambda: (torch.mm(g, B_cat), torch.mm(g, W).addmm_(gcat, AG)),
+        "bordered_bwd": lambda: torch.mm(g, wide_w)[:, :d_in].addmm_(gcat, AG),
+    }, DEV)
+    ratios = {f"{k}_over_base": v / ms["base_fwd" if "fwd" in k else "base_bwd"] for k, v in ms.items() if "base" not in k}
+    return {"ms": ms, **ratios}
 
 def varied_steps(S, B, cur, step, count=12):
     """Steps over batches of the bench's varied lengths (S's prompt and answer ranges, padded to
@@ -323,7 +365,7 @@ if __name__ == "__main__":
     parts = sys.argv[1:] or ["layer", "train"]
     print(torch.cuda.get_device_name(), torch.__version__, flush=True)
     for p in parts:
-        {"layer": layer, "train": train, "train7b": lambda: train(seven_b=True), "host": host,  # quick: the T=4096 layer, rocket against base and single LoRA
+        {"layer": layer, "train": train, "train7b": lambda: train(seven_b=True), "host": host, "bordered": bordered,  # quick: the T=4096 layer, rocket against base and single LoRA
          "quick": lambda: layer(shapes=((4096, 4096, 4096, 8),), names=("base", "single_lora", "rocket"))}[p]()
     RESULTS.mkdir(parents=True, exist_ok=True)
     path = RESULTS / f"profile_moe-gpu-{time.strftime('%Y%m%d-%H%M%S')}.json"
