@@ -28,17 +28,21 @@ def on_gpu(device):
     return device.type == "cuda"
 
 
+def _timings_are_results(config) -> bool:
+    opt = config.getoption
+    return not (opt("benchmark_disable", False) and not opt("benchmark_enable", False))  # not CI's correctness run
+
+
 @pytest.fixture
 def recorder(request):
-    """One Recorder per suite (module), written at the end of the session."""
+    """One Recorder per suite (module), written at the end of the session (and by its `checkpoint`)."""
     suite = Path(request.node.fspath).stem.removeprefix("test_")
-    return _RECORDERS.setdefault(suite, Recorder(suite))
+    return _RECORDERS.setdefault(suite, Recorder(suite, writes=_timings_are_results(request.config)))
 
 
 def pytest_sessionfinish(session, exitstatus):
-    opt = session.config.getoption
-    if opt("benchmark_disable", False) and not opt("benchmark_enable", False):
-        return  # a correctness run (CI): timings are not results
+    if not _timings_are_results(session.config):
+        return
     for rec in _RECORDERS.values():
         path = rec.write()
         if path is not None:

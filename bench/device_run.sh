@@ -4,7 +4,7 @@
 #   bash bench/device_run.sh [--no-build] STEP...   steps: gputests kernels lora_moe headline scoring
 #                                                   scale train train7b augment profile7b bordered
 # Carried wheels (faiss-cpu, ...) in .whl/ are installed to /tmp/site first. ROCKET_COMMIT names the
-# commit in the JSON (the device copy has no .git).
+# commit in the JSON (the device copy has no .git); AUGMENT_LIMIT the augment step's seconds (500).
 set -u
 OUT=${OUT:-/tmp/rocket-out}; mkdir -p "$OUT"
 export ROCKET_BENCH_RESULTS=$OUT PYTHONPATH=/tmp/site${PYTHONPATH:+:$PYTHONPATH} MAX_JOBS=${MAX_JOBS:-16}
@@ -37,7 +37,7 @@ for step in "$@"; do
         scale)    bench bench_scoring_scale 330 bench/test_scoring_scale.py ;;
         train)    bench bench_train 300 bench/test_train.py ;;
         train7b)  ROCKET_BENCH_SHAPES=7b bench bench_train7b 240 bench/test_train.py ;;
-        augment)  bench bench_augment_scale 500 bench/test_augment_scale.py ;;
+        augment)  bench bench_augment_scale "${AUGMENT_LIMIT:-500}" bench/test_augment_scale.py ;;
         profile7b) profile train7b 240 ;;
         bordered)  profile bordered 120 ;;
         *) echo "unknown step $step"; exit 2 ;;

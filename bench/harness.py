@@ -5,7 +5,6 @@ CPU, medians of wall-clock repeats. Each `record` row holds one shape with rocke
 """
 from __future__ import annotations
 
-import json
 import os
 import platform
 import statistics
@@ -15,6 +14,8 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 import torch
+
+from rocket.io import write_json
 
 # ROCKET_BENCH_RESULTS redirects the JSON (e.g. to $OUT on the device machine); ROCKET_COMMIT names the
 # commit where the tree travels without its .git.
@@ -138,10 +139,17 @@ def git_commit() -> str:
 class Recorder:
     """Collects rows of one suite and writes bench/results/<suite>-<device>-<date>.json."""
 
-    def __init__(self, suite: str):
-        self.suite = suite
+    def __init__(self, suite: str, writes: bool = True):
+        self.suite, self.writes = suite, writes  # writes: timings are results (not CI's correctness run)
         self.rows: list[dict] = []
         self.device = None
+        self.path: Path | None = None  # chosen at the first write; later writes replace it
+
+    def checkpoint(self) -> None:
+        """Write the rows so far now: a long suite stopped by a time limit, or a process that dies in a
+        peer, keeps what finished."""
+        if self.writes:
+            self.write()
 
     def record(self, device, shape: dict, medians_ms: dict[str, float], baseline: str | None = None, **extra):
         self.device = device_name(device)
@@ -154,11 +162,12 @@ class Recorder:
     def write(self, directory: Path = RESULTS) -> Path | None:
         if not self.rows:
             return None
-        directory.mkdir(parents=True, exist_ok=True)
         now = datetime.now(timezone.utc)
-        kind = "gpu" if "cpu" not in (self.device or "cpu") else "cpu"
-        path = directory / f"{self.suite}-{kind}-{now:%Y%m%d-%H%M%S}.json"
+        if self.path is None or self.path.parent != directory:
+            kind = "gpu" if "cpu" not in (self.device or "cpu") else "cpu"
+            self.path = directory / f"{self.suite}-{kind}-{now:%Y%m%d-%H%M%S}.json"
+        directory.mkdir(parents=True, exist_ok=True)
         payload = {"suite": self.suite, "device": self.device, "date": now.isoformat(timespec="seconds"),
                    "commit": git_commit(), "torch": torch.__version__, "rows": self.rows}
-        path.write_text(json.dumps(payload, indent=2) + "\n")
-        return path
+        write_json(self.path, payload, indent=2)
+        return self.path

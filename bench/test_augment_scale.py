@@ -20,8 +20,8 @@ faiss.contrib.exhaustive_search.range_search_gpu: GPU kNN, CPU range search for 
 neighbours), else on the CPU; the row records which. Both pipelines' models are loaded before
 timing, and each pipeline first runs once on a small slice (warm-up). Each then runs once end to end
 (ROCKET_BENCH_AUG_REPS: more runs, interleaved, medians). The row is recorded after every finished
-run, so a run stopped by a time limit (SIGINT) still writes what finished, with the unfinished
-pipeline's seconds so far as a lower bound (`unfinished_after_s`). Peak GPU memory is the torch allocator's
+run and the suite's JSON written at once, so a run stopped by a time limit (SIGINT) keeps what
+finished, with the unfinished pipeline's seconds so far as a lower bound (`unfinished_after_s`). Peak GPU memory is the torch allocator's
 (faiss-gpu's own allocations are not in it); embedding throughput counts non-padding tokens ([CLS]
 and [SEP] included). Generation of the texts is timed apart and not counted.
 
@@ -230,6 +230,7 @@ def test_augment_scale(recorder, device, on_gpu):
             if row:
                 recorder.rows.remove(row)
             row = recorder.record(device, latest.pop("shape"), latest.pop("medians_ms"), **latest)
+            recorder.checkpoint()
 
     selected = results["rocket_select_data"][1]["selected"]
     tokens_per_s = row["embed_tokens_per_s"]
