@@ -296,8 +296,8 @@ def train(seven_b=False):
 
 
 def bordered(shapes=((16384, 4096, 4096, 8), (4096, 4096, 4096, 8), (16384, 4096, 11008, 8))):
-    """The bordered product's GEMMs against the layer's, same run (docs/design.md, the LoRA-MoE layer's
-    GEMMs): forward [x | hm]·[W | B_cat]ᵀ as one cuBLAS product, with x copied into the wide operand
+    """The bordered product's GEMMs against the layer's, same run (bench/notes_lora_moe_perf.md):
+    forward [x | hm]·[W | B_cat]ᵀ as one cuBLAS product, with x copied into the wide operand
     (as a route kernel would) and without (its floor), against the base product then hm·B_catᵀ added
     over y; backward g·[W | B_cat] (∂x_base and ∂hm at once) then gcat·[A_cat; G] added over the ∂x
     view, against g·W plus gcat·[A_cat; G] plus the g·B_cat that route_bwd computes now. The route
