@@ -333,6 +333,7 @@ def _bordered_row(T, d_in, d_out, E, r=16):
     ratios = {f"{k}_over_base": v / ms["base_fwd" if "fwd" in k else "base_bwd"] for k, v in ms.items() if "base" not in k}
     return {"ms": ms, **ratios}
 
+
 def varied_steps(S, B, cur, step, count=12):
     """Steps over batches of the bench's varied lengths (S's prompt and answer ranges, padded to
     S["pad"], the attention mask marking the padding), as bench/test_train.py runs them: every shape

@@ -210,7 +210,7 @@ class Embedder:
         """(tokens per text, all ids concatenated) of each chunk, in order, tokenised in one thread a
         chunk ahead of the consumer: the Rust backend encodes a chunk on all cores, outside the GIL.
         (Forked tokenizer processes were slower: the tokenizer runs serially in a forked child, so 8
-        of them gave 1.2M tokens/s where one thread gives 2.9M on a 16-core host; bench/README.md.)"""
+        of them gave 1.2M tokens/s on 16-core GPU hosts where one thread gave 1.9–2.9M; bench/README.md.)"""
         with ThreadPoolExecutor(1) as pool:
             ahead = pool.submit(self._token_ids, [texts[i] for i in chunks[0].tolist()])
             for c in range(len(chunks)):
