@@ -11,35 +11,29 @@ near-duplicates at cos ≈ 0.9998 and ≈ 0.96) and at 1e7 × 1024 (recall again
 the planted rows, the only rows that can have a neighbour above τ).
 """
 import os
-import time
 
 import pytest
 import torch
 import torch.nn.functional as F
 
 from bench.cases import planted_unit_vectors
-from bench.harness import median_ms
+from bench.harness import median_ms, timed
 from bench.peers import dedup_blocked_torch, dedup_blocked_torch_lowp
 from rocket.augment.deduplicate import dedup
 
 CPU_FULL = os.environ.get("ROCKET_BENCH_DEDUP_CPU_FULL", "0") == "1"
 
 
-def timed(fn, device, outs, name, peaks):
+def checked_median_ms(fn, device, outs, name, peaks):
     """Median ms of fn (do_bench on the GPU); its first result goes to outs[name] (on the CPU), to be
     checked against the reference, and the first call's peak GPU memory in GiB to peaks[name]. CPU
     runs of over a second are timed once, from that first call."""
-    gpu = torch.device(device).type == "cuda"
-    if gpu:
-        torch.cuda.synchronize()
-        torch.cuda.reset_peak_memory_stats()
-    t = time.perf_counter()
-    outs[name] = fn().cpu()
-    first = (time.perf_counter() - t) * 1e3
-    if gpu:
-        peaks[name] = torch.cuda.max_memory_allocated() / 2 ** 30
-    if torch.device(device).type == "cpu" and first > 1000:
-        return first
+    first_s, peak, out = timed(fn, device)
+    outs[name] = out.cpu()
+    if peak is not None:
+        peaks[name] = peak
+    if torch.device(device).type == "cpu" and first_s > 1:
+        return first_s * 1e3
     return median_ms(fn, device, reps=3)
 
 
@@ -59,18 +53,18 @@ def test_dedup(benchmark, recorder, device, on_gpu, size):
     kept, info = benchmark.pedantic(dedup, args=(emb, 0.9, prio), kwargs=dict(method="exact", return_info=True),
                                     rounds=1, iterations=1)
     outs, peaks = {"rocket_benchmark_call": kept.cpu()}, {}
-    times = {"rocket": timed(lambda: dedup(emb, 0.9, prio, method="exact"), device, outs, "rocket", peaks)}
+    times = {"rocket": checked_median_ms(lambda: dedup(emb, 0.9, prio, method="exact"), device, outs, "rocket", peaks)}
     if on_gpu:
         if n <= 100_000:  # rocket's unfused path (cuBLAS tiles + reduction kernel); 1e6 in dedup_tune.py
-            times["rocket_unfused_cublas"] = timed(
+            times["rocket_unfused_cublas"] = checked_median_ms(
                 lambda: dedup(emb, 0.9, prio, method="exact", backend="cublas"), device, outs, "rocket_unfused_cublas",
                 peaks)
-        times["blocked_torch_bf16"] = timed(lambda: dedup_blocked_torch_lowp(emb, 0.9, prio), device, outs,
-                                            "blocked_torch_bf16", peaks)
+        times["blocked_torch_bf16"] = checked_median_ms(lambda: dedup_blocked_torch_lowp(emb, 0.9, prio), device,
+                                                        outs, "blocked_torch_bf16", peaks)
         baseline = "blocked_torch_bf16"
     if not on_gpu or n <= 100_000:  # the float32 reference join (full rows): ~40 s at 1e6, so 1e5 only
-        times["blocked_torch_fp32"] = timed(lambda: dedup_blocked_torch(emb, 0.9, prio, block=2048), device, outs,
-                                            "blocked_torch_fp32", peaks)
+        times["blocked_torch_fp32"] = checked_median_ms(lambda: dedup_blocked_torch(emb, 0.9, prio, block=2048),
+                                                        device, outs, "blocked_torch_fp32", peaks)
         baseline = baseline if on_gpu else "blocked_torch_fp32"
     # the independent reference: the float32 reference join (rocket.kernels.reference.dedup) where it ran, else
     # the torch bf16 join; every other result, rocket's first, keeps exactly its rows
@@ -84,20 +78,6 @@ def test_dedup(benchmark, recorder, device, on_gpu, size):
     assert 0.85 * n < kept.numel() < 0.95 * n  # ~10% planted duplicates are gone
 
 
-def once(fn, device):
-    """(ms, result, peak GPU memory in GiB or None on the CPU) of one call (the approximate paths are
-    timed once: FAISS runs on the CPU)."""
-    gpu = torch.device(device).type == "cuda"
-    if gpu:
-        torch.cuda.synchronize()
-        torch.cuda.reset_peak_memory_stats()
-    t = time.perf_counter()
-    out = fn()
-    if gpu:
-        torch.cuda.synchronize()
-    return (time.perf_counter() - t) * 1e3, out, torch.cuda.max_memory_allocated() / 2 ** 30 if gpu else None
-
-
 def approx_shapes(method, on_gpu):
     if not on_gpu:
         return [(4000, 64)]
@@ -108,24 +88,25 @@ def approx_shapes(method, on_gpu):
 @pytest.mark.parametrize("noise", [0.02, 0.3])
 def test_dedup_approx(recorder, device, on_gpu, method, noise):
     """The approximate paths: FAISS kNN (CPU faiss unless a GPU build is installed; IVF index) and
-    the GPU-native IVF join; time and recall of the dropped set against the exact join."""
+    the GPU-native IVF join; time and recall of the dropped set against the exact join. Each call is
+    timed once (harness.timed): FAISS runs on the CPU."""
     if method == "knn":
         pytest.importorskip("faiss")
     opts = dict(k=16, index="ivf", nprobe=16) if method == "knn" else {}
     for n, d in approx_shapes(method, on_gpu):
         emb, prio = planted_unit_vectors(n, d, device, torch.bfloat16 if on_gpu else torch.float32, noise=noise, seed=3)
-        t_exact, exact, peak_exact = once(lambda: dedup(emb, 0.9, prio, method="exact"), device)
+        s_exact, peak_exact, exact = timed(lambda: dedup(emb, 0.9, prio, method="exact"), device)
         run = lambda: dedup(emb, 0.9, prio, method=method, return_info=True, **opts)  # noqa: E731
         # The IVF join's first call compiles its Triton kernels (one per list-size class): cold and warm.
-        cold = {"ivf_cold": once(run, device)[0]} if method == "ivf" else {}
-        t_approx, (approx, info), peak_approx = once(run, device)
+        cold = {"ivf_cold": 1e3 * timed(run, device)[0]} if method == "ivf" else {}
+        s_approx, peak_approx, (approx, info) = timed(run, device)
         exact_set, approx_set = set(exact.tolist()), set(approx.tolist())
         assert exact_set <= approx_set  # the approximate paths never drop what exact keeps
         dropped = n - len(exact_set)
         recall = 1 - len(approx_set - exact_set) / max(dropped, 1)
         recorder.record(device, {"n": n, "d": d, "noise": noise, "method": method,
                                  **{k: v for k, v in info.items() if k in ("index", "k", "nprobe", "nlist")}},
-                        {method: t_approx, **cold, "exact": t_exact}, baseline="exact", recall=recall,
+                        {method: 1e3 * s_approx, **cold, "exact": 1e3 * s_exact}, baseline="exact", recall=recall,
                         exact_dropped=dropped, peak_memory_gib={method: peak_approx, "exact": peak_exact} if on_gpu
                         else None)
         assert recall >= 0.9
@@ -155,9 +136,9 @@ def test_dedup_ivf_1e7(recorder, device, on_gpu):
         pytest.skip("GPU-only shape")
     n, d = 10_000_000, 1024
     emb, prio, involved = planted_big(n, d, device)
-    t_approx, (approx, info), peak_approx = once(lambda: dedup(emb, 0.9, prio, method="ivf", return_info=True),
-                                                 device)
-    t_sub, sub_kept, peak_sub = once(lambda: dedup(emb[involved], 0.9, prio[involved], method="exact"), device)
+    s_approx, peak_approx, (approx, info) = timed(lambda: dedup(emb, 0.9, prio, method="ivf", return_info=True),
+                                                  device)
+    s_sub, peak_sub, sub_kept = timed(lambda: dedup(emb[involved], 0.9, prio[involved], method="exact"), device)
     involved = involved.cpu()
     exact_dropped = torch.zeros(n, dtype=torch.bool)
     exact_dropped[involved] = True
@@ -167,7 +148,7 @@ def test_dedup_ivf_1e7(recorder, device, on_gpu):
     assert not (approx_dropped & ~exact_dropped).any()
     recall = int(approx_dropped.sum()) / max(int(exact_dropped.sum()), 1)
     recorder.record(device, {"n": n, "d": d, "noise": 0.02, "method": "ivf", "nlist": info["nlist"],
-                             "nprobe": info["nprobe"]}, {"ivf": t_approx, "exact_on_planted_rows": t_sub},
+                             "nprobe": info["nprobe"]}, {"ivf": 1e3 * s_approx, "exact_on_planted_rows": 1e3 * s_sub},
                     recall=recall, exact_dropped=int(exact_dropped.sum()), planted_rows=int(involved.numel()),
                     peak_memory_gib={"ivf": peak_approx, "exact_on_planted_rows": peak_sub},
                     resident_memory_gib=emb.numel() * emb.element_size() / 2 ** 30)
