@@ -240,11 +240,11 @@ def render_report(run_dir: str | Path, extra_sections: list[tuple[str, str]] | N
         parts.append(f"<h2>1 · Scoring</h2><p>{len(scores['adapters'])} adapters × {scores['examples']} K-shot "
                      f"examples, template <code>{html.escape(str(meta.get('template')))}</code>, "
                      f"{meta.get('seconds', 0):.2f} s. {html.escape(variant(meta))}</p>")
-        if scores.get("base"):
-            parts.append(f"<p>The base model alone: PPL_R {format_ppl(scores['base']['ppl_sum'])}; "
-                         f"{sum(v < scores['base']['ppl_sum'] for v in scores['ppl_sum'])} of "
-                         f"{len(scores['adapters'])} adapters are below it.</p>")
-        notes = scoring_notes(Scores.from_json(scores, run / "scores.json"))  # the file is read once
+        parsed = Scores.from_json(scores, run / "scores.json")  # the file is read once
+        if parsed.base_loss is not None:
+            parts.append(f"<p>The base model alone: PPL_R {format_ppl(parsed.base_ppl_sum)}; {parsed.below_base()} of "
+                         f"{len(parsed.names)} adapters are below it.</p>")
+        notes = scoring_notes(parsed)
         if notes:
             parts.append("<p>" + " ".join(html.escape(n) for n in notes) + "</p>")
         if (run / "heatmap.png").is_file():

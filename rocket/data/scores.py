@@ -62,6 +62,10 @@ class Scores:
         """PPL_R of the base model alone (None when it was not scored)."""
         return None if self.base_loss is None else float(torch.exp(self.base_loss).sum())
 
+    def below_base(self) -> int | None:
+        """How many adapters have a lower PPL_R than the base model alone (None when it was not scored)."""
+        return None if self.base_loss is None else int((self.ppl_sum < self.base_ppl_sum).sum())
+
     def worse_than_base(self) -> list[str]:
         """The adapters that only hurt: a higher loss than the base model on every example, and an
         accuracy no better than the base model's (not compared when either is missing). Empty when

@@ -50,8 +50,8 @@ def score_summary(scores: Scores) -> str:
     best = int(torch.argmin(scores.ppl_sum))
     text = f"lowest PPL_R: {scores.names[best]} ({format_ppl(scores.ppl_sum[best])})"
     if scores.base_ppl_sum is not None:
-        better = int((scores.ppl_sum < scores.base_ppl_sum).sum())
-        text += f", base model {format_ppl(scores.base_ppl_sum)} ({better} of {len(scores.names)} adapters below it)"
+        text += (f", base model {format_ppl(scores.base_ppl_sum)} ({scores.below_base()} of {len(scores.names)} "
+                 "adapters below it)")
     return text
 
 
