@@ -280,6 +280,7 @@ def test_worse_than_base_is_a_higher_loss_everywhere_and_no_better_accuracy():
     base = torch.tensor([1.0, 2.0], dtype=torch.float64)
     scores = Scores(names, loss, acc, base_loss=base, base_accuracy=0.5)
     assert scores.worse_than_base() == ["worse", "worse_no_acc"]   # equal accuracy is no better
+    assert scores.below_base() == 1 and Scores(names, loss).below_base() is None   # PPL_R: only "better"
     assert Scores(names, loss, None, base_loss=base).worse_than_base() == ["worse", "more_accurate", "worse_no_acc"]
     assert Scores(names, loss, acc, base_loss=base).worse_than_base() == ["worse", "more_accurate", "worse_no_acc"]
 
