@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # One device call, many steps: build rocket, then run the named steps, each under its own time limit
 # and stopped with SIGINT (pytest still prints its summary), writing logs and JSON to $OUT.
-#   bash bench/device_run.sh [--no-build] STEP...   steps: gputests kernels lora_moe headline scoring
-#                                                   scale train train7b augment profile7b bordered
+#   bash bench/device_run.sh [--no-build] STEP...   steps: gputests kernels trainrun lora_moe headline
+#                                                   scoring scale train train7b augment profile7b bordered
 # Carried wheels (faiss-cpu, ...) in .whl/ are installed to /tmp/site first. ROCKET_COMMIT names the
 # commit in the JSON (the device copy has no .git); AUGMENT_LIMIT the augment step's seconds (500).
 set -u
@@ -31,6 +31,7 @@ for step in "$@"; do
     case $step in
         gputests) run gpu_tests 300 -m gpu tests -ra ;;
         kernels)  run kernel_tests 300 tests/test_llama_ops_kernel.py tests/test_lora_moe_kernel.py -ra ;;
+        trainrun) run train_tests 200 -m gpu tests/test_train.py tests/test_moe.py -ra ;;
         lora_moe) bench bench_lora_moe 550 bench/test_lora_moe.py ;;
         headline) ROCKET_BENCH_SHAPES=headline bench bench_lora_moe 200 bench/test_lora_moe.py ;;
         scoring)  bench bench_scoring 250 bench/test_scoring.py ;;

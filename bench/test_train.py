@@ -3,7 +3,9 @@
 process. The model, bank, data and shapes (TRAIN_GPU, TRAIN_CPU) are bench/cases.py's.
 
 Rows (tokens/s = non-padding tokens through forward + backward + AdamW per second):
-- rocket MoE under DeepSpeed ZeRO-3 (when installed) and under the plain torch loop;
+- rocket MoE under DeepSpeed ZeRO-3 (when installed) and under the plain torch loop, eager and
+  (GPU) with every micro-batch shape replayed from a CUDA graph (`rocket_graphed`, --cuda-graphs;
+  each shape's first step, which captures it, is left out as in every row);
 - peer `peft_lora`: one peft LoRA (r=16, same seven projections) in a plain torch loop, bf16
   autocast and fp32 adapters as HF Trainer runs it (goal: rocket ≥ 0.85× its tokens/s);
 - peer `reference_loop`: the same MoE with the reference implementation's per-expert loop (reference.lora_moe_loop) in
@@ -117,6 +119,10 @@ def test_train_throughput(recorder, device, on_gpu, monkeypatch, tmp_path):
     r = run_row("rocket_torch", "torch")
     done("rocket_torch", history(r), r.losses)
     r = None  # the result holds the trained model: free it, so the next rows' peaks are their own
+    if on_gpu:  # the same loop, each micro-batch shape replayed from a CUDA graph (--cuda-graphs)
+        r = run_row("rocket_graphed", "torch", cuda_graphs=True)
+        done("rocket_graphed", history(r), r.losses)
+        r = None
     reset_peak("peft_lora")
     done("peft_lora", peft_steps(_fresh(base), tok, examples, TrainConfig(**cfg), s["steps"], device))
     skipped = {}
@@ -150,6 +156,8 @@ def test_train_throughput(recorder, device, on_gpu, monkeypatch, tmp_path):
                           first_last_loss={k: (v[0], v[-1]) for k, v in losses.items()},
                           peak_memory_gib=peak_gib or None, resident_memory_gib=resident_gib or None)
     print(json.dumps(row, indent=1), flush=True)
+    if "rocket_graphed" in losses:  # the captured loop trains like the eager one (bf16: near, not equal)
+        assert losses["rocket_graphed"] == pytest.approx(losses["rocket_torch"], rel=2e-2)
     if HAVE_DS:  # ZeRO-3 and the torch loop train the same model on the same batches
         assert losses["rocket_zero3"] == pytest.approx(losses["rocket_torch"], rel=2e-2 if on_gpu else 1e-4)
 

@@ -12,6 +12,7 @@ from rocket.data.examples import DataError, load_examples, write_jsonl
 from rocket.data.tokenize import tokenize_examples
 from rocket.pipeline.cli import config_from_args
 from rocket.pipeline.run import STAGES, Pipeline, PipelineError, RunConfig, run_pipeline
+from rocket.training.config import TrainError
 from rocket.runtime.adapters import multi_lora_model
 from rocket.runtime.generation import greedy_generate
 
@@ -103,6 +104,18 @@ def test_stop_after_and_bad_stage(inputs, tiny_model_dir, lora_bank_dir, tmp_pat
     assert not (tmp_path / "run" / "aug.jsonl").exists()
     with pytest.raises(PipelineError, match="not a stage"):
         run_pipeline(cfg, force="polish", log=lambda *a: None)
+
+
+def test_cuda_graphs_on_the_cpu_stop_the_run_before_its_first_stage(inputs, tiny_model_dir, lora_bank_dir, tmp_path):
+    parse = build_parser("run").parse_args
+    argv = ["run", "--base-model", "m", "--bank", "b", "--kshot", "k.jsonl", "--pool", "p.jsonl", "--out", "o"]
+    assert config_from_args(parse(argv + ["--cuda-graphs"])).train == {"cuda_graphs": True}
+    assert "cuda_graphs" not in config_from_args(parse(argv)).train
+    cfg = config(inputs, tiny_model_dir, lora_bank_dir, tmp_path / "run",
+                 train=dict(epochs=1, backend="torch", cuda_graphs=True))
+    with pytest.raises(TrainError, match="^--cuda-graphs needs a CUDA device, got cpu$"):
+        run_pipeline(cfg, log=lambda *a: None)
+    assert not (tmp_path / "run").exists()
 
 
 def test_cli_run_and_clear_error(inputs, tiny_model_dir, lora_bank_dir, tmp_path, capsys):

@@ -141,6 +141,26 @@ def test_defaults_are_the_papers_recipe_and_the_clis_follow_them():
         assert value.startswith("rocket train's") or value == str(getattr(d, name)), name
 
 
+def test_cuda_graphs_are_refused_where_they_cannot_run_before_the_model_loads(tiny_tokenizer, examples,
+                                                                             lora_bank_dir, tmp_path, monkeypatch):
+    def run(**kw):  # a model directory that does not exist: the check must come first
+        _run(tmp_path / "no-model", tiny_tokenizer, examples, lora_bank_dir, tmp_path / "run", cuda_graphs=True, **kw)
+
+    with pytest.raises(TrainError, match="^cuda_graphs must be True or False, got 'yes'$"):
+        TrainConfig(cuda_graphs="yes")
+    with pytest.raises(TrainError, match="^--cuda-graphs needs a CUDA device, got cpu$"):
+        run()
+    in_torch_loop = "^--cuda-graphs runs in the plain torch loop"
+    with pytest.raises(TrainError, match=in_torch_loop):
+        run(backend="deepspeed")
+    with pytest.raises(TrainError, match=in_torch_loop):
+        run(backend="auto", deepspeed_config="zero2")
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    with pytest.raises(TrainError, match=in_torch_loop):
+        run(backend="auto")
+    assert not (tmp_path / "run").exists()
+
+
 def test_config_accepts_the_edges_of_every_range():
     # tests/test_bad_inputs.py holds the values just outside them
     cfg = TrainConfig(max_grad_norm=0, warmup_ratio=0, weight_decay=0, lora_dropout=0, aux_loss_coef=0, save_steps=0,
@@ -227,6 +247,63 @@ def test_resumed_run_reproduces_the_uninterrupted_trajectory(backend, tiny_llama
     a, b = moe_state_dict(full.model), moe_state_dict(resumed.model)
     assert all(torch.equal(a[k], b[k]) for k in a)
     assert len(set(full.losses)) == len(full.losses)  # the trajectory moves
+
+
+@pytest.mark.parametrize("attention", ["sdpa", "eager"])
+def test_causal_mask_of_captured_batches_gives_the_padding_masked_logits(attention, tiny_llama, tiny_tokenizer,
+                                                                          examples):
+    """Captured micro-batches run under a 4-D causal mask, not the padding mask (transformers reads
+    a 2-D mask on the host): for right-padded batches every real token's logits are the same."""
+    from rocket.training.graphs import causal_mask
+    tiny_llama.config._attn_implementation = attention
+    toks = tokenize_examples(examples[:3], tiny_tokenizer, "alpaca")
+    b = pad_batch(toks, tiny_tokenizer.pad_token_id, "cpu", multiple=16)
+    assert not b["attention_mask"].all()  # some rows are padded
+    with torch.no_grad():
+        want = tiny_llama(input_ids=b["input_ids"], attention_mask=b["attention_mask"]).logits
+        got = tiny_llama(input_ids=b["input_ids"], use_cache=False,
+                         attention_mask=causal_mask(b["input_ids"].shape[1], torch.float32, "cpu")).logits
+    real = b["attention_mask"].bool()
+    torch.testing.assert_close(got[real], want[real], rtol=1e-5, atol=1e-5)
+    assert (got[~real] - want[~real]).abs().max() > 1e-3  # pads see what the padding mask hid from them
+
+
+@pytest.mark.gpu
+def test_gpu_captured_micro_batches_train_like_the_eager_loop(tiny_llama, tiny_tokenizer, examples, lora_bank_dir,
+                                                              tmp_path, caplog):
+    """--cuda-graphs: one graph per micro-batch shape, replayed with each batch's tokens and the
+    step's loss weights; the losses and the weight updates are the eager loop's (bf16: the eager
+    model attends under the padding mask, the captured one causally, which is the same for right
+    padding), with accumulation, a short last step and the balancing loss on."""
+    kw = dict(device="cuda", epochs=2, lr=1e-2, batch_size=4, grad_accum=2, lora_dropout=0.0, aux_loss_coef=0.01,
+              warmup_ratio=0.0)  # 10 examples: micro-batches of 4, 4, 2; steps of two micro-batches, then one
+    init = moe_state_dict(_injected(tiny_llama, lora_bank_dir))
+    eager = _run(copy.deepcopy(tiny_llama), tiny_tokenizer, examples, lora_bank_dir, tmp_path / "eager", **kw)
+    with caplog.at_level(logging.INFO, logger="rocket.train"):
+        graphed = _run(copy.deepcopy(tiny_llama), tiny_tokenizer, examples, lora_bank_dir, tmp_path / "graphed",
+                       cuda_graphs=True, **kw)
+    toks = prepare_examples(examples, tiny_tokenizer, TrainConfig(cutoff=512))
+    lengths = [len(t.input_ids) for t in toks]
+    shapes = {tuple(pad_batch([toks[i] for i in idx], 0, multiple=16)["input_ids"].shape)
+              for epoch in range(2) for idx in length_grouped_batches(lengths, 4, 0, epoch)}
+    captured = [m for m in caplog.messages if m.startswith("cuda graphs: captured micro-batch shape")]
+    assert len(captured) == len(shapes) > 1 and graphed.steps == eager.steps == 4
+    assert graphed.losses == pytest.approx(eager.losses, rel=5e-3)
+    assert len(set(graphed.losses)) == len(graphed.losses)
+    a, b = moe_state_dict(eager.model), moe_state_dict(graphed.model)
+    for k in a:  # what training changed, not the weights it started from
+        step_eager, step_graphed = a[k].float().cpu() - init[k].float(), b[k].float().cpu() - init[k].float()
+        assert step_eager.norm() > 0
+        assert (step_graphed - step_eager).norm() <= 0.05 * step_eager.norm(), k
+
+
+def _injected(model, bank_dir):
+    from rocket.adapters.bank import LoraBank
+    from rocket.moe.inject import inject_lora_moe
+    model = copy.deepcopy(model)
+    bank = LoraBank.load(bank_dir)
+    inject_lora_moe(model, bank, list(range(len(bank))), top_k=2)
+    return model
 
 
 def test_auto_resume_continues_only_its_own_run(tiny_llama, tiny_tokenizer, examples, lora_bank_dir, tmp_path):

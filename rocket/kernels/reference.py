@@ -80,7 +80,8 @@ def load_balancing_loss(probs: torch.Tensor, experts: torch.Tensor, n_experts: i
 
     f_e: fraction of (token, slot) assignments routed to e; P_e: mean router probability of e.
     """
-    counts = torch.bincount(experts.reshape(-1), minlength=n_experts).float()
+    # a comparison, not bincount: bincount reads the largest id on the host, which a CUDA graph forbids
+    counts = (experts.reshape(-1, 1) == torch.arange(n_experts, device=experts.device)).sum(dim=0).float()
     frac = counts / experts.numel()
     return n_experts * torch.sum(frac * probs.float().mean(dim=0))
 

@@ -44,6 +44,8 @@ def add_arguments(parser) -> None:
     g.add_argument("--save-steps", type=int, help="checkpoint every N optimizer steps, so a killed run loses "
                    "at most N steps (default: rocket train's, at the end of each epoch)")
     g.add_argument("--train-router-only", action="store_true", help="freeze the experts, train the routers")
+    g.add_argument("--cuda-graphs", action="store_true",
+                   help="replay each micro-batch shape from a CUDA graph (plain torch loop on one GPU)")
     g.add_argument("--deepspeed", help="DeepSpeed config: a JSON file, or zero2 / zero3 (shipped)")
     g.add_argument("--backend", choices=["auto", "deepspeed", "torch"],
                    help="training loop: auto (DeepSpeed when usable, else plain torch; the default)")
@@ -61,8 +63,9 @@ TRAIN_FLAGS = ("epochs", "lr", "batch_size", "grad_accum", "top_k", "cutoff", "s
 
 def config_from_args(args) -> RunConfig:
     train = {k: getattr(args, k) for k in TRAIN_FLAGS if getattr(args, k) is not None}
-    if args.train_router_only:
-        train["train_router_only"] = True
+    for flag in ("train_router_only", "cuda_graphs"):
+        if getattr(args, flag):
+            train[flag] = True
     return RunConfig(base_model=args.base_model, bank=args.bank, kshot=args.kshot, pool=args.pool,
                      out=args.out, tokenizer=args.tokenizer, template=args.template, kshot_cot=args.kshot_cot,
                      accuracy=args.accuracy, accuracy_file=args.accuracy_file,

@@ -167,6 +167,9 @@ class Pipeline:
             raise PipelineError(f"--threshold must be a cosine in [-1, 1], got {c.threshold!r}")
         options = {k: v for k, v in c.train.items() if k not in ("deepspeed", "backend")}
         train_cfg = TrainConfig.from_dict({"template": c.template, "seed": c.seed, **options})
+        if train_cfg.cuda_graphs:
+            from rocket.training.engines import check_cuda_graphs
+            check_cuda_graphs(c.train.get("backend", "auto"), c.train.get("deepspeed"), self.device)
         if train_cfg.top_k > c.n_experts:
             raise PipelineError(f"--top-k {train_cfg.top_k} > --n-experts {c.n_experts}: a token cannot use more "
                                 "experts than the mixture has")

@@ -67,3 +67,17 @@ def token_loss_sum(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     V = logits.shape[-1]
     return F.cross_entropy(logits[:, :-1].float().reshape(-1, V), labels[:, 1:].reshape(-1),
                            ignore_index=IGNORE_INDEX, reduction="sum")
+
+
+def micro_batch_loss(model, logits: torch.Tensor, labels: torch.Tensor, weights: torch.Tensor,
+                     aux_loss: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """(summed token cross-entropy, the loss to backpropagate) of one micro-batch: the sum ×
+    weights[0] (world / output tokens of the whole step), plus weights[1] (the balancing loss's
+    coefficient / micro-batches of the step) × the MoE layers' load-balancing loss when `aux_loss`.
+    The weights are a device tensor, so a captured micro-batch (training.graphs) replays any step."""
+    part = token_loss_sum(logits, labels)
+    loss = part * weights[0]
+    if aux_loss:
+        from rocket.moe.inject import moe_aux_loss
+        loss = loss + weights[1] * moe_aux_loss(model)
+    return part, loss

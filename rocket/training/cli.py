@@ -56,6 +56,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     a("--max-steps", type=int, default=None, help="stop after this many optimizer steps")
     a("--save-steps", type=int, default=d.save_steps, help="checkpoint every N steps (default: each epoch)")
     a("--save-total-limit", type=int, default=d.save_total_limit, help="checkpoints kept (default 2)")
+    a("--cuda-graphs", action="store_true",
+      help="capture each micro-batch shape's forward and backward in a CUDA graph and replay it (plain torch "
+           "loop on one GPU; removes the host's launch cost, which bounds small micro-batches)")
     a("--resume", "--resume_from_checkpoint", nargs="?", const=True, default=False,
       help="continue from the latest checkpoint in --out, or from the checkpoint directory given")
     a("--no-progress", action="store_true", help="no progress bar")
@@ -71,7 +74,8 @@ def main(args) -> int:
                       warmup_ratio=args.warmup_ratio, weight_decay=args.weight_decay,
                       max_grad_norm=args.max_grad_norm, lora_dropout=args.lora_dropout,
                       aux_loss_coef=args.aux_loss_coef, target_modules=targets, seed=args.seed,
-                      max_steps=args.max_steps, save_steps=args.save_steps, save_total_limit=args.save_total_limit)
+                      max_steps=args.max_steps, save_steps=args.save_steps, save_total_limit=args.save_total_limit,
+                      cuda_graphs=args.cuda_graphs)
     result = train(args.base_model, args.data, args.experts, args.out, tokenizer=args.tokenizer, config=cfg,
                    deepspeed_config=args.deepspeed, backend=args.backend, device=args.device, resume=args.resume,
                    progress=not args.no_progress)

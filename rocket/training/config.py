@@ -57,6 +57,7 @@ class TrainConfig:
     max_steps: int | None = None     # stop (and end the schedule) after this many steps
     save_steps: int = 0              # checkpoint every N steps (0: at the end of each epoch)
     save_total_limit: int = 2
+    cuda_graphs: bool = False        # capture each micro-batch shape in a CUDA graph (torch engine, CUDA)
 
     def __post_init__(self):
         # Checked where the settings enter, one line naming the field (docs/design.md §2.2), so a bad
@@ -74,7 +75,7 @@ class TrainConfig:
             if not (isinstance(value, numbers.Real) and not isinstance(value, bool) and math.isfinite(value)
                     and allowed(value)):
                 raise TrainError(f"{name} must be a finite number {rule}, got {value!r}")
-        for name in ("train_router_only", "group_by_length"):
+        for name in ("train_router_only", "group_by_length", "cuda_graphs"):
             if not isinstance(getattr(self, name), bool):
                 raise TrainError(f"{name} must be True or False, got {getattr(self, name)!r}")
         if self.overflow not in ("drop", "truncate", "error"):

@@ -7,6 +7,7 @@ import os
 import socket
 from pathlib import Path
 import torch
+from rocket.training.batches import micro_batch_loss
 from rocket.training.config import TrainConfig
 from rocket.errors import TrainError
 
@@ -38,12 +39,19 @@ class TorchEngine:
         self.params = _trainable(model)
         self.optimizer = torch.optim.AdamW([p for _, p in self.params], lr=cfg.lr, weight_decay=cfg.weight_decay,
                                            fused=device.type == "cuda" or None)
+        self.captured = None
+        if cfg.cuda_graphs:
+            from rocket.training.graphs import CapturedMicroBatches
+            self.captured = CapturedMicroBatches(model, [p for _, p in self.params], cfg.aux_loss_coef > 0)
 
-    def forward(self, batch, boundary: bool):
-        return self.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
-
-    def backward(self, loss):
+    def forward_backward(self, batch, boundary: bool, weights: torch.Tensor) -> torch.Tensor:
+        """Backpropagate one micro-batch (micro_batch_loss); returns its summed token loss."""
+        if self.captured is not None:
+            return self.captured(batch, weights)
+        logits = self.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+        part, loss = micro_batch_loss(self.model, logits, batch["labels"], weights, self.cfg.aux_loss_coef > 0)
         loss.backward()
+        return part.detach()
 
     def step(self, lr: float):
         for g in self.optimizer.param_groups:
@@ -51,7 +59,8 @@ class TorchEngine:
         if self.cfg.max_grad_norm > 0:
             torch.nn.utils.clip_grad_norm_([p for _, p in self.params], self.cfg.max_grad_norm)
         self.optimizer.step()
-        self.optimizer.zero_grad(set_to_none=True)
+        # captured backward passes add into the same gradient tensors: zero them, keep them
+        self.optimizer.zero_grad(set_to_none=self.captured is None)
 
     def save_moe(self, path: Path):
         from rocket.moe.state import save_moe_state
@@ -171,12 +180,13 @@ class DeepSpeedEngine:
         self.params = _trainable(model)
         self._deepspeed = deepspeed
 
-    def forward(self, batch, boundary: bool):
+    def forward_backward(self, batch, boundary: bool, weights: torch.Tensor) -> torch.Tensor:
+        """Backpropagate one micro-batch (micro_batch_loss); returns its summed token loss."""
         self.engine.set_gradient_accumulation_boundary(boundary)
-        return self.engine(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
-
-    def backward(self, loss):
+        logits = self.engine(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+        part, loss = micro_batch_loss(self.model, logits, batch["labels"], weights, self.cfg.aux_loss_coef > 0)
         self.engine.backward(loss, scale_wrt_gas=False)
+        return part.detach()
 
     def _base_optimizer(self):
         return getattr(self.optimizer, "optimizer", self.optimizer)
@@ -239,6 +249,16 @@ class DeepSpeedEngine:
         for st in base.state.values():
             if "step" in st:
                 st["step"] = torch.full_like(torch.as_tensor(st["step"]), float(steps))
+
+
+def check_cuda_graphs(backend: str, ds_config, device: torch.device) -> None:
+    """A one-line TrainError, before anything loads, when --cuda-graphs cannot run: captured
+    micro-batches (training.graphs) are the plain torch loop's, on a CUDA device, in one process."""
+    if backend == "deepspeed" or ds_config is not None or int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        raise TrainError("--cuda-graphs runs in the plain torch loop (one process, no --deepspeed config, "
+                         "--backend torch or auto)")
+    if torch.device(device).type != "cuda":
+        raise TrainError(f"--cuda-graphs needs a CUDA device, got {device}")
 
 
 def make_engine(backend: str, model, cfg: TrainConfig, ds_config, device: torch.device):

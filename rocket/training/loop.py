@@ -39,11 +39,11 @@ from rocket.data.examples import load_examples
 from rocket.modeling import check_model_dir, default_device, load_model, load_tokenizer, resolve_dtype
 from rocket.moe.state import MOE_FILE, write_moe_dir
 from rocket.data.tokenize import pad_batch
-from rocket.training.batches import prepare_examples, length_grouped_batches, rank_batches, token_loss_sum
+from rocket.training.batches import prepare_examples, length_grouped_batches, rank_batches
 from rocket.training.checkpoint import (run_key, CONFIG_FILE, LOSSES_FILE, OPTIM_FILE, _check_resumable,
                                        checkpoint_dirs, latest_checkpoint, read_checkpoint, save_checkpoint, writing)
 from rocket.training.config import StepInfo, TrainConfig, TrainResult
-from rocket.training.engines import make_engine
+from rocket.training.engines import check_cuda_graphs, make_engine
 from rocket.errors import TrainError
 from rocket.io import write_json
 from rocket.progress import progress_bar
@@ -100,12 +100,14 @@ def train(base_model, data, experts, out, *, tokenizer=None, config: TrainConfig
         if unknown:
             raise TrainError(f"train(): unknown option(s) {', '.join(sorted(unknown))}")
     out = Path(out)
-    if not isinstance(base_model, torch.nn.Module):
-        check_model_dir(base_model)  # cheap: a wrong directory is one line before any long work
-    tokenizer = load_tokenizer(base_model, tokenizer)
     device = default_device(device)
     if device.type == "cuda" and "LOCAL_RANK" in os.environ:
         device = torch.device("cuda", int(os.environ["LOCAL_RANK"]))
+    if cfg.cuda_graphs:
+        check_cuda_graphs(backend, deepspeed_config, device)
+    if not isinstance(base_model, torch.nn.Module):
+        check_model_dir(base_model)  # cheap: a wrong directory is one line before any long work
+    tokenizer = load_tokenizer(base_model, tokenizer)
     dtype = resolve_dtype("auto", device)
 
     where = str(data) if isinstance(data, (str, Path)) else "training data"
@@ -179,18 +181,12 @@ def train(base_model, data, experts, out, *, tokenizer=None, config: TrainConfig
             n_tok = torch.tensor(float(sum(b["n_target"] for b in group)), device=device)
             if dist:
                 torch.distributed.all_reduce(n_tok)
+            # gradients are averaged over ranks, hence × world: the step optimises the global token mean
+            weights = torch.stack((world / n_tok, torch.full_like(n_tok, cfg.aux_loss_coef / len(group))))
             torch.manual_seed(cfg.seed * 1_000_003 + step * world + rank)  # dropout: a function of the step
             loss_sum = torch.zeros((), device=device)
             for i, b in enumerate(group):
-                logits = engine.forward(b, boundary=i == len(group) - 1)
-                part = token_loss_sum(logits, b["labels"])
-                # gradients are averaged over ranks, hence × world: the step optimises the global token mean
-                loss = part * world / n_tok
-                if cfg.aux_loss_coef > 0:
-                    from rocket.moe.inject import moe_aux_loss
-                    loss = loss + cfg.aux_loss_coef * moe_aux_loss(model) / len(group)
-                engine.backward(loss)
-                loss_sum += part.detach()
+                loss_sum += engine.forward_backward(b, i == len(group) - 1, weights)
             if dist:
                 torch.distributed.all_reduce(loss_sum)
             step_loss = float(loss_sum / n_tok)
