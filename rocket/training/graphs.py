@@ -28,6 +28,7 @@ from dataclasses import dataclass
 
 import torch
 
+from rocket.moe.inject import moe_layers
 from rocket.training.batches import micro_batch_loss
 
 log = logging.getLogger("rocket.train")
@@ -77,6 +78,9 @@ class CapturedMicroBatches:
         logits = self.model(input_ids=input_ids, attention_mask=mask, use_cache=False).logits
         part, loss = micro_batch_loss(self.model, logits, labels, weights, self.aux_loss)
         loss.backward()
+        if self.aux_loss:  # the layers' balancing losses would keep this graph's AccumulateGrad nodes, made
+            for layer in moe_layers(self.model).values():  # on the warm-up stream, alive into the capture
+                layer.aux_loss = None
         return part.detach()
 
     def _capture(self, batch: dict, weights: torch.Tensor) -> _Captured:
