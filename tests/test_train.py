@@ -295,9 +295,9 @@ def test_gpu_captured_micro_batches_train_like_the_eager_loop(tiny_llama, tiny_t
 @pytest.mark.gpu
 def test_gpu_captured_micro_batches_accumulate_the_eager_gradients(tiny_llama, tiny_tokenizer, examples,
                                                                    lora_bank_dir):
-    """Gradient by gradient (AdamW would magnify bf16 noise in the weights): two batches of one shape
-    replay one graph with their own tokens and add up, the step's zeroing keeps the tensors the graph
-    writes, and a batch of another shape gets its own graph."""
+    """Gradient by gradient, in float32 (bf16 rounding and AdamW would hide small errors): two batches
+    of one shape replay one graph with their own tokens and add up, the step's zeroing keeps the
+    tensors the graph writes, and a batch of another shape gets its own graph."""
     from rocket.training.engines import TorchEngine
     toks = tokenize_examples(examples, tiny_tokenizer, "alpaca")
     pad = tiny_tokenizer.pad_token_id
@@ -307,7 +307,7 @@ def test_gpu_captured_micro_batches_accumulate_the_eager_gradients(tiny_llama, t
     weights = torch.tensor([1 / 300, 0.01 / 2], device="cuda")
     engines = {}
     for graphs in (False, True):
-        model = _injected(tiny_llama.to("cuda", torch.bfloat16), lora_bank_dir, load_balancing=True)
+        model = _injected(tiny_llama.to("cuda"), lora_bank_dir, load_balancing=True)
         engines[graphs] = TorchEngine(model, TrainConfig(cuda_graphs=graphs, aux_loss_coef=0.01),
                                       torch.device("cuda"))
 
@@ -320,10 +320,10 @@ def test_gpu_captured_micro_batches_accumulate_the_eager_gradients(tiny_llama, t
 
     for batches in (long, [short], long[:1]):
         (want_parts, want), (got_parts, got) = grads(False, batches), grads(True, batches)
-        assert got_parts == pytest.approx(want_parts, rel=2e-3)
+        assert got_parts == pytest.approx(want_parts, rel=1e-5)
         assert sum(g.norm() > 0 for g in want.values()) >= len(want) // 2
         for name in want:
-            assert (got[name] - want[name]).norm() <= 0.03 * want[name].norm() + 1e-8, name
+            assert (got[name] - want[name]).norm() <= 1e-3 * want[name].norm() + 1e-9, name
     assert set(engines[True].captured.graphs) == {tuple(long[0]["input_ids"].shape), tuple(short["input_ids"].shape)}
 
 
