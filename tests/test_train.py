@@ -250,11 +250,11 @@ def test_resumed_run_reproduces_the_uninterrupted_trajectory(backend, tiny_llama
 
 
 @pytest.mark.parametrize("attention", ["sdpa", "eager"])
-def test_causal_mask_of_captured_batches_gives_the_padding_masked_logits(attention, tiny_llama, tiny_tokenizer,
+def test_4d_mask_of_captured_batches_gives_the_logits_of_the_padding_mask(attention, tiny_llama, tiny_tokenizer,
                                                                           examples):
-    """Captured micro-batches run under a 4-D causal mask, not the padding mask (transformers reads
-    a 2-D mask on the host): for right-padded batches every real token's logits are the same."""
-    from rocket.training.graphs import causal_mask
+    """Captured micro-batches hand the model a 4-D mask built on the device (transformers reads a 2-D
+    mask on the host): every position, pads included, gets the logits of the 2-D mask's forward."""
+    from rocket.training.graphs import attention_mask_4d
     tiny_llama.config._attn_implementation = attention
     toks = tokenize_examples(examples[:3], tiny_tokenizer, "alpaca")
     b = pad_batch(toks, tiny_tokenizer.pad_token_id, "cpu", multiple=16)
@@ -262,18 +262,17 @@ def test_causal_mask_of_captured_batches_gives_the_padding_masked_logits(attenti
     with torch.no_grad():
         want = tiny_llama(input_ids=b["input_ids"], attention_mask=b["attention_mask"]).logits
         got = tiny_llama(input_ids=b["input_ids"], use_cache=False,
-                         attention_mask=causal_mask(b["input_ids"].shape[1], torch.float32, "cpu")).logits
-    real = b["attention_mask"].bool()
-    torch.testing.assert_close(got[real], want[real], rtol=1e-5, atol=1e-5)
-    assert (got[~real] - want[~real]).abs().max() > 1e-3  # pads see what the padding mask hid from them
+                         attention_mask=attention_mask_4d(b["attention_mask"], torch.float32)).logits
+        causal_only = tiny_llama(input_ids=b["input_ids"], use_cache=False).logits
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    assert (causal_only - want).abs().max() > 1e-3  # the pads' rows: the padding mask matters there
 
 
 @pytest.mark.gpu
 def test_gpu_captured_micro_batches_train_like_the_eager_loop(tiny_llama, tiny_tokenizer, examples, lora_bank_dir,
                                                               tmp_path, caplog, recwarn):
     """--cuda-graphs end to end: one graph per micro-batch shape, and the losses of the eager loop
-    (bf16: the eager model attends under the padding mask, the captured one under a causal mask,
-    the same for right padding), with accumulation, a short last step and the balancing loss on."""
+    (bf16), with accumulation, a short last step and the balancing loss on."""
     kw = dict(device="cuda", epochs=2, lr=1e-2, batch_size=4, grad_accum=2, lora_dropout=0.0, aux_loss_coef=0.01,
               warmup_ratio=0.0)  # 10 examples: micro-batches of 4, 4, 2; steps of two micro-batches, then one
     eager = _run(copy.deepcopy(tiny_llama), tiny_tokenizer, examples, lora_bank_dir, tmp_path / "eager", **kw)
@@ -295,9 +294,10 @@ def test_gpu_captured_micro_batches_train_like_the_eager_loop(tiny_llama, tiny_t
 @pytest.mark.gpu
 def test_gpu_captured_micro_batches_accumulate_the_eager_gradients(tiny_llama, tiny_tokenizer, examples,
                                                                    lora_bank_dir):
-    """Gradient by gradient, in float32 (bf16 rounding and AdamW would hide small errors): two batches
-    of one shape replay one graph with their own tokens and add up, the step's zeroing keeps the
-    tensors the graph writes, and a batch of another shape gets its own graph."""
+    """Gradient by gradient, in float32 (bf16 rounding and AdamW would hide small errors), the
+    balancing loss on (it counts the pads' routing too): two batches of one shape replay one graph
+    with their own tokens and masks and add up, the step's zeroing keeps the tensors the graph
+    writes, and a batch of another shape gets its own graph."""
     from rocket.training.engines import TorchEngine
     toks = tokenize_examples(examples, tiny_tokenizer, "alpaca")
     pad = tiny_tokenizer.pad_token_id

@@ -8,11 +8,10 @@ What the capture needs and how it is met:
   per (micro-batch, length); the graphs share one memory pool, which is safe because each replay's
   only output (the summed token loss) is read before the next replay;
 - no host synchronisation inside: transformers reads a 2-D padding mask (or, without one, the
-  position ids) on the host to decide which mask to build, so the model gets a ready 4-D causal
-  mask instead (additive: 0 or the dtype's minimum; taken as it is by sdpa and eager attention).
-  Batches are padded on the right, so under causal attention no real token ever sees a pad and
-  the output tokens' logits are those of the padding-masked forward. The layers' tuners ran in
-  the warm-up before the capture;
+  position ids) on the host to decide which mask to build, so the graph builds the 4-D mask itself
+  from the batch's padding mask (causal, pads hidden as keys; additive, taken as it is by sdpa and
+  eager attention): every position, pads included, sees what the eager forward shows it. The
+  layers' tuners ran in the warm-up before the capture;
 - gradients accumulate in place: they exist (zeros) before the capture and are zeroed, not freed,
   after every optimizer step, so the captured backward adds into the same tensors every replay.
 The warm-up passes' gradients and the CUDA generator's state are restored after a capture, so a
@@ -34,10 +33,14 @@ from rocket.training.batches import micro_batch_loss
 log = logging.getLogger("rocket.train")
 
 
-def causal_mask(length: int, dtype: torch.dtype, device) -> torch.Tensor:
-    """[1, 1, length, length] additive causal mask (0 where a query may attend, the dtype's minimum
-    above the diagonal): transformers passes a 4-D mask to the attention as it is."""
-    return torch.full((length, length), torch.finfo(dtype).min, dtype=dtype, device=device).triu(1)[None, None]
+def attention_mask_4d(attention_mask: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """[B, 1, L, L] additive mask of a [B, L] padding mask: 0 where query i may attend key j (j ≤ i
+    and j not a pad), the dtype's minimum elsewhere; built on the GPU, so a capture may contain it.
+    transformers hands a 4-D mask to the attention as it is."""
+    L = attention_mask.shape[1]
+    causal = torch.ones(L, L, dtype=torch.bool, device=attention_mask.device).tril()
+    allowed = causal[None, None] & attention_mask.bool()[:, None, None, :]
+    return torch.zeros((), dtype=dtype, device=attention_mask.device).masked_fill(~allowed, torch.finfo(dtype).min)
 
 
 @dataclass
@@ -46,7 +49,7 @@ class _Captured:
     input_ids: torch.Tensor    # static inputs, copied into before each replay
     labels: torch.Tensor
     weights: torch.Tensor
-    mask: torch.Tensor         # [1, 1, L, L] causal, the same for every batch of this shape
+    attention_mask: torch.Tensor
     part: torch.Tensor         # static output: the micro-batch's summed token loss
 
 
@@ -71,10 +74,12 @@ class CapturedMicroBatches:
         captured.input_ids.copy_(batch["input_ids"])
         captured.labels.copy_(batch["labels"])
         captured.weights.copy_(weights)
+        captured.attention_mask.copy_(batch["attention_mask"])
         captured.graph.replay()
         return captured.part
 
-    def _forward_backward(self, input_ids, labels, weights, mask) -> torch.Tensor:
+    def _forward_backward(self, input_ids, labels, weights, attention_mask) -> torch.Tensor:
+        mask = attention_mask_4d(attention_mask, self.model.dtype)
         logits = self.model(input_ids=input_ids, attention_mask=mask, use_cache=False).logits
         part, loss = micro_batch_loss(self.model, logits, labels, weights, self.aux_loss)
         loss.backward()
@@ -85,8 +90,7 @@ class CapturedMicroBatches:
 
     def _capture(self, batch: dict, weights: torch.Tensor) -> _Captured:
         start = time.perf_counter()
-        mask = causal_mask(batch["input_ids"].shape[1], self.model.dtype, self.device)
-        inputs = batch["input_ids"].clone(), batch["labels"].clone(), weights.clone(), mask
+        inputs = tuple(t.clone() for t in (batch["input_ids"], batch["labels"], weights, batch["attention_mask"]))
         grads = [p.grad.clone() for p in self.params]  # the warm-up passes add to them
         rng = torch.cuda.get_rng_state(self.device)
         stream = torch.cuda.current_stream(self.device)
